@@ -1,0 +1,28 @@
+# Quick start: `make demo` (set up, build the tiny model and demo data, train the tiny example) and `make test`.
+PY ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup demo-assets demo test bench clean-demo
+
+$(VENV)/.installed: requirements.txt
+	$(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -r requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo-assets: setup
+	$(PYTHON) -m toolkit.tiny_model --out models/tiny-flux-kontext
+	$(PYTHON) -m toolkit.demo_data --out data/demo
+
+demo: demo-assets
+	$(PYTHON) run.py config/examples/train_lora_flux_kontext_tiny.yaml
+
+test: setup
+	$(PYTHON) -m pytest -q tests
+
+clean-demo:
+	rm -rf models/tiny-flux-kontext data/demo output/tiny_kontext_demo
