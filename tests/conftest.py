@@ -1,0 +1,36 @@
+"""Shared pytest setup: offline hub, bounded CPU threads, and the tiny model / demo data built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Set before anything imports huggingface_hub, so no test can reach (or wait for) a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The tokenizers Rust pool warns (and can deadlock) when a test forks worker processes after tokenizing.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models gain nothing from many threads, and CI runners may report more cores than they really give us.
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A diffusers-format FLUX Kontext folder with random weights (preset "tiny"), built in under a second.
+
+    Shared by the whole session: treat it as read-only and copy it if a test must change files.
+    """
+    from toolkit.tiny_model import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux-kontext", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic invert-colors dataset (8 pairs, 3 aspect ratios), read-only for the whole session."""
+    from toolkit.demo_data import build_demo_dataset
+
+    return build_demo_dataset(tmp_path_factory.mktemp("data") / "demo", num_pairs=8, seed=0)
