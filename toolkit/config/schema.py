@@ -1,0 +1,366 @@
+"""Typed config schema of a training job, in ai-toolkit's YAML shape (job -> config -> process[]).
+
+Every field carries ``metadata["help"]``, a one-line docstring printed by ``--help-config``. The loader
+(``loader.py``) also reads these optional metadata keys:
+
+- ``checks``: rules (``Check``) the converted value must pass; ``item_checks``: rules for each list item.
+- ``coerce``: applied to the raw YAML value before type conversion (e.g. a bare int -> ``[int]``).
+- ``normalize``: applied to the converted value before the checks (e.g. strip a leading dot).
+- ``aliases``: names users may write by mistake (from other trainers); only used for did-you-mean hints.
+
+Field-level rules live here; rules that relate several fields live in ``validate_job``; ``config_help``
+renders all of it for ``--help-config``.
+"""
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Optional, Union, get_args, get_origin, get_type_hints
+
+__all__ = [
+    "Check", "DatasetConfig", "EMAConfig", "JobConfig", "ModelConfig", "NetworkConfig", "RootConfig",
+    "SampleConfig", "SaveConfig", "TrainConfig", "TrainProcessConfig", "config_help", "validate_job",
+]
+
+
+@dataclass(frozen=True)
+class Check:
+    """A value rule: ``test(value)`` must hold; ``rule`` completes "must be ..." in errors and help."""
+
+    test: Callable[[Any], bool]
+    rule: str
+
+    def problem(self, value: Any) -> Optional[str]:
+        """Return the error text for ``value``, or None when it passes (None values always pass)."""
+        if value is None or self.test(value):
+            return None
+        return f"must be {self.rule}, got {value!r}"
+
+
+def _meta(help_text: str, *checks: Check, **extra: Any) -> dict[str, Any]:
+    """Build a field's metadata: its help line, its value checks and any extra loader keys."""
+    return {"help": help_text, "checks": checks, **extra}
+
+
+def _expand_home(path: str) -> str:
+    """Expand a leading ``~`` to the user's home folder; other paths are returned unchanged."""
+    return os.path.expanduser(path) if path.startswith("~") else path
+
+
+def _one_size_to_list(value: Any) -> Any:
+    """Accept a bare size (``resolution: 512``) as a one-element list."""
+    return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+GT0 = Check(lambda v: v > 0, "> 0")
+GE0 = Check(lambda v: v >= 0, ">= 0")
+GE1 = Check(lambda v: v >= 1, ">= 1")
+NON_EMPTY = Check(lambda v: len(v.strip() if isinstance(v, str) else v) > 0, "non-empty")
+UNIQUE = Check(lambda v: len(set(v)) == len(v), "free of duplicates")
+SIZE16 = Check(lambda v: v >= 16 and v % 16 == 0, "a multiple of 16 and >= 16")
+RESOLUTION = Check(lambda v: v >= 64 and v % 16 == 0, "a multiple of 16 and >= 64")
+DEVICE = Check(lambda v: re.fullmatch(r"cpu|cuda|cuda:\d+|mps|auto", v) is not None,
+               "one of cpu, cuda, cuda:N, mps, auto")
+FILE_NAME = Check(lambda v: "/" not in v and "\\" not in v and v not in (".", ".."),
+                  "a plain name without path separators")
+PROBABILITY = Check(lambda v: 0 <= v <= 1, "in [0, 1]")
+DROPOUT = Check(lambda v: 0 <= v < 1, "in [0, 1)")
+OPEN_UNIT = Check(lambda v: 0 < v < 1, "in (0, 1)")
+T5_LENGTH = Check(lambda v: 1 <= v <= 512, "in [1, 512]")
+
+SaveDType = Literal["float16", "fp16", "bfloat16", "bf16", "float32", "fp32"]
+TrainDType = Literal["bf16", "bfloat16", "fp16", "float16", "fp32", "float32"]
+
+
+@dataclass(kw_only=True)
+class NetworkConfig:
+    """The adapter trained on top of the frozen model."""
+
+    type: Literal["lora"] = field(default="lora", metadata=_meta("Adapter kind; only 'lora' exists."))
+    linear: int = field(default=16, metadata=_meta("LoRA rank.", GT0, aliases=("rank", "r", "network_dim")))
+    linear_alpha: float = field(default=16.0, metadata=_meta(
+        "LoRA alpha; the LoRA update is scaled by linear_alpha / linear.", GT0,
+        aliases=("alpha", "lora_alpha", "network_alpha")))
+    dropout: float = field(default=0.0, metadata=_meta(
+        "Dropout on the LoRA input during training.", DROPOUT, aliases=("lora_dropout",)))
+    target_modules: Optional[list[str]] = field(default=None, metadata=_meta(
+        "Module names to wrap with LoRA (peft target_modules); null uses the architecture's default.", NON_EMPTY))
+
+
+@dataclass(kw_only=True)
+class SaveConfig:
+    """When and how checkpoints of the LoRA are written."""
+
+    dtype: SaveDType = field(default="float16", metadata=_meta("Precision of the saved LoRA weights."))
+    save_every: int = field(default=250, metadata=_meta("Save a checkpoint every this many steps.", GT0))
+    max_step_saves_to_keep: int = field(default=4, metadata=_meta(
+        "How many intermediate step checkpoints to keep; older ones are pruned.", GE0))
+    push_to_hub: bool = field(default=False, metadata=_meta(
+        "Upload the trained LoRA to the Hugging Face Hub (not supported yet)."))
+    hf_repo_id: Optional[str] = field(default=None, metadata=_meta(
+        "Hub repository 'user/name' used by push_to_hub.", NON_EMPTY))
+    hf_private: bool = field(default=True, metadata=_meta("Create the Hub repository as private."))
+
+
+@dataclass(kw_only=True)
+class DatasetConfig:
+    """One folder of training images with captions, paired with control images by file name."""
+
+    folder_path: str = field(metadata=_meta(
+        "Folder of target images and their caption files.", NON_EMPTY, normalize=_expand_home))
+    control_path: Optional[str] = field(default=None, metadata=_meta(
+        "Folder of control (input) images, paired with the targets by file name.",
+        NON_EMPTY, normalize=_expand_home))
+    caption_ext: str = field(default="txt", metadata=_meta(
+        "Extension of the caption files, without the dot.", NON_EMPTY, normalize=lambda v: v.lstrip(".")))
+    default_caption: Optional[str] = field(default=None, metadata=_meta(
+        "Caption used for images that have no caption file."))
+    caption_dropout_rate: float = field(default=0.05, metadata=_meta(
+        "Probability of training a sample with an empty caption.", PROBABILITY))
+    shuffle_tokens: bool = field(default=False, metadata=_meta(
+        "Shuffle the comma-separated parts of each caption."))
+    resolution: list[int] = field(default_factory=lambda: [512], metadata=_meta(
+        "Training sizes in pixels; images are bucketed at each size (a bare number means one size).",
+        NON_EMPTY, UNIQUE, item_checks=(RESOLUTION,), coerce=_one_size_to_list))
+    cache_latents_to_disk: bool = field(default=False, metadata=_meta(
+        "Cache VAE latents on disk so later epochs and runs skip encoding."))
+    cache_latents: bool = field(default=False, metadata=_meta("Cache VAE latents in memory."))
+    num_repeats: int = field(default=1, metadata=_meta("Times each image is seen per epoch.", GE1))
+
+
+@dataclass(kw_only=True)
+class EMAConfig:
+    """Exponential moving average of the trained weights."""
+
+    use_ema: bool = field(default=False, metadata=_meta("Keep an EMA of the trained weights (not supported yet)."))
+    ema_decay: float = field(default=0.99, metadata=_meta("EMA decay per step.", OPEN_UNIT))
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Optimisation settings."""
+
+    batch_size: int = field(default=1, metadata=_meta(
+        "Images per step on each process.", GT0, aliases=("train_batch_size",)))
+    steps: int = field(default=1000, metadata=_meta(
+        "Total optimizer steps.", GT0, aliases=("max_train_steps", "max_steps", "num_steps", "train_steps")))
+    gradient_accumulation_steps: int = field(default=1, metadata=_meta(
+        "Micro-batches accumulated per optimizer step.", GT0, aliases=("gradient_accumulation",)))
+    train_unet: bool = field(default=True, metadata=_meta(
+        "Train the transformer, which holds the LoRA; must be true.", aliases=("train_transformer",)))
+    train_text_encoder: bool = field(default=False, metadata=_meta(
+        "Train the text encoders; not supported, must be false."))
+    gradient_checkpointing: bool = field(default=True, metadata=_meta(
+        "Recompute activations during backward to save memory."))
+    noise_scheduler: Literal["flowmatch"] = field(default="flowmatch", metadata=_meta(
+        "Training noise schedule; FLUX uses flow matching."))
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "sgd"] = field(default="adamw8bit", metadata=_meta(
+        "Optimizer.", aliases=("optim", "optimizer_type")))
+    optimizer_params: dict[str, Any] = field(default_factory=dict, metadata=_meta(
+        "Extra keyword arguments for the optimizer, e.g. weight_decay.", aliases=("optimizer_args",)))
+    lr: float = field(default=1e-4, metadata=_meta(
+        "Peak learning rate.", GT0, aliases=("learning_rate", "unet_lr")))
+    lr_scheduler: Literal["constant", "cosine", "linear"] = field(default="constant", metadata=_meta(
+        "Learning-rate schedule after the warm-up."))
+    lr_warmup_steps: int = field(default=0, metadata=_meta(
+        "Steps of linear warm-up from 0 to lr.", GE0, aliases=("warmup_steps",)))
+    max_grad_norm: float = field(default=1.0, metadata=_meta(
+        "Clip the gradient norm to this value; 0 disables clipping.", GE0, aliases=("clip_grad_norm",)))
+    timestep_type: Literal["sigmoid", "linear", "weighted", "shift"] = field(default="sigmoid", metadata=_meta(
+        "How training timesteps are sampled."))
+    dtype: TrainDType = field(default="bf16", metadata=_meta(
+        "Compute dtype of the frozen model weights.", aliases=("mixed_precision",)))
+    seed: int = field(default=42, metadata=_meta("Random seed for noise, timesteps and data order."))
+    guidance: float = field(default=1.0, metadata=_meta(
+        "Guidance embedding value fed to the transformer during training.", GE0))
+    distributed_training: bool = field(default=False, metadata=_meta(
+        "Train data-parallel across the processes started by accelerate launch."))
+    disable_sampling: bool = field(default=False, metadata=_meta("Never generate sample images."))
+    skip_first_sample: bool = field(default=False, metadata=_meta(
+        "Skip the sample images made before the first step."))
+    ema_config: EMAConfig = field(default_factory=EMAConfig, metadata=_meta(
+        "Exponential moving average of the trained weights (not supported yet)."))
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The frozen base model."""
+
+    name_or_path: str = field(metadata=_meta(
+        "Hub id or local folder (diffusers format) of the base model.", NON_EMPTY, normalize=_expand_home,
+        aliases=("pretrained_model_name_or_path", "path", "model_path")))
+    arch: str = field(metadata=_meta(
+        "Architecture name, e.g. flux_kontext; checked against the architecture registry.", NON_EMPTY))
+    quantize: bool = field(default=False, metadata=_meta(
+        "Quantize the frozen transformer to 8 bit (optimum-quanto) to save memory."))
+    low_vram: bool = field(default=False, metadata=_meta(
+        "Keep parts of the model on the CPU until they are needed, for small GPUs."))
+    max_sequence_length: int = field(default=512, metadata=_meta(
+        "T5 prompt length in tokens; shorter is faster.", T5_LENGTH))
+
+
+@dataclass(kw_only=True)
+class SampleConfig:
+    """Sample images generated during training."""
+
+    sampler: Literal["flowmatch"] = field(default="flowmatch", metadata=_meta(
+        "Sampling scheduler; must match train.noise_scheduler."))
+    sample_every: int = field(default=250, metadata=_meta("Generate samples every this many steps.", GT0))
+    width: int = field(default=1024, metadata=_meta("Sample width in pixels.", SIZE16))
+    height: int = field(default=1024, metadata=_meta("Sample height in pixels.", SIZE16))
+    prompts: list[str] = field(default_factory=list, metadata=_meta(
+        "Sample prompts; flags such as --ctrl_img PATH may follow the text; [trigger] becomes trigger_word."))
+    neg: str = field(default="", metadata=_meta("Negative prompt (unused by FLUX).", aliases=("negative_prompt",)))
+    seed: int = field(default=42, metadata=_meta("Seed of the first sample prompt."))
+    walk_seed: bool = field(default=True, metadata=_meta(
+        "Add the prompt index to the seed so each prompt gets its own seed."))
+    guidance_scale: float = field(default=4.0, metadata=_meta("Guidance value used when sampling.", GE0))
+    sample_steps: int = field(default=20, metadata=_meta(
+        "Denoising steps per sample.", GT0, aliases=("num_inference_steps", "steps")))
+
+
+@dataclass(kw_only=True)
+class TrainProcessConfig:
+    """One training process: what to train, on which data, and how."""
+
+    type: Literal["sd_trainer"] = field(default="sd_trainer", metadata=_meta(
+        "Process kind; only 'sd_trainer' (LoRA training) exists."))
+    training_folder: str = field(default="output", metadata=_meta(
+        "Folder in which the run folder <training_folder>/<name> is created.", NON_EMPTY,
+        normalize=_expand_home, aliases=("output_dir",)))
+    device: str = field(default="cuda:0", metadata=_meta(
+        "Torch device: cpu, cuda, cuda:N, mps, or auto to pick the best available.", DEVICE))
+    trigger_word: Optional[str] = field(default=None, metadata=_meta(
+        "Word that replaces [trigger] in captions and sample prompts; unset removes [trigger].", NON_EMPTY))
+    performance_log_every: int = field(default=0, metadata=_meta(
+        "Log step timings every this many steps; 0 turns it off.", GE0))
+    log_every: int = field(default=10, metadata=_meta(
+        "Steps between logged scalars (loss, learning rate).", GT0))
+    network: NetworkConfig = field(default_factory=NetworkConfig, metadata=_meta("The adapter to train."))
+    save: SaveConfig = field(default_factory=SaveConfig, metadata=_meta("Checkpoint saving."))
+    datasets: list[DatasetConfig] = field(metadata=_meta("Training data folders (at least one).", NON_EMPTY))
+    train: TrainConfig = field(default_factory=TrainConfig, metadata=_meta("Optimisation settings."))
+    model: ModelConfig = field(metadata=_meta("The base model."))
+    sample: SampleConfig = field(default_factory=SampleConfig, metadata=_meta("Sample images during training."))
+
+
+@dataclass(kw_only=True)
+class RootConfig:
+    """The run: its name and its processes."""
+
+    name: str = field(metadata=_meta(
+        "Run name, used as output sub-folder and file prefix; replaces [name] in string values.",
+        NON_EMPTY, FILE_NAME))
+    process: list[TrainProcessConfig] = field(metadata=_meta("Training processes, run in order.", NON_EMPTY))
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    """A whole config file."""
+
+    job: Literal["extension"] = field(default="extension", metadata=_meta(
+        "Job kind; only 'extension' (a training job) exists."))
+    config: RootConfig = field(metadata=_meta("The run: name and processes."))
+    meta: dict[str, Any] = field(default_factory=dict, metadata=_meta(
+        "Free-form metadata kept with the outputs; not used for training."))
+
+
+def validate_job(job: JobConfig) -> list[str]:
+    """Return the problems that involve more than one field, each as ``key.path: message``."""
+    problems: list[str] = []
+    for index, process in enumerate(job.config.process):
+        problems += _process_problems(process, f"config.process[{index}]")
+    return problems
+
+
+def _process_problems(process: TrainProcessConfig, path: str) -> list[str]:
+    """Cross-field problems of one process; ``path`` is the process's key path."""
+    train, save = process.train, process.save
+    problems: list[str] = []
+    if process.sample.sampler != train.noise_scheduler:
+        problems.append(f"{path}.sample.sampler: must equal train.noise_scheduler "
+                        f"({train.noise_scheduler!r}), got {process.sample.sampler!r}")
+    if train.train_text_encoder:
+        problems.append(f"{path}.train.train_text_encoder: training the text encoder is not supported; "
+                        "set it to false")
+    if not train.train_unet and process.network.type == "lora":
+        problems.append(f"{path}.train.train_unet: false would train nothing, because the LoRA is on the "
+                        "transformer; set it to true")
+    if train.ema_config.use_ema:
+        problems.append(f"{path}.train.ema_config.use_ema: EMA is not supported yet; set it to false")
+    if save.push_to_hub:
+        problems.append(f"{path}.save.push_to_hub: pushing to the Hugging Face Hub is not supported yet; "
+                        "set it to false")
+        if not save.hf_repo_id:
+            problems.append(f"{path}.save.hf_repo_id: required when save.push_to_hub is true")
+    return problems + _dataset_problems(process.datasets, f"{path}.datasets")
+
+
+def _dataset_problems(datasets: list[DatasetConfig], path: str) -> list[str]:
+    """Datasets that repeat a folder, or use their target folder as control folder."""
+    problems: list[str] = []
+    first_index: dict[str, int] = {}
+    for index, dataset in enumerate(datasets):
+        folder = os.path.normpath(dataset.folder_path)
+        if folder in first_index:
+            problems.append(f"{path}[{index}].folder_path: {dataset.folder_path!r} is already used by "
+                            f"datasets[{first_index[folder]}]")
+        first_index.setdefault(folder, index)
+        if dataset.control_path is not None and os.path.normpath(dataset.control_path) == folder:
+            problems.append(f"{path}[{index}].control_path: must differ from folder_path "
+                            f"({dataset.folder_path!r}); control images are the inputs, not the targets")
+    return problems
+
+
+def config_help() -> str:
+    """Every config field with its type, default, rules and help line, grouped by section (``--help-config``)."""
+    lines: list[str] = []
+    _help_section(JobConfig, "", lines)
+    return "\n".join(lines).rstrip()
+
+
+def _help_section(cls: type, path: str, lines: list[str]) -> None:
+    """Append the help of section ``cls`` at key path ``path``, then of its sub-sections."""
+    lines.append(f"{path or '(top level)'}  [{cls.__name__}: {(cls.__doc__ or '').strip()}]")
+    hints = get_type_hints(cls)
+    subsections = []
+    for spec in dataclasses.fields(cls):
+        tp = hints[spec.name]
+        rules = [check.rule for check in spec.metadata.get("checks", ())]
+        rules += [f"each {check.rule}" for check in spec.metadata.get("item_checks", ())]
+        rule_text = f"  ({'; '.join(rules)})" if rules else ""
+        lines.append(f"  {spec.name}: {_type_name(tp)} = {_default_text(spec)}{rule_text}")
+        lines.append(f"      {spec.metadata.get('help', '')}")
+        inner = get_args(tp)[0] if get_origin(tp) is list else tp
+        if dataclasses.is_dataclass(inner):
+            inner_path = f"{path}.{spec.name}" if path else spec.name
+            subsections.append((inner, inner_path + ("[]" if inner is not tp else "")))
+    lines.append("")
+    for inner, inner_path in subsections:
+        _help_section(inner, inner_path, lines)
+
+
+def _type_name(tp: Any) -> str:
+    """Readable name of a declared type."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Union:
+        return " | ".join("null" if arg is type(None) else _type_name(arg) for arg in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(arg) for arg in args)
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(arg) for arg in args)}]"
+    if dataclasses.is_dataclass(tp):
+        return tp.__name__
+    return "any" if tp is Any else getattr(tp, "__name__", str(tp))
+
+
+def _default_text(spec: dataclasses.Field) -> str:
+    """The default as YAML/JSON text, ``required`` when there is none."""
+    if spec.default is not dataclasses.MISSING:
+        return json.dumps(spec.default)
+    if spec.default_factory is dataclasses.MISSING:
+        return "required"
+    value = spec.default_factory()
+    return "(section defaults)" if dataclasses.is_dataclass(value) else json.dumps(value)
