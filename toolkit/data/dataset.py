@@ -1,0 +1,152 @@
+"""The map-style dataset of paired (target, control, caption) items, and the batch collate function.
+
+One item per (pair, resolution, repeat). Buckets and crop boxes are computed at construction from the sizes that
+discovery measured, so building the dataset does no image I/O and ``bucket_keys`` is ready for the sampler.
+
+Caption randomness (dropout, token shuffle) comes from a ``random.Random`` derived from (seed, epoch, index) alone,
+so it is the same on every rank, in every DataLoader worker and after a resume. The epoch reaches the dataset via
+``set_epoch``; with DataLoader workers, call it before creating the iterator and do not use
+``persistent_workers=True`` (persistent workers keep the epoch they were started with).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from toolkit.data.buckets import Box, bucket_for, crop_box, scale_box
+from toolkit.data.captions import prepare_caption
+from toolkit.data.images import load_rgb, to_tensor
+from toolkit.data.pairs import DatasetConfigLike, Pair
+from toolkit.errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ItemPlan:
+    """What one dataset item is: which pair, trained at which bucket, cut with which boxes (source pixels)."""
+
+    pair_index: int
+    resolution: int
+    bucket: tuple[int, int]
+    target_box: Box
+    control_box: Box
+
+
+def caption_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The caption RNG of one item in one epoch; string seeding is stable across processes and Python runs."""
+    return random.Random(f"caption:{seed}:{epoch}:{index}")
+
+
+def plan_items(pairs: Sequence[Pair], datasets: Sequence[DatasetConfigLike]) -> list[ItemPlan]:
+    """One ItemPlan per (pair, resolution, repeat), in pair order. Pure: uses only sizes stored in the pairs."""
+    plans: list[ItemPlan] = []
+    for pair_index, pair in enumerate(pairs):
+        if not 0 <= pair.dataset_index < len(datasets):
+            raise ValueError(f"pair {pair.target} refers to dataset {pair.dataset_index}; only {len(datasets)} given")
+        cfg = datasets[pair.dataset_index]
+        if cfg.num_repeats < 1:
+            raise ValueError(f"num_repeats must be >= 1, got {cfg.num_repeats}")
+        for resolution in cfg.resolution:
+            bucket = bucket_for(*pair.target_size, resolution)
+            target_box = crop_box(*pair.target_size, *bucket)
+            control_box = scale_box(target_box, pair.target_size, pair.control_size)
+            plan = ItemPlan(pair_index, int(resolution), bucket, target_box, control_box)
+            plans.extend([plan] * cfg.num_repeats)
+    return plans
+
+
+def render(path: Path, expected_size: tuple[int, int], box: Box, bucket: tuple[int, int]) -> Image.Image:
+    """Decode once, then crop and resize in one LANCZOS pass (PIL's ``resize(box=...)``) to the bucket size."""
+    img = load_rgb(path)
+    if img.size != tuple(expected_size):
+        raise DatasetError(
+            f"{path}: is {img.size[0]}x{img.size[1]} px now but was {expected_size[0]}x{expected_size[1]} px when the "
+            "dataset was checked; do not change images during training"
+        )
+    return img.resize(bucket, Image.LANCZOS, box=box)
+
+
+class PairedDataset(Dataset):
+    """Items ``{"target", "control": FloatTensor[3, H, W] in [-1, 1], "caption": str, "index": int, "path": str}``."""
+
+    def __init__(
+        self,
+        pairs: Sequence[Pair],
+        datasets: Sequence[DatasetConfigLike],
+        trigger_word: Optional[str],
+        seed: int,
+    ) -> None:
+        self.pairs = list(pairs)
+        self.datasets = list(datasets)
+        self.trigger_word = trigger_word
+        self.seed = int(seed)
+        self.epoch = 0
+        self.items = plan_items(self.pairs, self.datasets)
+        if not self.items:
+            raise ValueError("the dataset has no items (no pairs, or no resolutions configured)")
+        logger.info(
+            "Dataset: %d pairs -> %d items in %d buckets", len(self.pairs), len(self.items), len(set(self.bucket_keys))
+        )
+
+    @property
+    def bucket_keys(self) -> list[tuple[int, int]]:
+        """The (width, height) bucket of every item, in item order: what BucketBatchSampler groups by."""
+        return [plan.bucket for plan in self.items]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose caption randomness __getitem__ uses."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        plan = self.items[index]
+        pair = self.pairs[plan.pair_index]
+        cfg = self.datasets[pair.dataset_index]
+        target = render(pair.target, pair.target_size, plan.target_box, plan.bucket)
+        control = render(pair.control, pair.control_size, plan.control_box, plan.bucket)
+        caption = prepare_caption(
+            pair.caption,
+            self.trigger_word,
+            cfg.shuffle_tokens,
+            cfg.caption_dropout_rate,
+            caption_rng(self.seed, self.epoch, index),
+        )
+        return {
+            "target": to_tensor(target),
+            "control": to_tensor(control),
+            "caption": caption,
+            "index": index,
+            "path": str(pair.target),
+        }
+
+
+def collate_batch(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack items of ONE bucket: {"target", "control": [B, 3, H, W], "caption": list[str], "index": LongTensor[B],
+    "path": list[str]}. Items of different buckets mean the batch sampler is not a bucket sampler."""
+    if not items:
+        raise ValueError("collate_batch got an empty batch")
+    shape = tuple(items[0]["target"].shape)
+    for item in items:
+        if tuple(item["target"].shape) != shape or tuple(item["control"].shape) != shape:
+            raise ValueError(
+                f"batch mixes image sizes {shape} and {tuple(item['target'].shape)}/{tuple(item['control'].shape)} "
+                f"(item {item['index']}, {item['path']}); use BucketBatchSampler so a batch holds one bucket"
+            )
+    return {
+        "target": torch.stack([item["target"] for item in items]),
+        "control": torch.stack([item["control"] for item in items]),
+        "caption": [item["caption"] for item in items],
+        "index": torch.tensor([int(item["index"]) for item in items], dtype=torch.long),
+        "path": [item["path"] for item in items],
+    }

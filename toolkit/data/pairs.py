@@ -1,0 +1,266 @@
+"""Find (target, control, caption) pairs and check every file before any model is loaded.
+
+A Kontext LoRA learns "control image + instruction -> target image", so every target in ``folder_path`` needs a
+control image with the same file stem in ``control_path`` and a caption ``STEM.<caption_ext>`` next to it (or a
+``default_caption``). All problems of all datasets are collected and raised as ONE DatasetError: a user with 40
+broken files should fix them in one pass, not in 40 runs that each load a 12 GB model first.
+
+Integrity checks are cheap (header + JPEG draft decode / PNG CRC check, in threads), not a full decode.
+Hidden files (``.DS_Store``, macOS ``._name.jpg`` resource forks) and sub-folders are ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Protocol, Sequence, Union
+
+from toolkit.data.captions import read_caption
+from toolkit.data.images import IMAGE_EXTENSIONS, is_image_file, verify_image
+from toolkit.errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+MIN_SIDE_PX = 16  # one packed FLUX token is 16x16 pixels
+_ASPECT_TOLERANCE = 0.01
+# Image formats a user may expect to work; worth a warning when skipped (other files are silently ignored).
+_UNSUPPORTED_IMAGE_EXTENSIONS = (".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl")
+
+
+class DatasetConfigLike(Protocol):
+    """The attributes of one dataset entry of the config that toolkit/data reads (duck-typed on purpose)."""
+
+    folder_path: str
+    control_path: Optional[str]
+    caption_ext: str
+    default_caption: Optional[str]
+    caption_dropout_rate: float
+    shuffle_tokens: bool
+    resolution: Sequence[int]
+    num_repeats: int
+    cache_latents_to_disk: bool
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One training example. ``caption`` is the raw text (``[trigger]`` not yet applied); sizes are after EXIF
+    rotation, as (width, height). ``dataset_index`` says which dataset entry (resolutions, caption options) it
+    belongs to."""
+
+    target: Path
+    control: Path
+    caption: str
+    target_size: tuple[int, int]
+    control_size: tuple[int, int]
+    dataset_index: int = 0
+
+
+def _check_folder(raw: Optional[str], key: str, problems: list[str]) -> Optional[Path]:
+    """The folder as a Path, or None after recording why it cannot be used."""
+    if raw is None or not str(raw).strip():
+        return None
+    folder = Path(raw).expanduser().absolute()
+    if not folder.exists():
+        problems.append(f"{folder}: folder does not exist ({key})")
+        return None
+    if not folder.is_dir():
+        problems.append(f"{folder}: is not a folder ({key})")
+        return None
+    return folder
+
+
+def _list_images(folder: Path, key: str, problems: list[str]) -> dict[str, Path]:
+    """Images of a folder by file stem. Two images with one stem are a problem: the stem is what pairs them."""
+    by_stem: dict[str, list[Path]] = defaultdict(list)
+    ignored: list[str] = []
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as err:
+        problems.append(f"{folder}: cannot list folder ({err.strerror or err}) ({key})")
+        return {}
+    for entry in entries:
+        if entry.name.startswith(".") or entry.is_dir():
+            continue
+        if is_image_file(entry):
+            by_stem[entry.stem].append(entry)
+        elif entry.suffix.lower() in _UNSUPPORTED_IMAGE_EXTENSIONS:
+            ignored.append(entry.name)
+    if ignored:
+        logger.warning(
+            "%s: ignoring %d image(s) in formats other than %s, e.g. %s; convert them to train on them",
+            folder, len(ignored), "/".join(IMAGE_EXTENSIONS), ", ".join(ignored[:3]),
+        )
+    for stem, files in by_stem.items():
+        if len(files) > 1:
+            names = ", ".join(f.name for f in files)
+            problems.append(
+                f"{folder}: several images share the name '{stem}' ({names}); keep one, the file name (stem) is "
+                f"what pairs targets, controls and captions"
+            )
+    return {stem: files[0] for stem, files in by_stem.items()}
+
+
+def _verify_all(paths: Sequence[Path]) -> dict[Path, Union[tuple[int, int], str]]:
+    """Size of each image, or the reason it is unusable. Threads: PIL releases the GIL while decoding."""
+
+    def check(path: Path) -> Union[tuple[int, int], str]:
+        try:
+            width, height = verify_image(path)
+        except DatasetError as err:
+            return str(err)
+        if width < MIN_SIDE_PX or height < MIN_SIDE_PX:
+            return f"{path}: image is {width}x{height} px; both sides must be at least {MIN_SIDE_PX} px"
+        return (width, height)
+
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(zip(paths, pool.map(check, paths)))
+
+
+def _case_hint(stem: str, others: dict[str, Path]) -> str:
+    """Point at a near miss that differs only in letter case (datasets made on macOS/Windows)."""
+    for other_stem, other in others.items():
+        if other_stem.lower() == stem.lower():
+            return f" (found '{other.name}', which differs only in letter case)"
+    return ""
+
+
+def _caption_for(
+    target: Path, cfg: DatasetConfigLike, key: str, problems: list[str]
+) -> Optional[str]:
+    """Raw caption text for a target, or None after recording the problem."""
+    ext = cfg.caption_ext.lstrip(".")
+    caption_path = target.with_name(f"{target.stem}.{ext}")
+    if caption_path.is_file():
+        try:
+            return read_caption(caption_path)
+        except DatasetError as err:
+            problems.append(str(err))
+            return None
+    if cfg.default_caption is not None:
+        return cfg.default_caption
+    problems.append(
+        f"{target}: no caption file; add {caption_path.name} next to it or set default_caption ({key}.default_caption)"
+    )
+    return None
+
+
+def _check_settings(cfg: DatasetConfigLike, key: str, problems: list[str]) -> tuple[Optional[Path], Optional[Path]]:
+    """The usable target and control folders (None when unusable, with the reason recorded)."""
+    folder = _check_folder(cfg.folder_path, f"{key}.folder_path", problems)
+    if cfg.folder_path is None or not str(cfg.folder_path).strip():
+        problems.append(f"{key}.folder_path is empty; set it to the folder of target images and captions")
+    control_dir = _check_folder(cfg.control_path, f"{key}.control_path", problems)
+    if cfg.control_path is None or not str(cfg.control_path).strip():
+        problems.append(
+            f"{key}.control_path is not set; Kontext trains on pairs: set control_path to the folder of control "
+            f"(input) images, named like their targets in {cfg.folder_path}"
+        )
+    if folder is not None and control_dir is not None and control_dir.resolve() == folder.resolve():
+        problems.append(f"{folder}: folder_path and control_path are the same folder ({key}); controls must be separate")
+        control_dir = None
+    return folder, control_dir
+
+
+def _match(
+    targets: dict[str, Path], controls: dict[str, Path], folder: Path, control_dir: Path, problems: list[str]
+) -> None:
+    """Record every target without a control and every control without a target."""
+    for stem in sorted(set(targets) - set(controls)):
+        problems.append(
+            f"{targets[stem]}: no control image named '{stem}.*' in {control_dir}{_case_hint(stem, controls)}"
+        )
+    for stem in sorted(set(controls) - set(targets)):
+        problems.append(
+            f"{controls[stem]}: control image has no target named '{stem}.*' in {folder}{_case_hint(stem, targets)}"
+        )
+
+
+def _discover_one(cfg: DatasetConfigLike, index: int, key: str, problems: list[str]) -> list[Pair]:
+    """Pairs of one dataset entry; appends every problem found to ``problems``.
+
+    Files are checked even when the other folder is unusable, so one run reports everything there is to fix.
+    """
+    folder, control_dir = _check_settings(cfg, key, problems)
+    images = "/".join(IMAGE_EXTENSIONS)
+    targets = _list_images(folder, f"{key}.folder_path", problems) if folder else {}
+    if folder and not targets:
+        problems.append(f"{folder}: no {images} images in the folder ({key}.folder_path)")
+    controls = _list_images(control_dir, f"{key}.control_path", problems) if control_dir else {}
+    if control_dir and not controls:
+        problems.append(f"{control_dir}: no {images} images in the folder ({key}.control_path)")
+    if folder and control_dir and targets and controls:
+        _match(targets, controls, folder, control_dir, problems)
+
+    sizes = _verify_all(sorted([*targets.values(), *controls.values()]))
+    problems.extend(result for result in sizes.values() if isinstance(result, str))
+    captions = {stem: _caption_for(path, cfg, key, problems) for stem, path in sorted(targets.items())}
+
+    pairs: list[Pair] = []
+    for stem in sorted(set(targets) & set(controls)):
+        target_size, control_size = sizes[targets[stem]], sizes[controls[stem]]
+        caption = captions[stem]
+        if isinstance(target_size, str) or isinstance(control_size, str) or caption is None:
+            continue
+        pairs.append(Pair(targets[stem], controls[stem], caption, target_size, control_size, index))
+    if folder:
+        _log_warnings(pairs, cfg, folder)
+    return pairs
+
+
+def _log_warnings(pairs: Sequence[Pair], cfg: DatasetConfigLike, folder: Path) -> None:
+    """Legal but surprising situations, as one count per kind instead of one line per file."""
+    if not pairs:
+        return
+    smallest = min(cfg.resolution) if cfg.resolution else 0
+    small = [p for p in pairs if p.target_size[0] * p.target_size[1] < smallest * smallest]
+    if small:
+        logger.warning(
+            "%s: %d of %d target images have fewer pixels than %dx%d; they train at their own size (no upscaling), "
+            "e.g. %s", folder, len(small), len(pairs), smallest, smallest, small[0].target.name,
+        )
+    stretched = [
+        p for p in pairs
+        if abs((p.target_size[0] / p.target_size[1]) / (p.control_size[0] / p.control_size[1]) - 1) > _ASPECT_TOLERANCE
+    ]
+    if stretched:
+        logger.warning(
+            "%s: %d control images have a different aspect ratio than their target; they are stretched to the "
+            "target's crop, e.g. %s", folder, len(stretched), stretched[0].control,
+        )
+    empty = [p for p in pairs if not p.caption]
+    if empty:
+        logger.warning("%s: %d captions are empty, e.g. for %s", folder, len(empty), empty[0].target.name)
+
+
+def format_problems(problems: Sequence[str]) -> str:
+    """The DatasetError message: a count, then one problem per line."""
+    lines = "\n".join(f"  - {problem}" for problem in problems)
+    noun = "problem" if len(problems) == 1 else "problems"
+    return f"The dataset has {len(problems)} {noun}; fix them and run again:\n{lines}"
+
+
+def discover_pairs(
+    datasets: Sequence[DatasetConfigLike], config_path_prefix: str = "config.process[0].datasets"
+) -> list[Pair]:
+    """All pairs of all dataset entries, sorted by target path. Raises one DatasetError listing every problem."""
+    started = time.perf_counter()
+    problems: list[str] = []
+    pairs: list[Pair] = []
+    if not datasets:
+        problems.append(f"{config_path_prefix} is empty; add at least one dataset with folder_path and control_path")
+    for index, cfg in enumerate(datasets):
+        pairs.extend(_discover_one(cfg, index, f"{config_path_prefix}[{index}]", problems))
+    if problems:
+        raise DatasetError(format_problems(problems))
+    pairs.sort(key=lambda pair: (str(pair.target), pair.dataset_index))
+    logger.info(
+        "Found %d image pairs in %d dataset(s), checked in %.1f s",
+        len(pairs), len(datasets), time.perf_counter() - started,
+    )
+    return pairs
