@@ -1,0 +1,1 @@
+"""One package per architecture; each registers itself with toolkit.arch when imported."""

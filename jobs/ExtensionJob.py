@@ -1,0 +1,32 @@
+"""`job: extension`: a named job whose `config.process` entries run one after another."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+from jobs.extensions import load_extensions
+from jobs.process.BaseSDTrainProcess import BaseSDTrainProcess
+from toolkit.config.schema import JobConfig
+
+log = logging.getLogger(__name__)
+
+PROCESS_TYPES = {"sd_trainer": BaseSDTrainProcess}
+
+
+class ExtensionJob:
+    def __init__(self, job_config: JobConfig, config_file: Optional[Path] = None) -> None:
+        load_extensions()
+        self.config = job_config
+        self.name = job_config.config.name
+        # Building every process first checks every architecture name before anything runs.
+        self.processes = [PROCESS_TYPES[p.type](p, self.name, job_config, config_file)
+                          for p in job_config.config.process]
+
+    def run(self) -> list[Path]:
+        results = []
+        for i, process in enumerate(self.processes):
+            log.info("job %s: process %d/%d (%s)", self.name, i + 1, len(self.processes), process.cfg.type)
+            results.append(process.run())
+        return results

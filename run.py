@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Run one or more training configs: `python run.py CONFIG [CONFIG ...] [--recover] [--name NAME] [--log FILE]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO))
+
+from dotenv import load_dotenv  # noqa: E402
+
+from toolkit.errors import UserError  # noqa: E402
+from toolkit.redact import install_log_redaction  # noqa: E402
+
+log = logging.getLogger("run")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Train FLUX Kontext LoRAs from ai-toolkit style configs.")
+    parser.add_argument("config_file_list", nargs="*", metavar="CONFIG",
+                        help="config files, as paths or names under config/ (.yaml, .yml, .json tried in turn)")
+    parser.add_argument("-r", "--recover", action="store_true",
+                        help="go on with the next config after a failure; exit non-zero at the end if any failed")
+    parser.add_argument("-n", "--name", default=None, help="replaces config.name and every [name] in the config")
+    parser.add_argument("-l", "--log", default=None, help="also write the log to this file")
+    parser.add_argument("--help-config", action="store_true", help="print every config key with its meaning")
+    args = parser.parse_args(argv)
+    if not args.config_file_list and not args.help_config:
+        parser.error("give at least one CONFIG")
+    return args
+
+
+def setup_logging(log_file: str | None) -> None:
+    # Only rank 0 of a multi-process run talks at INFO; other ranks report warnings and errors.
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    handlers = [logging.StreamHandler()]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    logging.basicConfig(level=level, handlers=handlers, force=True,
+                        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Library chatter (per-component loading bars, optional-backend notices) drowns the training log.
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    install_log_redaction()
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    # .env holds HF_TOKEN for gated models; values already in the environment win.
+    load_dotenv(REPO / ".env", override=False)
+    load_dotenv(Path.cwd() / ".env", override=False)
+    setup_logging(args.log)
+    if args.help_config:
+        from toolkit.config.loader import config_help
+
+        sys.stdout.write(config_help() + "\n")
+        return 0
+
+    from jobs import get_job
+
+    status = 0
+    for config in args.config_file_list:
+        try:
+            get_job(config, name_override=args.name).run()
+            continue
+        except UserError as exc:
+            log.error("%s: %s", config, exc)
+            status = status or 2
+        except Exception:
+            log.exception("%s: training failed", config)
+            status = 1
+        if not args.recover:
+            return status
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The small interface every architecture implements, and the registry that finds one by its `model.arch` name.
+
+toolkit/ never names an architecture: packages under extensions/ register themselves when imported
+(jobs/extensions.py imports them all).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Sequence, TypeVar, Union
+
+import torch
+from PIL import Image
+
+from toolkit.errors import ArchitectureError
+from toolkit.sampling import SampleRequest
+
+
+class Architecture(ABC):
+    """What the trainer needs from a model family: load, encode a batch, a trainable denoiser, sample."""
+
+    name: ClassVar[str]
+    #: peft target_modules used when network.target_modules is not set (regex string or module-name suffixes).
+    default_lora_targets: ClassVar[Union[str, Sequence[str]]]
+
+    transformer: torch.nn.Module
+
+    @classmethod
+    def check_source(cls, name_or_path: str) -> list[str]:
+        """Problems with the model location found without loading anything (run before any model loads)."""
+        return []
+
+    @classmethod
+    @abstractmethod
+    def load(cls, model_cfg: Any, device: torch.device, dtype: torch.dtype) -> "Architecture":
+        """Load every component onto `device`, frozen."""
+
+    @abstractmethod
+    def denoiser(self) -> torch.nn.Module:
+        """The module the optimizer trains and DDP wraps; forward(**inputs) returns the prediction."""
+
+    @abstractmethod
+    def encode_batch(self, batch: dict) -> Any:
+        """Frozen encoders on a collated batch (images, captions) -> an encoded batch (no grad)."""
+
+    @abstractmethod
+    def make_inputs(self, encoded: Any, noise: torch.Tensor, t: torch.Tensor, guidance: float
+                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Denoiser inputs for noise level t and the regression target."""
+
+    @abstractmethod
+    def clean_latents(self, encoded: Any) -> torch.Tensor:
+        """The clean target tokens x0 of an encoded batch (noise is drawn with this shape)."""
+
+    @abstractmethod
+    def sample(self, requests: Sequence[SampleRequest], controls: Sequence[Image.Image]) -> list[Image.Image]:
+        """Render each request with the current weights."""
+
+
+A = TypeVar("A", bound=type)
+_REGISTRY: dict[str, type] = {}
+
+
+def register_architecture(cls: A) -> A:
+    """Class decorator: make `cls` available as `model.arch: <cls.name>`."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"architecture {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_architecture(name: str) -> type:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY)) or "none registered"
+        raise ArchitectureError(f"model.arch: unknown architecture {name!r}; known: {known}") from None
+
+
+def known_architectures() -> list[str]:
+    return sorted(_REGISTRY)
+
+

@@ -1,0 +1,69 @@
+"""Atomic file writes and the naming/pruning rules of step checkpoints.
+
+A kill at any moment must leave every finished checkpoint usable: files are written under a temporary name in the
+same folder, flushed to disk, then renamed into place (rename is atomic on POSIX). Old checkpoints are removed only
+after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+log = logging.getLogger(__name__)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def step_file_name(name: str, step: int) -> str:
+    """`<name>_<step:09d>.safetensors`, ai-toolkit's naming, so tools that sort by name sort by step."""
+    return f"{name}_{step:09d}.safetensors"
+
+
+def list_step_files(folder: Path, name: str) -> list[tuple[int, Path]]:
+    """Complete step checkpoints of run `name` in `folder`, oldest first (temporary files are never matched)."""
+    pattern = re.compile(rf"^{re.escape(name)}_(\d{{9}})\.safetensors$")
+    found = []
+    for p in Path(folder).glob(f"{name}_*.safetensors"):
+        m = pattern.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def prune_step_files(folder: Path, name: str, keep: int, protect: Iterable[Path] = ()) -> list[Path]:
+    """Delete all but the newest `keep` step checkpoints (keep=0 keeps none); returns what was deleted."""
+    protected = {Path(p).resolve() for p in protect}
+    files = list_step_files(folder, name)
+    doomed = [p for _, p in (files[:-keep] if keep > 0 else files) if p.resolve() not in protected]
+    for p in doomed:
+        p.unlink(missing_ok=True)
+        log.debug("removed old checkpoint %s", p)
+    return doomed
+
+
+def latest_step_file(folder: Path, name: str) -> Optional[tuple[int, Path]]:
+    files = list_step_files(folder, name)
+    return files[-1] if files else None

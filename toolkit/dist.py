@@ -1,0 +1,176 @@
+"""Everything about processes, ranks and devices, in one place (the train loop asks this object, never `rank == 0`).
+
+Data parallelism is Hugging Face accelerate's. What this module adds on top, because peers get it wrong:
+- the trainable module is wrapped (DDP) with every frozen parameter and buffer excluded from DDP's broadcast and
+  all-reduce, so only LoRA gradients are synced, and the trainer calls the WRAPPED module so the sync happens;
+- data loaders use `split_batches=True`: the bucket sampler yields global batches (batch_size x world size) from
+  one bucket and accelerate hands each rank its own slice of it;
+- a guard against silently duplicated training: the launcher exports the process count it asked for, and a
+  different world size here is an error (accelerate's `--cpu` alone silently runs one process; `--multi_gpu`
+  without GPUs runs independent copies);
+- on CPU, each rank gets cores / local processes threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+from typing import Any, Iterator, Sequence
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object
+
+from toolkit.errors import UserError
+
+log = logging.getLogger(__name__)
+
+EXPECTED_WORLD_SIZE_ENV = "KONTEXT_EXPECTED_WORLD_SIZE"
+# A rank stuck in a collective because another rank died gives up after this long instead of hanging forever.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("KONTEXT_COLLECTIVE_TIMEOUT_MIN", "30")))
+
+
+def resolve_device(requested: str) -> str:
+    """The device a single process should use: the requested one, or CPU (with a warning) when CUDA is absent."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        log.warning("device %s requested but CUDA is not available: training on CPU (slow; fp32)", requested)
+        return "cpu"
+    if requested == "mps" and not torch.backends.mps.is_available():
+        log.warning("device mps requested but not available: training on CPU")
+        return "cpu"
+    return requested
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class Runtime:
+    """The process group as the trainer sees it: who am I, which device, how to sync."""
+
+    def __init__(self, distributed: bool, device: str = "auto") -> None:
+        world = launched_world_size()
+        if world > 1 and not distributed:
+            raise UserError(f"launched with {world} processes but train.distributed_training is false: set it to "
+                            "true, or run `python run.py CONFIG` for single-process training")
+        self.distributed = distributed
+        device = resolve_device(device)
+        cpu = device == "cpu"
+        if device.startswith("cuda:") and world == 1:
+            torch.cuda.set_device(torch.device(device))
+        self.accelerator = Accelerator(
+            cpu=cpu,
+            mixed_precision="no",  # dtypes are chosen by the architecture; LoRA params stay fp32
+            gradient_accumulation_steps=1,  # the train loop accumulates itself (see BaseSDTrainProcess)
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False),
+                             InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
+        )
+        self._check_world_size()
+        if self.device.type == "cpu" and self.world_size > 1:
+            self._share_cpu_threads()
+
+    # -- identity ---------------------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_multiprocess(self) -> bool:
+        return self.world_size > 1
+
+    def _check_world_size(self) -> None:
+        expected = os.environ.get(EXPECTED_WORLD_SIZE_ENV)
+        if expected is not None and int(expected) != self.world_size:
+            raise UserError(f"the launcher asked for {expected} processes but this process sees a world size of "
+                            f"{self.world_size}: training would be silently duplicated or undersized. Check the "
+                            "accelerate arguments (on CPU use run_distributed_training.sh, not `--cpu`).")
+        if launched_world_size() != self.world_size:
+            raise UserError(f"WORLD_SIZE={launched_world_size()} but accelerate formed a group of "
+                            f"{self.world_size} processes")
+
+    def _share_cpu_threads(self) -> None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+        threads = max(1, (os.cpu_count() or 1) // local)
+        torch.set_num_threads(threads)
+        log.info("rank %d: %d CPU threads (%d local processes)", self.rank, threads, local)
+
+    # -- wrapping ---------------------------------------------------------------------------------------------
+    def prepare_model(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Wrap for data parallelism (only when distributed); frozen weights are never broadcast nor reduced."""
+        if not self.distributed:
+            return module
+        ignore = [n for n, p in module.named_parameters() if not p.requires_grad]
+        ignore += [n for n, _ in module.named_buffers()]
+        module._ddp_params_and_buffers_to_ignore = ignore
+        return self.accelerator.prepare_model(module)
+
+    def prepare(self, *objects: Any) -> Any:
+        """Optimizer, lr scheduler, data loaders: accelerate's wrappers (they act only when distributed)."""
+        prepared = self.accelerator.prepare(*objects) if self.distributed else objects
+        return prepared if len(objects) != 1 or not isinstance(prepared, tuple) else prepared[0]
+
+    def unwrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(module)
+
+    # -- step -------------------------------------------------------------------------------------------------
+    def no_sync(self, module: torch.nn.Module, skip: bool):
+        """Skip the gradient all-reduce for micro-batches that are not the last of an accumulation."""
+        if skip and self.is_multiprocess:
+            return self.accelerator.no_sync(module)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def clip_grad_norm(self, params: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+        """Clip (max_norm > 0) and return the global gradient norm, without a host sync."""
+        if max_norm > 0:
+            return self.accelerator.clip_grad_norm_(params, max_norm)
+        grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+        return torch.stack(grads).norm() if grads else torch.zeros((), device=self.device)
+
+    def mean(self, value: torch.Tensor) -> float:
+        """Mean of a scalar over ranks (a collective: every rank must call it at the same step)."""
+        value = value.detach().float().reshape(1).to(self.device)
+        if self.is_multiprocess:
+            value = self.accelerator.reduce(value, reduction="mean")
+        return float(value.item())
+
+    # -- coordination -----------------------------------------------------------------------------------------
+    def wait(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def my_share(self, count: int) -> list[int]:
+        """Indices of `count` work items this rank handles (round robin), e.g. sample prompts."""
+        return list(range(self.rank, count, self.world_size))
+
+    def gather(self, items: list) -> list:
+        """Concatenate every rank's list on every rank (pickled objects; small things only)."""
+        return gather_object(items) if self.is_multiprocess else list(items)
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        with self.accelerator.main_process_first():
+            yield
+
+    def end(self) -> None:
+        self.accelerator.end_training()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

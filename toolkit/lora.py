@@ -1,0 +1,96 @@
+"""LoRA on a diffusers transformer through peft, and the .safetensors layout diffusers and ComfyUI load.
+
+Files hold `transformer.<module>.lora_A.weight` / `lora_B.weight` plus two kinds of header metadata:
+`lora_adapter_metadata` (the peft LoraConfig, read by diffusers so a LoRA whose alpha != rank loads with the right
+scale) and `kontext_trainer.*` training facts (step, base model, config name). Secrets never go in: the caller
+passes only what it wants recorded, and every value goes through redact_text.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from toolkit.checkpoint import atomic_write_bytes
+from toolkit.redact import redact_text
+
+ADAPTER_NAME = "default"
+PREFIX = "transformer"
+LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+TRAINING_METADATA_PREFIX = "kontext_trainer."
+
+SAVE_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
+               "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def make_lora_config(rank: int, alpha: float, target_modules: Union[str, Sequence[str]],
+                     dropout: float = 0.0) -> LoraConfig:
+    """peft config for the transformer; gaussian init of A and zero B, so training starts from the base model."""
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
+                      target_modules=targets)
+
+
+def add_lora(transformer: torch.nn.Module, config: LoraConfig) -> list[torch.nn.Parameter]:
+    """Freeze the base, inject the LoRA and return its parameters, made fp32 whatever the base dtype."""
+    transformer.requires_grad_(False)
+    transformer.add_adapter(config, adapter_name=ADAPTER_NAME)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError(f"LoRA target modules {config.target_modules!r} matched no layer of the transformer")
+    for p in params:
+        # A bf16 base makes bf16 LoRA weights; optimizer updates of 1e-4 vanish in bf16, so train in fp32.
+        p.data = p.data.float()
+    return params
+
+
+def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA tensors keyed like diffusers files (`transformer.` prefix, no adapter name), detached on CPU."""
+    state = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)
+    return {f"{PREFIX}.{k}": v.detach().to("cpu") for k, v in state.items()}
+
+
+def load_lora_state_dict(transformer: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Put tensors saved by save_lora back into the injected adapter; every key must land."""
+    stripped = {k[len(PREFIX) + 1:]: v for k, v in state.items() if k.startswith(PREFIX + ".")}
+    result = set_peft_model_state_dict(transformer, stripped, adapter_name=ADAPTER_NAME)
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise ValueError(f"LoRA keys do not fit this transformer: {unexpected[:5]}")
+
+
+def adapter_metadata(config: LoraConfig) -> dict:
+    """The LoraConfig as diffusers expects it under `transformer.` keys (sets become sorted lists)."""
+    raw = config.to_dict()
+    clean = {}
+    for key, value in raw.items():
+        if isinstance(value, set):
+            value = sorted(value)
+        clean[f"{PREFIX}.{key}"] = value
+    return clean
+
+
+def save_lora(path: Path, state: Mapping[str, torch.Tensor], config: LoraConfig, dtype: str,
+              training_metadata: Optional[Mapping[str, object]] = None) -> Path:
+    """Write the LoRA atomically: a crash mid-write never leaves a truncated file under `path`."""
+    torch_dtype = SAVE_DTYPES[dtype]
+    tensors = {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in state.items()}
+    header = {"format": "pt",
+              LORA_METADATA_KEY: json.dumps(adapter_metadata(config), indent=2, sort_keys=True, default=str)}
+    for key, value in (training_metadata or {}).items():
+        header[TRAINING_METADATA_PREFIX + key] = redact_text(str(value))
+    atomic_write_bytes(Path(path), safetensors_bytes(tensors, metadata=header))
+    return Path(path)
+
+
+def read_lora_metadata(path: Path) -> dict[str, str]:
+    """The safetensors header metadata of a saved LoRA."""
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})

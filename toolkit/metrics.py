@@ -1,0 +1,61 @@
+"""Training telemetry on the main process: TensorBoard scalars, the progress bar, step timing."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Mapping, Optional
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+class TrainingMonitor:
+    """Writes scalars and drives the progress bar; a silent no-op on non-main ranks."""
+
+    def __init__(self, log_dir: Optional[Path], total_steps: int, start_step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.writer = None
+        self.bar = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(str(log_dir))
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self._t0 = time.perf_counter()
+        self._window_start = self._t0
+        self._window_steps = 0
+
+    def step_done(self) -> None:
+        self._window_steps += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def window(self) -> tuple[float, int]:
+        """Seconds per step over the steps since the last call, and how many steps that was."""
+        now = time.perf_counter()
+        steps = max(1, self._window_steps)
+        seconds = (now - self._window_start) / steps
+        self._window_start, self._window_steps = now, 0
+        return seconds, steps
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        if self.bar is not None and "train/loss" in values:
+            self.bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values.get('train/lr', 0):.2e}")
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
