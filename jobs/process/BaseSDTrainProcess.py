@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from jobs.process.outputs import RunOutputs
 from toolkit import kontext
-from toolkit.arch import get_architecture
+from toolkit.arch import Architecture, get_architecture
 from toolkit.config.schema import TrainProcessConfig
 from toolkit.data.dataset import PairedDataset, collate_batch
 from toolkit.data.pairs import discover_pairs
@@ -88,7 +89,8 @@ class BaseSDTrainProcess:
         finally:
             rt.end()
 
-    def _train(self, rt: Runtime, pairs, requests, outputs: RunOutputs) -> Path:
+    def setup(self, rt: Runtime, pairs, requests, outputs: RunOutputs) -> "TrainingRun":
+        """Load the model, add the LoRA, build data and optimizer, wrap for data parallelism."""
         train = self.train
         set_seed(train.seed)  # same LoRA init on every rank
         dtype = compute_dtype(train.dtype, rt.device)
@@ -114,26 +116,30 @@ class BaseSDTrainProcess:
         optimizer, scheduler = rt.prepare(optimizer, scheduler)
         denoiser = rt.prepare_model(model.denoiser())
 
-        n_params = sum(p.numel() for p in params)
         log.info("world size %d | per-process batch %d x processes %d x accumulation %d = effective batch %d | "
                  "%d pairs, %d items, %d batches/epoch | LoRA rank %d: %d trainable params",
                  rt.world_size, train.batch_size, rt.world_size, train.gradient_accumulation_steps,
                  train.batch_size * rt.world_size * train.gradient_accumulation_steps, len(pairs), len(dataset),
-                 len(sampler), net.linear, n_params)
+                 len(sampler), net.linear, sum(p.numel() for p in params))
+        return TrainingRun(rt=rt, model=model, denoiser=denoiser, params=params, optimizer=optimizer,
+                           scheduler=scheduler, batches=self._batches(loader, sampler, dataset), outputs=outputs,
+                           requests=requests, lora_config=lora_config,
+                           generator=torch.Generator(device=rt.device).manual_seed(rank_seed(train.seed, rt.rank)))
+
+    def _train(self, rt: Runtime, pairs, requests, outputs: RunOutputs) -> Path:
+        train = self.train
+        ctx = self.setup(rt, pairs, requests, outputs)
         if rt.is_main:
             outputs.prepare(self.job_config)
-        monitor = TrainingMonitor(outputs.log_dir, train.steps, 0, enabled=rt.is_main)
-        ctx = _StepContext(rt, model, denoiser, params, optimizer, scheduler, outputs, monitor, requests,
-                           lora_config, rank_seed(train.seed, rt.rank))
+        ctx.monitor = monitor = TrainingMonitor(outputs.log_dir, train.steps, 0, enabled=rt.is_main)
         try:
             if requests and not train.skip_first_sample:
                 self._sample(ctx, step=0)
-            batches = self._batches(loader, sampler, dataset)
             for step in range(1, train.steps + 1):
-                loss = self._optimizer_step(ctx, batches)
+                loss = self.optimizer_step(ctx)
                 monitor.step_done()
                 self._after_step(ctx, step, loss)
-            final = outputs.save_final(model.transformer, lora_config, self.cfg, train.steps, rt)
+            final = outputs.save_final(ctx.model.transformer, ctx.lora_config, self.cfg, train.steps, rt)
             if requests and train.steps % self.cfg.sample.sample_every:
                 self._sample(ctx, step=train.steps)
         finally:
@@ -155,12 +161,14 @@ class BaseSDTrainProcess:
             yield from loader
             epoch += 1
 
-    def _optimizer_step(self, ctx: "_StepContext", batches: Iterator[dict]) -> torch.Tensor:
-        """gradient_accumulation_steps micro-batches, one all-reduce (on the last), one optimizer step."""
+    def optimizer_step(self, ctx: "TrainingRun") -> torch.Tensor:
+        """gradient_accumulation_steps micro-batches, one all-reduce (on the last), one optimizer step.
+
+        Returns the step's loss as a device tensor (no host sync; callers read it at log intervals)."""
         accum = self.train.gradient_accumulation_steps
         total = torch.zeros((), device=ctx.rt.device)
         for micro in range(accum):
-            batch = next(batches)
+            batch = next(ctx.batches)
             with ctx.rt.no_sync(ctx.denoiser, skip=micro < accum - 1):
                 loss = self.compute_loss(ctx, batch) / accum
                 ctx.rt.backward(loss)
@@ -171,7 +179,7 @@ class BaseSDTrainProcess:
         ctx.optimizer.zero_grad(set_to_none=True)
         return total
 
-    def compute_loss(self, ctx: "_StepContext", batch: dict) -> torch.Tensor:
+    def compute_loss(self, ctx: "TrainingRun", batch: dict) -> torch.Tensor:
         """Flow-matching loss of one micro-batch, through the WRAPPED denoiser so DDP syncs the gradients."""
         encoded = ctx.model.encode_batch(batch)
         x0 = ctx.model.clean_latents(encoded)
@@ -181,7 +189,7 @@ class BaseSDTrainProcess:
         inputs, target = ctx.model.make_inputs(encoded, noise, t, self.train.guidance)
         return kontext.flow_matching_loss(ctx.denoiser(**inputs), target, weights)
 
-    def _after_step(self, ctx: "_StepContext", step: int, loss: torch.Tensor) -> None:
+    def _after_step(self, ctx: "TrainingRun", step: int, loss: torch.Tensor) -> None:
         cfg = self.cfg
         if step % cfg.log_every == 0 or step == self.train.steps:
             seconds, _ = ctx.monitor.window()
@@ -197,7 +205,7 @@ class BaseSDTrainProcess:
         if ctx.requests and step % cfg.sample.sample_every == 0:
             self._sample(ctx, step)
 
-    def _sample(self, ctx: "_StepContext", step: int) -> None:
+    def _sample(self, ctx: "TrainingRun", step: int) -> None:
         """Each rank renders its share of the prompts; the main process writes the images and the contact sheet."""
         mine = [ctx.requests[i] for i in ctx.rt.my_share(len(ctx.requests))]
         controls = [load_control(r.ctrl_img, r.width, r.height) for r in mine]
@@ -208,16 +216,23 @@ class BaseSDTrainProcess:
             ctx.outputs.write_samples(step, [(r, by_index[r.index]) for r in ctx.requests])
 
 
-class _StepContext:
+@dataclass
+class TrainingRun:
     """What one training run holds while it runs (kept out of the process object so it never outlives the run)."""
 
-    def __init__(self, rt, model, denoiser, params, optimizer, scheduler, outputs, monitor, requests,
-                 lora_config, seed: int) -> None:
-        self.rt, self.model, self.denoiser, self.params = rt, model, denoiser, params
-        self.optimizer, self.scheduler, self.outputs, self.monitor = optimizer, scheduler, outputs, monitor
-        self.requests, self.lora_config = requests, lora_config
-        self.generator = torch.Generator(device=rt.device).manual_seed(seed)
-        self.grad_norm = torch.zeros(())
+    rt: Runtime
+    model: Architecture
+    denoiser: torch.nn.Module  # the wrapped (DDP) module: the loss must go through it
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    batches: Iterator[dict]  # micro-batches, epoch after epoch
+    outputs: RunOutputs
+    requests: list
+    lora_config: object
+    generator: torch.Generator  # per-rank noise and timesteps
+    monitor: Optional[TrainingMonitor] = None
+    grad_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
 
 
-__all__ = ["BaseSDTrainProcess", "compute_dtype", "rank_seed"]
+__all__ = ["BaseSDTrainProcess", "TrainingRun", "compute_dtype", "rank_seed"]
