@@ -70,6 +70,9 @@ class BaseSDTrainProcess:
         if problems:
             raise ConfigError("\n".join(problems))
         pairs = discover_pairs(self.cfg.datasets)
+        if any(d.cache_latents_to_disk or d.cache_latents for d in self.cfg.datasets):
+            log.warning("cache_latents / cache_latents_to_disk are not implemented yet: latents are encoded "
+                        "on the fly every step (same results, slower)")
         requests = []
         if not self.train.disable_sampling and self.cfg.sample.prompts:
             s = self.cfg.sample
