@@ -125,7 +125,8 @@ class BaseSDTrainProcess:
                  train.batch_size * rt.world_size * train.gradient_accumulation_steps, len(pairs), len(dataset),
                  len(sampler), net.linear, sum(p.numel() for p in params))
         return TrainingRun(rt=rt, model=model, denoiser=denoiser, params=params, optimizer=optimizer,
-                           scheduler=scheduler, batches=self._batches(loader, sampler, dataset), outputs=outputs,
+                           scheduler=scheduler, batches=self._batches(loader, sampler, dataset), dataset=dataset,
+                           sampler=sampler, outputs=outputs,
                            requests=requests, lora_config=lora_config,
                            generator=torch.Generator(device=rt.device).manual_seed(rank_seed(train.seed, rt.rank)))
 
@@ -230,6 +231,8 @@ class TrainingRun:
     optimizer: torch.optim.Optimizer
     scheduler: object
     batches: Iterator[dict]  # micro-batches, epoch after epoch
+    dataset: PairedDataset
+    sampler: BucketBatchSampler
     outputs: RunOutputs
     requests: list
     lora_config: object
