@@ -80,6 +80,7 @@ def test_fewer_items_than_world_size_still_gives_full_batches(caplog):
     with caplog.at_level(logging.WARNING, logger="toolkit.data.sampler"):
         assert epoch_batches(sampler, 0) == [[0, 0, 0, 0]]
         list(sampler)  # same epoch again: no second warning
+        epoch_batches(sampler, 1)  # nor in later epochs (a 1-pair dataset on 2 GPUs is one epoch per step)
     warnings = [r for r in caplog.records if "items repeat" in r.getMessage()]
     assert len(warnings) == 1
     assert "(64, 64): 1 item(s)" in warnings[0].getMessage()

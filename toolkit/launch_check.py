@@ -23,7 +23,8 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"error: {exc}\n")
         return 2
     for i, process in enumerate(job.config.process):
-        if not process.train.distributed_training:
+        train = getattr(process, "train", None)  # generate processes have no train section
+        if train is not None and not train.distributed_training:
             sys.stderr.write(f"warning: {path}: config.process[{i}].train.distributed_training is not true; "
                              "a multi-process launch of it will stop with an error\n")
     sys.stdout.write(f"{path}\n")

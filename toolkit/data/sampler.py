@@ -21,7 +21,7 @@ resumed run would be reset to epoch 0 and lose its skip. Both calls are idempote
 
 Filling: a bucket whose item count is not a multiple of ``batch_size`` is completed by repeating items of the same
 bucket from the start of its shuffled order; a bucket with fewer items than ``batch_size`` (e.g. fewer images than
-GPUs) repeats its items, with one warning per epoch. So every batch is full and no rank ever waits for a batch.
+GPUs) repeats its items, with one warning per run. So every batch is full and no rank ever waits for a batch.
 
 Resume: ``state_dict()`` is ``{"epoch", "batches_done"}``; after ``load_state_dict`` the next iteration skips the
 first ``batches_done`` global batches of that epoch (no image is loaded for them) and the epoch after starts at 0.
@@ -119,7 +119,8 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def _warn_small_buckets(self) -> None:
         small = self.small_buckets()
-        if small and self._warned_epoch != self.epoch:
+        # Which buckets are small never changes between epochs: say it once, not once per epoch.
+        if small and self._warned_epoch is None:
             self._warned_epoch = self.epoch
             described = ", ".join(f"{key}: {count} item(s)" for key, count in small.items())
             logger.warning(
