@@ -28,6 +28,8 @@ from toolkit.errors import UserError
 log = logging.getLogger(__name__)
 
 EXPECTED_WORLD_SIZE_ENV = "KONTEXT_EXPECTED_WORLD_SIZE"
+# CPU threads per rank chosen by the launcher (run_distributed_training.sh), so what it prints is what torch uses.
+CPU_THREADS_ENV = "KONTEXT_CPU_THREADS"
 # A rank stuck in a collective because another rank died gives up after this long instead of hanging forever.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("KONTEXT_COLLECTIVE_TIMEOUT_MIN", "30")))
 
@@ -43,6 +45,13 @@ def resolve_device(requested: str) -> str:
         log.warning("device mps requested but not available: training on CPU")
         return "cpu"
     return requested
+
+
+def available_cores() -> int:
+    """Cores this process may run on (respects taskset / cgroup CPU affinity, unlike os.cpu_count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def launched_world_size() -> int:
@@ -106,8 +115,12 @@ class Runtime:
                             f"{self.world_size} processes")
 
     def _share_cpu_threads(self) -> None:
+        """The launcher's choice (CPU_THREADS_ENV), else the cores this process may run on / local processes.
+
+        Set explicitly because torch would start every rank with all cores, and N ranks x all cores on the same
+        cores oversubscribes them (2 ranks x 2 threads on 2 cores was 4x slower than 2 x 1)."""
         local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
-        threads = max(1, (os.cpu_count() or 1) // local)
+        threads = int(os.environ.get(CPU_THREADS_ENV, "0")) or max(1, available_cores() // local)
         torch.set_num_threads(threads)
         log.info("rank %d: %d CPU threads (%d local processes)", self.rank, threads, local)
 
@@ -152,6 +165,14 @@ class Runtime:
         if self.is_multiprocess:
             value = self.accelerator.reduce(value, reduction="mean")
         return float(value.item())
+
+    def any_rank(self, flag: bool) -> bool:
+        """True when `flag` is true on at least one rank, e.g. a stop signal that reached only some processes.
+        A collective when the world size is > 1: every rank must call it at the same step."""
+        if not self.is_multiprocess:
+            return bool(flag)
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
 
     # -- coordination -----------------------------------------------------------------------------------------
     def wait(self) -> None:

@@ -1,0 +1,71 @@
+"""One optimizer step of the real trainer with noise and timesteps fixed per SAMPLE: `python one_step.py CONFIG OUT`.
+
+For tests/test_distributed.py: run it as 1 process x batch 2 and as 2 processes x batch 1 (under accelerate) on the
+same two items; the LoRA after the step must agree, which holds only if the gradient all-reduce really happens.
+
+The trainer is built by BaseSDTrainProcess.setup and stepped by optimizer_step (so the loss goes through whatever
+module setup wrapped); only the model's make_inputs is wrapped, to replace the per-rank random noise and timesteps
+by values derived from each item's dataset index, so the union of the ranks' micro-batches is the single-process
+batch. The main process saves the LoRA tensors to OUT (safetensors); every rank writes OUT.rank<R>.json with the
+item indices it trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from jobs import get_job  # noqa: E402
+from toolkit.dist import Runtime  # noqa: E402
+from toolkit.lora import lora_state_dict  # noqa: E402
+
+
+def per_sample(indices: list[int], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise (B, *shape) and timesteps (B,) that depend only on each item's index."""
+    noise, t = [], []
+    for index in indices:
+        g = torch.Generator().manual_seed(1000 + index)
+        noise.append(torch.randn(shape, generator=g))
+        t.append(0.15 + 0.7 * torch.rand((), generator=g))
+    return torch.stack(noise), torch.stack(t)
+
+
+def main(config: str, out: Path) -> None:
+    process = get_job(config).processes[0]
+    pairs, requests, outputs = process.preflight()
+    rt = Runtime(distributed=process.train.distributed_training, device="cpu")
+    try:
+        ctx = process.setup(rt, pairs, requests, outputs)
+        seen: list[int] = []
+        make_inputs = ctx.model.make_inputs
+        original_loss = process.compute_loss
+
+        def compute_loss(run, batch):
+            seen[:] = [int(i) for i in batch["index"]]
+            return original_loss(run, batch)
+
+        def fixed_inputs(encoded, noise, t, guidance):
+            noise, t = per_sample(seen, tuple(noise.shape[1:]))
+            return make_inputs(encoded, noise, t, guidance)
+
+        process.compute_loss = compute_loss
+        ctx.model.make_inputs = fixed_inputs
+        process.optimizer_step(ctx)
+        if rt.is_main:
+            save_file({k: v.contiguous() for k, v in lora_state_dict(ctx.model.transformer).items()}, str(out))
+        Path(f"{out}.rank{rt.rank}.json").write_text(
+            json.dumps({"rank": rt.rank, "world_size": rt.world_size, "index": seen}), encoding="utf-8")
+        rt.wait()
+    finally:
+        rt.end()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))
