@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 from collections import OrderedDict
@@ -13,8 +14,11 @@ import torch
 from diffusers import FluxKontextPipeline
 from PIL import Image
 
+from extensions.flux_kontext.quantize import (TRANSFORMER_EXCLUDE, keep_base_frozen, load_transformer_blockwise,
+                                              quantize_frozen, safe_exclude)
 from toolkit import kontext
 from toolkit.arch import Architecture, register_architecture
+from toolkit.cache import Encoder, make_key, module_fingerprint
 from toolkit.sampling import SampleRequest
 
 log = logging.getLogger(__name__)
@@ -22,9 +26,10 @@ log = logging.getLogger(__name__)
 # Attention and MLP linears of both block kinds; not the embedders nor the final projection (top-level proj_out).
 LORA_TARGETS = (r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj"
                 r"|to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|proj_mlp|proj_out)")
-# Layers kept in full precision when the base is quantized (small, and errors there hurt most).
-QUANTIZE_EXCLUDE = ["proj_out", "x_embedder", "context_embedder", "norm_out.linear"]
+# Layers kept in full precision when the base is quantized (small, and errors there hurt most): see quantize.py.
+QUANTIZE_EXCLUDE = list(TRANSFORMER_EXCLUDE)
 TEXT_CACHE_ENTRIES = 128  # in-memory caption embeddings; T5 at 512 tokens x 4096 x bf16 is 4 MiB each
+TEXT_ENCODE_BATCH = 16
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -72,6 +77,8 @@ class FluxKontext(Architecture):
         self.max_sequence_length = model_cfg.max_sequence_length
         self._denoiser = KontextDenoiser(self.transformer)
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        # Captions encoded before the text encoders were unloaded (sample prompts, validation captions): never evicted.
+        self._pinned: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         pipe.set_progress_bar_config(disable=True)
 
     # -- loading ----------------------------------------------------------------------------------------------
@@ -92,13 +99,26 @@ class FluxKontext(Architecture):
         # HF_TOKEN is read from the environment by huggingface_hub; it is never passed through our logs or config.
         local = Path(model_cfg.name_or_path).expanduser()
         source = str(local) if local.exists() else model_cfg.name_or_path
-        pipe = FluxKontextPipeline.from_pretrained(source, dtype=dtype)
+        qtype = model_cfg.qtype
+        components = {}
+        if model_cfg.low_vram:
+            # Block by block, quantized on the CPU: the device never holds the full-precision transformer.
+            components["transformer"] = load_transformer_blockwise(source, dtype, device,
+                                                                   qtype if model_cfg.quantize else None)
+        pipe = FluxKontextPipeline.from_pretrained(source, dtype=dtype, **components)
         for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             module.requires_grad_(False)
             module.eval()
-        if model_cfg.quantize:
-            _quantize_transformer(pipe.transformer)
+        # Without low_vram, quantize where the weights will live: fast on a GPU (needs the full precision there).
+        quantize_on = torch.device("cpu") if model_cfg.low_vram else device
+        if model_cfg.quantize_te:
+            t5 = pipe.text_encoder_2.to(quantize_on)
+            quantize_frozen(t5, qtype, safe_exclude(t5, qtype, dtype, always=()))
+        if model_cfg.quantize and not model_cfg.low_vram:
+            transformer = pipe.transformer.to(quantize_on)
+            quantize_frozen(transformer, qtype, safe_exclude(transformer, qtype, dtype))
         pipe.to(device)
+        keep_base_frozen(pipe.transformer)
         return cls(pipe, model_cfg, device, dtype)
 
     # -- training ---------------------------------------------------------------------------------------------
@@ -114,26 +134,41 @@ class FluxKontext(Architecture):
     @torch.no_grad()
     def encode_captions(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """T5 sequence + CLIP pooled embeddings; each distinct caption is encoded once (bounded LRU cache)."""
-        missing = sorted({c for c in captions if c not in self._text_cache})
+        missing = sorted({c for c in captions if c not in self._text_cache and c not in self._pinned})
         if missing:
-            embeds, pooled, _ = self.pipe.encode_prompt(prompt=missing, prompt_2=None, device=self.device,
-                                                        num_images_per_prompt=1,
-                                                        max_sequence_length=self.max_sequence_length)
+            if self.pipe.text_encoder_2 is None:
+                raise RuntimeError(f"the text encoders were unloaded after caching (train.cache_text_embeddings), "
+                                   f"but caption {missing[0]!r} was not encoded before")
+            embeds, pooled = self._encode_prompts(missing)
             for i, caption in enumerate(missing):
                 self._text_cache[caption] = (embeds[i], pooled[i])
         for caption in captions:
-            self._text_cache.move_to_end(caption)
-        rows = [self._text_cache[c] for c in captions]
+            if caption in self._text_cache:
+                self._text_cache.move_to_end(caption)
+        rows = [self._pinned[c] if c in self._pinned else self._text_cache[c] for c in captions]
         while len(self._text_cache) > TEXT_CACHE_ENTRIES:
             self._text_cache.popitem(last=False)
         embeds = torch.stack([r[0] for r in rows])
         text_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=embeds.dtype)
         return embeds, torch.stack([r[1] for r in rows]), text_ids
 
+    def _encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=self.device,
+                                                    num_images_per_prompt=1,
+                                                    max_sequence_length=self.max_sequence_length)
+        return embeds, pooled
+
     def encode_batch(self, batch: dict) -> EncodedBatch:
-        target = self.encode_images(batch["target"])
-        control = self.encode_images(batch["control"])
-        embeds, pooled, text_ids = self.encode_captions(batch["caption"])
+        """Encoders on a collated batch; latents and embeddings the dataset took from a cache are used as they are."""
+        if "target_latents" in batch:
+            target, control = batch["target_latents"].to(self.device), batch["control_latents"].to(self.device)
+        else:
+            target, control = self.encode_images(batch["target"]), self.encode_images(batch["control"])
+        if "prompt_embeds" in batch:
+            embeds, pooled = batch["prompt_embeds"].to(self.device), batch["pooled"].to(self.device)
+            text_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.dtype)
+        else:
+            embeds, pooled, text_ids = self.encode_captions(batch["caption"])
         return EncodedBatch(x0=kontext.pack_latents(target).to(self.dtype),
                             control=kontext.pack_latents(control).to(self.dtype),
                             target_hw=tuple(target.shape[-2:]), control_hw=tuple(control.shape[-2:]),
@@ -159,6 +194,57 @@ class FluxKontext(Architecture):
         }
         return inputs, kontext.flow_target(encoded.x0, noise)
 
+    # -- caching (toolkit.cache) ------------------------------------------------------------------------------
+    def latent_encoder(self) -> Encoder:
+        """{"target", "control"} pixels -> {"target_latents", "control_latents"}: (16, h, w) each."""
+        vae = self.vae
+        identity = make_key("vae", {"config": dict(vae.config), "weights": module_fingerprint(vae),
+                                    "dtype": str(vae.dtype), "latents": "posterior mode, shifted and scaled"})
+        return Encoder(identity, self._encode_pixel_pairs)
+
+    def _encode_pixel_pairs(self, items: list[dict]) -> list[dict]:
+        target = self.encode_images(torch.stack([item["target"] for item in items]))
+        control = self.encode_images(torch.stack([item["control"] for item in items]))
+        return [{"target_latents": t, "control_latents": c} for t, c in zip(target, control)]
+
+    def text_encoder(self) -> Encoder:
+        """caption -> {"prompt_embeds": (L, D) T5, "pooled": (P,) CLIP}."""
+        pipe = self.pipe
+        if pipe.text_encoder_2 is None:
+            raise RuntimeError("the text encoders are unloaded")
+        parts = {"max_sequence_length": self.max_sequence_length}
+        for name in ("text_encoder", "text_encoder_2"):
+            module = getattr(pipe, name)
+            config = {k: v for k, v in module.config.to_dict().items()
+                      if not k.startswith("_") and k != "transformers_version"}
+            parts[name] = {"config": config, "weights": module_fingerprint(module), "dtype": str(module.dtype)}
+        for name in ("tokenizer", "tokenizer_2"):
+            parts[name] = make_key("tokenizer", {"json": getattr(pipe, name).backend_tokenizer.to_str()})
+        return Encoder(make_key("text", parts), self._encode_caption_list)
+
+    @torch.no_grad()
+    def _encode_caption_list(self, captions: list[str]) -> list[dict]:
+        embeds, pooled = self._encode_prompts(captions)
+        return [{"prompt_embeds": e, "pooled": p} for e, p in zip(embeds, pooled)]
+
+    def unload_text_encoders(self, keep: Sequence[str]) -> None:
+        """Encode `keep` (sample prompts, validation captions) for good, then free both text encoders."""
+        if self.pipe.text_encoder_2 is None:
+            return
+        keep = sorted(set(keep) - set(self._pinned))
+        for start in range(0, len(keep), TEXT_ENCODE_BATCH):
+            chunk = keep[start:start + TEXT_ENCODE_BATCH]
+            with torch.no_grad():
+                embeds, pooled = self._encode_prompts(chunk)
+            self._pinned.update({c: (embeds[i], pooled[i]) for i, c in enumerate(chunk)})
+        self._text_cache.clear()
+        self.pipe.text_encoder = None
+        self.pipe.text_encoder_2 = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.info("text encoders unloaded; %d prompts kept encoded", len(self._pinned))
+
     # -- sampling ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, requests: Sequence[SampleRequest], controls: Sequence[Image.Image]) -> list[Image.Image]:
@@ -171,7 +257,10 @@ class FluxKontext(Architecture):
 
     def _render(self, request: SampleRequest, control: Image.Image) -> Image.Image:
         generator = torch.Generator("cpu").manual_seed(request.seed)  # CPU noise: same image on any device
-        out = self.pipe(image=control, prompt=request.prompt, height=request.height, width=request.width,
+        # Through our caption cache: works after the text encoders were unloaded (cache_text_embeddings).
+        embeds, pooled, _ = self.encode_captions([request.prompt])
+        out = self.pipe(image=control, prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=request.height,
+                        width=request.width,
                         num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
                         # without max_area the pipeline rescales every request to 1024x1024 pixels
                         max_area=request.width * request.height, generator=generator,
@@ -179,11 +268,3 @@ class FluxKontext(Architecture):
                         _auto_resize=False, output_type="pil")
         return out.images[0]
 
-
-def _quantize_transformer(transformer: torch.nn.Module, qtype: str = "qfloat8") -> None:
-    """8-bit frozen base weights with optimum-quanto; LoRA is added on top later, never fused in."""
-    from optimum import quanto
-
-    quanto.quantize(transformer, weights=getattr(quanto, qtype), exclude=QUANTIZE_EXCLUDE)
-    quanto.freeze(transformer)
-    transformer.requires_grad_(False)  # freeze() turns requires_grad back on (FACTS.md)

@@ -7,6 +7,9 @@ Caption randomness (dropout, token shuffle) comes from a ``random.Random`` deriv
 so it is the same on every rank, in every DataLoader worker and after a resume. The epoch reaches the dataset via
 ``set_epoch``; with DataLoader workers, call it before creating the iterator and do not use
 ``persistent_workers=True`` (persistent workers keep the epoch they were started with).
+
+With a cache attached (``attach_cache``, filled by toolkit.cache), items carry the cached tensors (e.g. latents, text
+embeddings) instead of pixels, so cached runs never decode nor resize images.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 from PIL import Image
@@ -28,6 +31,9 @@ from toolkit.data.pairs import DatasetConfigLike, Pair
 from toolkit.errors import DatasetError
 
 logger = logging.getLogger(__name__)
+
+# Part of every latent cache key: bump when render()/load_rgb()/to_tensor() would give other pixels for a file.
+PIXEL_PIPELINE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -75,8 +81,17 @@ def render(path: Path, expected_size: tuple[int, int], box: Box, bucket: tuple[i
     return img.resize(bucket, Image.LANCZOS, box=box)
 
 
+class ItemCache(Protocol):
+    """Cached tensors of items (toolkit.cache.DatasetCache)."""
+
+    covers_images: bool  # True: items get cached tensors in place of "target" / "control" pixels
+
+    def tensors(self, index: int, caption: str) -> dict[str, torch.Tensor]: ...
+
+
 class PairedDataset(Dataset):
-    """Items ``{"target", "control": FloatTensor[3, H, W] in [-1, 1], "caption": str, "index": int, "path": str}``."""
+    """Items ``{"target", "control": FloatTensor[3, H, W] in [-1, 1], "caption": str, "index": int, "path": str}``;
+    with a cache attached, plus the cached tensors, and without the pixels when the cache covers images."""
 
     def __init__(
         self,
@@ -91,6 +106,7 @@ class PairedDataset(Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.items = plan_items(self.pairs, self.datasets)
+        self.cache: Optional[ItemCache] = None
         if not self.items:
             raise ValueError("the dataset has no items (no pairs, or no resolutions configured)")
         logger.info(
@@ -109,12 +125,45 @@ class PairedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def attach_cache(self, cache: Optional[ItemCache]) -> None:
+        """Take cached tensors from `cache` from now on (None: back to pixels and raw captions)."""
+        self.cache = cache
+
+    def dataset_index(self, index: int) -> int:
+        """Which dataset entry of the config item `index` comes from."""
+        return self.pairs[self.items[index].pair_index].dataset_index
+
+    def image_sources(self, index: int) -> dict[str, Any]:
+        """Everything that decides an item's pixels: files, bucket, crop boxes, pixel pipeline (latent cache key)."""
+        plan = self.items[index]
+        pair = self.pairs[plan.pair_index]
+        return {"target": pair.target, "control": pair.control, "bucket": plan.bucket,
+                "target_box": plan.target_box, "control_box": plan.control_box, "pixels": PIXEL_PIPELINE_VERSION}
+
+    def load_pixels(self, index: int) -> dict[str, torch.Tensor]:
+        """``{"target", "control": FloatTensor[3, H, W] in [-1, 1]}`` of item `index`."""
+        plan = self.items[index]
+        pair = self.pairs[plan.pair_index]
+        target = render(pair.target, pair.target_size, plan.target_box, plan.bucket)
+        control = render(pair.control, pair.control_size, plan.control_box, plan.bucket)
+        return {"target": to_tensor(target), "control": to_tensor(control)}
+
+    def item_captions(self, index: int) -> list[str]:
+        """Every caption __getitem__ can give item `index` in any epoch: the caption and, with dropout, "".
+        Shuffled captions have too many orders to list: ValueError."""
+        pair = self.pairs[self.items[index].pair_index]
+        cfg = self.datasets[pair.dataset_index]
+        if cfg.shuffle_tokens:
+            raise ValueError(f"{pair.target}: shuffle_tokens is on; its caption orders cannot be listed")
+        # prepare_caption without dropout and with certain dropout: the only two outcomes without shuffling.
+        kept = prepare_caption(pair.caption, self.trigger_word, False, 0.0, random.Random(0))
+        rate = cfg.caption_dropout_rate
+        return ([kept] if rate < 1.0 else []) + ([""] if rate > 0.0 else [])
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         plan = self.items[index]
         pair = self.pairs[plan.pair_index]
         cfg = self.datasets[pair.dataset_index]
-        target = render(pair.target, pair.target_size, plan.target_box, plan.bucket)
-        control = render(pair.control, pair.control_size, plan.control_box, plan.bucket)
         caption = prepare_caption(
             pair.caption,
             self.trigger_word,
@@ -122,30 +171,31 @@ class PairedDataset(Dataset):
             cfg.caption_dropout_rate,
             caption_rng(self.seed, self.epoch, index),
         )
-        return {
-            "target": to_tensor(target),
-            "control": to_tensor(control),
-            "caption": caption,
-            "index": index,
-            "path": str(pair.target),
-        }
+        item: dict[str, Any] = {}
+        if self.cache is None or not self.cache.covers_images:
+            item.update(self.load_pixels(index))
+        if self.cache is not None:
+            item.update(self.cache.tensors(index, caption))
+        return {**item, "caption": caption, "index": index, "path": str(pair.target)}
 
 
 def collate_batch(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack items of ONE bucket: {"target", "control": [B, 3, H, W], "caption": list[str], "index": LongTensor[B],
-    "path": list[str]}. Items of different buckets mean the batch sampler is not a bucket sampler."""
+    "path": list[str]}; cached tensors are stacked the same way. Items of different buckets mean the batch sampler is
+    not a bucket sampler."""
     if not items:
         raise ValueError("collate_batch got an empty batch")
-    shape = tuple(items[0]["target"].shape)
+    tensors = [name for name, value in items[0].items() if isinstance(value, torch.Tensor)]
     for item in items:
-        if tuple(item["target"].shape) != shape or tuple(item["control"].shape) != shape:
-            raise ValueError(
-                f"batch mixes image sizes {shape} and {tuple(item['target'].shape)}/{tuple(item['control'].shape)} "
-                f"(item {item['index']}, {item['path']}); use BucketBatchSampler so a batch holds one bucket"
-            )
+        for name in tensors:
+            if item[name].shape != items[0][name].shape:
+                raise ValueError(
+                    f"batch mixes image sizes: {name} {tuple(items[0][name].shape)} and {tuple(item[name].shape)} "
+                    f"(item {item['index']}, {item['path']}); use BucketBatchSampler so a batch holds one bucket"
+                )
+    batch = {name: torch.stack([item[name] for item in items]) for name in tensors}
     return {
-        "target": torch.stack([item["target"] for item in items]),
-        "control": torch.stack([item["control"] for item in items]),
+        **batch,
         "caption": [item["caption"] for item in items],
         "index": torch.tensor([int(item["index"]) for item in items], dtype=torch.long),
         "path": [item["path"] for item in items],
