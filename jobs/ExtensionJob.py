@@ -8,11 +8,12 @@ from typing import Optional
 
 from jobs.extensions import load_extensions
 from jobs.process.BaseSDTrainProcess import BaseSDTrainProcess
+from jobs.process.GenerateProcess import GenerateProcess
 from toolkit.config.schema import JobConfig
 
 log = logging.getLogger(__name__)
 
-PROCESS_TYPES = {"sd_trainer": BaseSDTrainProcess}
+PROCESS_TYPES = {"sd_trainer": BaseSDTrainProcess, "generate": GenerateProcess}
 
 
 class ExtensionJob:

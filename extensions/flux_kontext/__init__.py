@@ -1,5 +1,6 @@
 """FLUX.1 Kontext: `model.arch: flux_kontext`. Importing the package registers the architecture."""
 
 from extensions.flux_kontext.model import FluxKontext, KontextDenoiser
+from extensions.flux_kontext.generate import FluxKontextRenderer  # registers the renderer and the LoRA key layout
 
-__all__ = ["FluxKontext", "KontextDenoiser"]
+__all__ = ["FluxKontext", "FluxKontextRenderer", "KontextDenoiser"]

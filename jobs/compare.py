@@ -1,0 +1,163 @@
+"""`python run.py compare RUN_FOLDER`: every checkpoint of a training run side by side, and its validation loss.
+
+RUN_FOLDER is `<training_folder>/<name>/` (config.yaml, `<name>_<step:09d>.safetensors`, `<name>.safetensors`).
+Writes to RUN_FOLDER/compare/ (or --out):
+- grid.png: rows = the run's sample prompts, columns = control | base (step 0) | each checkpoint by step;
+  every cell also as samples/step_<step:09d>_<prompt:02d>.png with its parameters in PNG text chunks;
+- val_loss.csv and val_loss.png when the dataset has held-out pairs (val_folder_path / val_control_path):
+  the flow-matching loss at fixed timesteps and noise (toolkit.validation), the same problem for every checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from jobs.process.BaseSDTrainProcess import compute_dtype
+from jobs.process.GenerateProcess import thumbnail, write_png
+from toolkit.checkpoint import atomic_write_bytes, atomic_write_text, list_step_files
+from toolkit.config.loader import load_job_config
+from toolkit.config.schema import TrainProcessConfig
+from toolkit.dist import resolve_device
+from toolkit.errors import UserError
+from toolkit.inference import LoraRenderer, batch_key, get_renderer, plan_batches
+from toolkit.lora import read_lora_metadata
+from toolkit.plot import line_plot
+from toolkit.sampling import build_requests, contact_sheet, load_control
+from toolkit.validation import ValidationSet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    path: Optional[Path]  # None: the base model, which is what every LoRA starts from (B = 0)
+
+    @property
+    def title(self) -> str:
+        return "base" if self.path is None else f"step {self.step}"
+
+
+@dataclass
+class CompareResult:
+    checkpoints: list[Checkpoint]
+    grid: Optional[Path] = None
+    csv: Optional[Path] = None
+    plot: Optional[Path] = None
+    val_loss: dict[int, float] = field(default_factory=dict)  # step -> loss
+
+
+def load_run(folder: Path) -> tuple[str, TrainProcessConfig]:
+    """The run name and training process of a training output folder, from the config.yaml it saved."""
+    config = Path(folder) / "config.yaml"
+    if not config.is_file():
+        raise UserError(f"{folder} is not a training output folder (no config.yaml in it)")
+    job = load_job_config(config)
+    process = next((p for p in job.config.process if isinstance(p, TrainProcessConfig)), None)
+    if process is None:
+        raise UserError(f"{config} has no sd_trainer process")
+    return job.config.name, process
+
+
+def find_checkpoints(folder: Path, name: str) -> list[Checkpoint]:
+    """The base model (step 0), then every saved step file and the final file, by step."""
+    found = {step: path for step, path in list_step_files(folder, name)}
+    final = Path(folder) / f"{name}.safetensors"
+    if final.is_file():
+        step = read_lora_metadata(final).get("kontext_trainer.step")
+        found[int(step) if step is not None else max(found, default=0) + 1] = final
+    if not found:
+        raise UserError(f"{folder}: no checkpoints ({name}_<step>.safetensors or {name}.safetensors)")
+    return [Checkpoint(0, None)] + [Checkpoint(step, path) for step, path in sorted(found.items())]
+
+
+def compare_run(folder: Path, out: Optional[Path] = None, device: str = "auto", sample_steps: Optional[int] = None,
+                batch_size: int = 1, grid: bool = True, val: bool = True, val_folder: Optional[str] = None,
+                val_control: Optional[str] = None) -> CompareResult:
+    folder = Path(folder)
+    name, process = load_run(folder)
+    checkpoints = find_checkpoints(folder, name)
+    out = Path(out) if out is not None else folder / "compare"
+    s = process.sample
+    requests = build_requests(s.prompts, seed=s.seed, walk_seed=s.walk_seed, width=s.width, height=s.height,
+                              guidance_scale=s.guidance_scale, steps=sample_steps or s.sample_steps,
+                              key_path=f"{folder / 'config.yaml'}: sample.prompts") if grid else []
+    datasets = process.datasets
+    if val_folder or val_control:
+        datasets = [replace(datasets[0], val_folder_path=val_folder, val_control_path=val_control)]
+    validation = ValidationSet.from_datasets(datasets, process.trigger_word, process.train.seed,
+                                             process.train.guidance) if val else None
+    if not requests and validation is None:
+        raise UserError("nothing to compare: the run has no sample prompts and no held-out pairs "
+                        "(set datasets[].val_folder_path / val_control_path, or pass --val-folder/--val-control)")
+    log.info("comparing %d checkpoints of %s: %d prompts, %s held-out items", len(checkpoints) - 1, name,
+             len(requests), len(validation) if validation else "no")
+    dev = torch.device(resolve_device(device))
+    renderer = get_renderer(process.model.arch).load(process.model, dev, compute_dtype(process.train.dtype, dev))
+    result = CompareResult(checkpoints)
+    cells = _evaluate(renderer, checkpoints, requests, validation, batch_size, out, result)
+    if requests:
+        rows = [(thumbnail(load_control(r.ctrl_img, r.width, r.height)), *cells[r.index], r.prompt) for r in requests]
+        result.grid = out / "grid.png"
+        write_png(result.grid, contact_sheet(rows, column_titles=["control"] + [c.title for c in checkpoints]),
+                  {"run": name, "columns": ", ".join(c.title for c in checkpoints)})
+    if result.val_loss:
+        result.csv, result.plot = _write_loss(out, checkpoints, result.val_loss)
+    log.info("compare: %s", ", ".join(str(p) for p in (result.grid, result.csv, result.plot) if p))
+    return result
+
+
+def _evaluate(renderer: LoraRenderer, checkpoints: list[Checkpoint], requests, validation, batch_size: int,
+              out: Path, result: CompareResult) -> dict[int, list]:
+    """Render every request and measure the validation loss with each checkpoint; returns request -> thumbnails."""
+    controls = [load_control(r.ctrl_img, r.width, r.height) for r in requests]
+    batches = plan_batches([batch_key(r, c.size) for r, c in zip(requests, controls)], batch_size)
+    cells: dict[int, list] = {r.index: [] for r in requests}
+    for checkpoint in tqdm(checkpoints, desc="checkpoints", unit="ckpt", dynamic_ncols=True):
+        adapter = None if checkpoint.path is None else f"step_{checkpoint.step}"
+        if adapter is not None:
+            renderer.add_lora(checkpoint.path, adapter)
+        renderer.use_lora(adapter)
+        for batch in batches:
+            chosen = [requests[i] for i in batch]
+            for request, image in zip(chosen, renderer.render(chosen, [controls[i] for i in batch])):
+                write_png(out / "samples" / f"step_{checkpoint.step:09d}_{request.index:02d}.png", image,
+                          {"prompt": request.prompt, "seed": request.seed, "steps": request.steps,
+                           "guidance_scale": request.guidance_scale, "width": request.width,
+                           "height": request.height, "control_image": str(request.ctrl_img),
+                           "lora": None if checkpoint.path is None else str(checkpoint.path),
+                           "step": checkpoint.step})
+                cells[request.index].append(thumbnail(image))
+        if validation is not None:
+            result.val_loss[checkpoint.step] = validation.loss(renderer.model)
+            log.info("%s: val/loss %.5f", checkpoint.title, result.val_loss[checkpoint.step])
+        if adapter is not None:
+            renderer.remove_lora(adapter)
+    return cells
+
+
+def _write_loss(out: Path, checkpoints: list[Checkpoint], losses: dict[int, float]) -> tuple[Path, Path]:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["step", "checkpoint", "val_loss"])
+    for c in checkpoints:
+        writer.writerow([c.step, c.path.name if c.path else "base", f"{losses[c.step]:.6f}"])
+    csv_path, plot_path = out / "val_loss.csv", out / "val_loss.png"
+    atomic_write_text(csv_path, buf.getvalue())
+    steps = [c.step for c in checkpoints]
+    png = io.BytesIO()
+    line_plot(steps, [losses[s] for s in steps], "validation loss (fixed timesteps and noise)", "step",
+              "val loss").save(png, format="PNG")
+    atomic_write_bytes(plot_path, png.getvalue())
+    return csv_path, plot_path
+
+
+__all__ = ["Checkpoint", "CompareResult", "compare_run", "find_checkpoints", "load_run"]

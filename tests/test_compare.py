@@ -1,0 +1,93 @@
+"""`run.py compare`: checkpoint grid, deterministic validation loss (also logged during training), CSV and plot."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+import run
+from jobs import get_job
+from jobs.compare import find_checkpoints, load_run
+from tests.helpers import merge, tiny_config_dict, write_config
+from toolkit.validation import ValidationSet
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    yield
+    logging.getLogger().handlers.clear()
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_model_dir, demo_data_dir):
+    """4 steps with a checkpoint every 2 steps, two sample prompts and 2 held-out pairs (validation every 2 steps)."""
+    root = tmp_path_factory.mktemp("compare")
+    val = root / "val"
+    for sub in ("target", "control"):
+        (val / sub).mkdir(parents=True)
+        for stem in ("pair_006", "pair_007"):
+            for src in (demo_data_dir / sub).glob(f"{stem}.*"):
+                shutil.copy(src, val / sub / src.name)
+    prompts = [f"[trigger] invert --ctrl_img {demo_data_dir / 'sample_control' / f'sample_00{i}.png'}" for i in (0, 1)]
+    cfg = tiny_config_dict(root / "out", tiny_model_dir, demo_data_dir)
+    cfg["config"]["process"][0]["datasets"][0].update(val_folder_path=str(val / "target"),
+                                                       val_control_path=str(val / "control"))
+    cfg = merge(cfg, {"train.steps": 4, "train.lr": 1e-2, "save.save_every": 2, "save.max_step_saves_to_keep": 4,
+                      "sample.sample_every": 2, "sample.prompts": prompts})
+    get_job(write_config(root / "cfg.yaml", cfg)).run()
+    return root / "out" / "tiny"
+
+
+def _tensorboard_scalars(log_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+def test_compare_writes_grid_and_validation_loss(trained_run, tmp_path):
+    name, _ = load_run(trained_run)
+    assert [c.step for c in find_checkpoints(trained_run, name)] == [0, 2, 4]
+    out = tmp_path / "cmp"
+    assert run.main(["compare", str(trained_run), "--out", str(out), "--device", "cpu"]) == 0
+
+    # rows: 2 prompts; columns: control | base | step 2 | step 4; 64 px samples in 128 px cells, with titles.
+    assert Image.open(out / "grid.png").size == (4 * 128, 20 + 2 * (128 + 20))
+    assert len(list((out / "samples").glob("step_*.png"))) == 3 * 2
+
+    with open(out / "val_loss.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [0, 2, 4]
+    losses = {int(r["step"]): float(r["val_loss"]) for r in rows}
+    assert losses[4] < losses[0], "training on the same kind of pairs should lower the held-out loss"
+    assert Image.open(out / "val_loss.png").size == (640, 400)
+
+    # Training logged the same measurement for its live weights (saved as float32, so it matches).
+    logged = _tensorboard_scalars(trained_run / "logs", "val/loss")
+    assert sorted(logged) == [2, 4]
+    assert logged[4] == pytest.approx(losses[4], rel=1e-4)
+    assert logged[2] == pytest.approx(losses[2], rel=1e-4)
+
+
+def test_validation_loss_is_deterministic(trained_run):
+    from extensions.flux_kontext import FluxKontext
+
+    _, process = load_run(trained_run)
+    model = FluxKontext.load(process.model, torch.device("cpu"), torch.float32)
+    validation = ValidationSet.from_datasets(process.datasets, process.trigger_word, seed=7)
+    assert len(validation) == 2
+    first = validation.loss(model)
+    assert validation.loss(model) == first
+    fresh = ValidationSet.from_datasets(process.datasets, process.trigger_word, seed=7)
+    assert fresh.loss(model) == pytest.approx(first, rel=1e-6)
+
+
+def test_compare_needs_a_training_folder(tmp_path, capsys):
+    assert run.main(["compare", str(tmp_path)]) == 2
+    assert "not a training output folder" in capsys.readouterr().err
