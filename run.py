@@ -1,5 +1,9 @@
 #!/usr/bin/env python
-"""Run one or more training configs: `python run.py CONFIG [CONFIG ...] [--recover] [--name NAME] [--log FILE]`."""
+"""Run one or more training configs: `python run.py CONFIG [CONFIG ...] [--recover] [--name NAME] [--log FILE]`.
+
+Subcommands (jobs/commands.py): `python run.py generate ...`, `python run.py compare RUN_FOLDER`,
+`python run.py convert-lora IN OUT --to comfy|diffusers`; each has its own --help.
+"""
 
 from __future__ import annotations
 
@@ -16,18 +20,23 @@ from dotenv import load_dotenv  # noqa: E402
 
 from toolkit.errors import UserError  # noqa: E402
 from toolkit.redact import install_log_redaction  # noqa: E402
+from toolkit.signals import TrainingInterrupted  # noqa: E402
 
 log = logging.getLogger("run")
+SUBCOMMANDS = ("generate", "compare", "convert-lora")  # checked before CONFIG names, so they win over config files
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Train FLUX Kontext LoRAs from ai-toolkit style configs.")
+    parser = argparse.ArgumentParser(description="Train FLUX Kontext LoRAs from ai-toolkit style configs.",
+                                     epilog="other commands: " + ", ".join(SUBCOMMANDS) + " (run.py COMMAND --help)")
     parser.add_argument("config_file_list", nargs="*", metavar="CONFIG",
                         help="config files, as paths or names under config/ (.yaml, .yml, .json tried in turn)")
     parser.add_argument("-r", "--recover", action="store_true",
                         help="go on with the next config after a failure; exit non-zero at the end if any failed")
     parser.add_argument("-n", "--name", default=None, help="replaces config.name and every [name] in the config")
     parser.add_argument("-l", "--log", default=None, help="also write the log to this file")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over in a new run folder (<name>_v2, _v3...) instead of resuming the existing one")
     parser.add_argument("--help-config", action="store_true", help="print every config key with its meaning")
     args = parser.parse_args(argv)
     if not args.config_file_list and not args.help_config:
@@ -59,8 +68,27 @@ def setup_logging(log_file: str | None) -> None:
     install_log_redaction()
 
 
+def run_subcommand(name: str, argv: list[str]) -> int:
+    load_dotenv(REPO / ".env", override=False)
+    load_dotenv(Path.cwd() / ".env", override=False)
+    setup_logging(None)
+    from jobs.commands import COMMANDS
+
+    try:
+        return COMMANDS[name](argv)
+    except UserError as exc:
+        log.error("%s: %s", name, exc)
+        return 2
+    except Exception:
+        log.exception("%s failed", name)
+        return 1
+
+
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return run_subcommand(argv[0], argv[1:])
+    args = parse_args(argv)
     # .env holds HF_TOKEN for gated models; values already in the environment win.
     load_dotenv(REPO / ".env", override=False)
     load_dotenv(Path.cwd() / ".env", override=False)
@@ -76,8 +104,15 @@ def main(argv=None) -> int:
     status = 0
     for config in args.config_file_list:
         try:
-            get_job(config, name_override=args.name).run()
+            job = get_job(config, name_override=args.name)
+            for process in job.processes:
+                if hasattr(process, "fresh"):
+                    process.fresh = args.fresh
+            job.run()
             continue
+        except TrainingInterrupted as exc:  # a stop signal: stop everything, whatever --recover says
+            log.error("%s: %s", config, exc)
+            return exc.exit_code
         except UserError as exc:
             log.error("%s: %s", config, exc)
             status = status or 2

@@ -120,13 +120,16 @@ def test_token_never_reaches_logs_config_or_metadata(tmp_path, tiny_model_dir, d
 
 def test_ai_toolkit_example_runs_with_only_paths_changed(tmp_path, tiny_model_dir, demo_data_dir):
     """ostris/ai-toolkit's Kontext example (quantize, adamw8bit, bf16, weighted, cuda:0) runs here as is."""
+    import shutil
+
     data = yaml.safe_load((REPO / "tests" / "data" / "ai_toolkit_flux_kontext_24gb.yaml").read_text())
     process = data["config"]["process"][0]
     process["training_folder"] = str(tmp_path / "output")
-    process["datasets"][0]["folder_path"] = str(demo_data_dir / "target")
-    process["datasets"][0]["control_path"] = str(demo_data_dir / "control")
+    data_dir = shutil.copytree(demo_data_dir, tmp_path / "data")  # cache_latents_to_disk writes next to the data
+    process["datasets"][0]["folder_path"] = str(data_dir / "target")
+    process["datasets"][0]["control_path"] = str(data_dir / "control")
     process["model"]["name_or_path"] = str(tiny_model_dir)
-    ctrl = demo_data_dir / "sample_control" / "sample_000.png"
+    ctrl = data_dir / "sample_control" / "sample_000.png"
     process["sample"]["prompts"] = [p.replace("/path/to/control/folder/person1.jpg", str(ctrl))
                                     for p in process["sample"]["prompts"]]
     process["train"]["steps"] = 2  # not a path, but 3000 steps is not a unit test

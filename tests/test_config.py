@@ -407,11 +407,16 @@ def test_sampler_must_match_noise_scheduler() -> None:
 # ------------------------------------------------------------------------------------------ help
 
 
+def _nested_types(tp: Any) -> list[Any]:
+    """``tp`` and every type argument inside it (``list[Union[A, B]]`` -> the list, the union, A, B)."""
+    return [tp] + [inner for arg in getattr(tp, "__args__", ()) for inner in _nested_types(arg)]
+
+
 def _all_sections(cls: type) -> list[type]:
     """``cls`` and every dataclass reachable from its fields."""
     found = [cls]
     for field in dataclasses.fields(cls):
-        for candidate in (field.type, *getattr(field.type, "__args__", ())):
+        for candidate in _nested_types(field.type):
             if dataclasses.is_dataclass(candidate) and candidate not in found:
                 found += [section for section in _all_sections(candidate) if section not in found]
     return found
@@ -420,7 +425,7 @@ def _all_sections(cls: type) -> list[type]:
 def test_config_help_mentions_every_field() -> None:
     text = config_help()
     sections = _all_sections(JobConfig)
-    assert len(sections) == 10
+    assert len(sections) == 13
     for section in sections:
         for field in dataclasses.fields(section):
             assert field.metadata["help"], f"{section.__name__}.{field.name} has no help"

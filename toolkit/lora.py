@@ -2,15 +2,17 @@
 
 Files hold `transformer.<module>.lora_A.weight` / `lora_B.weight` plus two kinds of header metadata:
 `lora_adapter_metadata` (the peft LoraConfig, read by diffusers so a LoRA whose alpha != rank loads with the right
-scale) and `kontext_trainer.*` training facts (step, base model, config name). Secrets never go in: the caller
-passes only what it wants recorded, and every value goes through redact_text.
+scale) and `kontext_trainer.*` training facts (step, base model, config name). Ecosystem keys (`modelspec.*` of the
+SAI model spec 1.0.1, and kohya's `ss_*`) let ComfyUI, Civitai and kohya tools show what the file is. Secrets never
+go in: the caller passes only what it wants recorded, and every value goes through redact_text.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from peft import LoraConfig
@@ -77,15 +79,41 @@ def adapter_metadata(config: LoraConfig) -> dict:
     return clean
 
 
+def ecosystem_metadata(*, title: str, architecture: str, implementation: str, base_model_version: str, rank: int,
+                       alpha: float, steps: int, resolution: int, trigger_phrase: Optional[str] = None
+                       ) -> dict[str, str]:
+    """modelspec.* (SAI model spec) and kohya ss_* keys; `architecture` is the base's, e.g. "flux-1-dev"."""
+    meta = {"modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": f"{architecture}/lora",
+            "modelspec.implementation": implementation, "modelspec.title": title,
+            "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
+            "modelspec.resolution": f"{resolution}x{resolution}",
+            "ss_output_name": title, "ss_base_model_version": base_model_version, "ss_network_dim": str(rank),
+            "ss_network_alpha": f"{alpha:g}", "ss_steps": str(steps), "ss_resolution": f"({resolution}, {resolution})"}
+    if trigger_phrase:
+        meta["modelspec.trigger_phrase"] = trigger_phrase
+    return meta
+
+
+Converter = Callable[[dict, dict], tuple[dict, dict]]
+
+
 def save_lora(path: Path, state: Mapping[str, torch.Tensor], config: LoraConfig, dtype: str,
-              training_metadata: Optional[Mapping[str, object]] = None) -> Path:
-    """Write the LoRA atomically: a crash mid-write never leaves a truncated file under `path`."""
+              training_metadata: Optional[Mapping[str, object]] = None,
+              extra_metadata: Optional[Mapping[str, str]] = None, convert: Optional[Converter] = None) -> Path:
+    """Write the LoRA atomically: a crash mid-write never leaves a truncated file under `path`.
+
+    `extra_metadata` keys are written as given (ecosystem keys); `convert(tensors, header)` may change the layout
+    (see toolkit.lora_convert) before writing."""
     torch_dtype = SAVE_DTYPES[dtype]
     tensors = {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in state.items()}
     header = {"format": "pt",
               LORA_METADATA_KEY: json.dumps(adapter_metadata(config), indent=2, sort_keys=True, default=str)}
+    for key, value in (extra_metadata or {}).items():
+        header[key] = redact_text(str(value))
     for key, value in (training_metadata or {}).items():
         header[TRAINING_METADATA_PREFIX + key] = redact_text(str(value))
+    if convert is not None:
+        tensors, header = convert(tensors, header)
     atomic_write_bytes(Path(path), safetensors_bytes(tensors, metadata=header))
     return Path(path)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageOps
 
@@ -83,22 +83,28 @@ def sample_file_name(step: int, index: int) -> str:
     return f"{step:09d}_{index:02d}.png"
 
 
-def contact_sheet(rows: Sequence[tuple[Image.Image, Image.Image, str]], max_cell: int = 256, min_cell: int = 128,
-                  caption_height: int = 20) -> Image.Image:
-    """One row per prompt: control | sample, each scaled to fit a square cell, with the prompt underneath.
+def contact_sheet(rows: Sequence[tuple], max_cell: int = 256, min_cell: int = 128, caption_height: int = 20,
+                  column_titles: Optional[Sequence[str]] = None) -> Image.Image:
+    """One row per prompt: its images side by side (control | sample | ...), each scaled to fit a square cell, with
+    the row's caption (its last element) underneath; `column_titles` add a header line.
 
+    Size: (columns * cell) x (header + rows * (cell + caption_height)), header = caption_height with titles, else 0.
     The cell follows the images' size within [min_cell, max_cell], so 64 px samples are enlarged, 1024 px shrunk.
     """
-    largest = max((max(img.size) for row in rows for img in row[:2]), default=min_cell)
+    columns = max((len(row) - 1 for row in rows), default=2)
+    largest = max((max(img.size) for row in rows for img in row[:-1]), default=min_cell)
     cell = max(min_cell, min(max_cell, largest))
-    sheet = Image.new("RGB", (2 * cell, max(1, len(rows)) * (cell + caption_height)), "white")
+    header = caption_height if column_titles else 0
+    sheet = Image.new("RGB", (columns * cell, header + max(1, len(rows)) * (cell + caption_height)), "white")
     draw = ImageDraw.Draw(sheet)
-    for r, (control, sample, prompt) in enumerate(rows):
-        top = r * (cell + caption_height)
-        for c, img in enumerate((control, sample)):
+    for c, title in enumerate(column_titles or ()):
+        draw.text((c * cell + 4, 4), str(title)[: cell // 7], fill="black")
+    for r, (*images, caption) in enumerate(rows):
+        top = header + r * (cell + caption_height)
+        for c, img in enumerate(images):
             thumb = ImageOps.contain(img.convert("RGB"), (cell, cell), Image.NEAREST)
             sheet.paste(thumb, (c * cell + (cell - thumb.width) // 2, top + (cell - thumb.height) // 2))
-        draw.text((4, top + cell + 4), prompt[:80], fill="black")
+        draw.text((4, top + cell + 4), caption[: max(80, columns * cell // 7)], fill="black")
     return sheet
 
 

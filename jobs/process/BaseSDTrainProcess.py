@@ -3,10 +3,15 @@
 Order of work: check everything the user gave (config, dataset, sample prompts, output folder) before any model
 loads; then load, add the LoRA, wrap for data parallelism, train `steps` optimizer steps, save and sample on
 schedule. Rank questions go to toolkit.dist.Runtime; the math lives in toolkit.kontext.
+
+Resume (toolkit.train_state): every save writes the step LoRA and a training state; a run starts from the newest
+complete state of its folder (or train.resume_from) and continues bit-identically. SIGTERM/SIGINT finish the step,
+save and stop (toolkit.signals).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -18,8 +23,10 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from jobs.process.outputs import RunOutputs
-from toolkit import kontext
+from toolkit import kontext, train_state
 from toolkit.arch import Architecture, get_architecture
+from toolkit.cache import CachingModel, cache_dataset, cache_folder_problems
+from toolkit.checkpoint import resolve_run_folder
 from toolkit.config.schema import TrainProcessConfig
 from toolkit.data.dataset import PairedDataset, collate_batch
 from toolkit.data.pairs import discover_pairs
@@ -30,6 +37,8 @@ from toolkit.lora import add_lora, make_lora_config
 from toolkit.metrics import TrainingMonitor
 from toolkit.optim import make_lr_scheduler, make_optimizer
 from toolkit.sampling import build_requests, load_control
+from toolkit.signals import GracefulStop, TrainingInterrupted, signal_name
+from toolkit.validation import ValidationSet
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +71,8 @@ class BaseSDTrainProcess:
         self.config_file = config_file
         self.train = cfg.train
         self.arch_cls = get_architecture(cfg.model.arch)
+        self.fresh = False  # run.py --fresh: start over in a new versioned run folder instead of resuming
+        self.resume_state: Optional[Path] = None  # chosen by preflight
 
     # -- before any model loads -------------------------------------------------------------------------------
     def preflight(self):
@@ -70,22 +81,31 @@ class BaseSDTrainProcess:
         if problems:
             raise ConfigError("\n".join(problems))
         pairs = discover_pairs(self.cfg.datasets)
-        if any(d.cache_latents_to_disk or d.cache_latents for d in self.cfg.datasets):
-            log.warning("cache_latents / cache_latents_to_disk are not implemented yet: latents are encoded "
-                        "on the fly every step (same results, slower)")
+        problems = cache_folder_problems(self.cfg.datasets)
+        if problems:
+            raise ConfigError("\n".join(problems))
         requests = []
         if not self.train.disable_sampling and self.cfg.sample.prompts:
             s = self.cfg.sample
             requests = build_requests(s.prompts, seed=s.seed, walk_seed=s.walk_seed, width=s.width,
                                       height=s.height, guidance_scale=s.guidance_scale, steps=s.sample_steps,
                                       key_path="config.process[0].sample.prompts")
-        outputs = RunOutputs(Path(self.cfg.training_folder) / self.name, self.name)
+        outputs = RunOutputs(*resolve_run_folder(Path(self.cfg.training_folder), self.name, self.fresh))
+        if self.fresh and self.train.resume_from == "latest":
+            raise ConfigError("--fresh starts a new run but train.resume_from is 'latest': drop one of them")
+        self.resume_state = train_state.plan_resume(outputs.folder, self.train.resume_from,
+                                                    train_state.training_config(self.cfg), outputs.lora_files())
         outputs.check_writable()
         return pairs, requests, outputs
 
     # -- the run ----------------------------------------------------------------------------------------------
     def run(self) -> Path:
         pairs, requests, outputs = self.preflight()
+        if self.resume_state is not None and outputs.final_path.is_file() and \
+                train_state.read_info(self.resume_state)["step"] >= self.train.steps:
+            log.info("%s is already trained (%d steps, state %s); run with --fresh to train again",
+                     outputs.final_path, self.train.steps, self.resume_state)
+            return outputs.final_path
         rt = Runtime(distributed=self.train.distributed_training, device=self.cfg.device)
         try:
             return self._train(rt, pairs, requests, outputs)
@@ -95,6 +115,8 @@ class BaseSDTrainProcess:
     def setup(self, rt: Runtime, pairs, requests, outputs: RunOutputs) -> "TrainingRun":
         """Load the model, add the LoRA, build data and optimizer, wrap for data parallelism."""
         train = self.train
+        # Held-out pairs (dataset val_folder_path) are checked here, before the model loads.
+        validation = ValidationSet.from_datasets(self.cfg.datasets, self.cfg.trigger_word, train.seed, train.guidance)
         set_seed(train.seed)  # same LoRA init on every rank
         dtype = compute_dtype(train.dtype, rt.device)
         model = self.arch_cls.load(self.cfg.model, rt.device, dtype)
@@ -107,10 +129,13 @@ class BaseSDTrainProcess:
         model.transformer.train()
 
         dataset = PairedDataset(pairs, self.cfg.datasets, trigger_word=self.cfg.trigger_word, seed=train.seed)
+        self._attach_caches(rt, model, dataset, requests, validation)
         sampler = BucketBatchSampler(dataset.bucket_keys, batch_size=train.batch_size * rt.world_size,
                                      seed=train.seed)
+        # Its own generator: starting an epoch's iterator would otherwise draw from the global RNG (LoRA dropout's),
+        # and a resumed run starts one at a point where an uninterrupted run does not.
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batch, num_workers=0,
-                            pin_memory=rt.device.type == "cuda")
+                            pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(train.seed))
         optimizer = make_optimizer(train.optimizer, params, train.lr, train.optimizer_params)
         scheduler = make_lr_scheduler(train.lr_scheduler, optimizer, train.lr_warmup_steps, train.steps)
         if train.distributed_training:
@@ -118,6 +143,7 @@ class BaseSDTrainProcess:
             loader = rt.prepare(loader)
         optimizer, scheduler = rt.prepare(optimizer, scheduler)
         denoiser = rt.prepare_model(model.denoiser())
+        check_only_lora_trains(model.transformer, params)
 
         log.info("world size %d | per-process batch %d x processes %d x accumulation %d = effective batch %d | "
                  "%d pairs, %d items, %d batches/epoch | LoRA rank %d: %d trainable params",
@@ -127,25 +153,56 @@ class BaseSDTrainProcess:
         return TrainingRun(rt=rt, model=model, denoiser=denoiser, params=params, optimizer=optimizer,
                            scheduler=scheduler, batches=self._batches(loader, sampler, dataset), dataset=dataset,
                            sampler=sampler, outputs=outputs,
-                           requests=requests, lora_config=lora_config,
+                           requests=requests, lora_config=lora_config, validation=validation,
                            generator=torch.Generator(device=rt.device).manual_seed(rank_seed(train.seed, rt.rank)))
+
+    def _attach_caches(self, rt: Runtime, model: Architecture, dataset: PairedDataset, requests,
+                       validation: Optional[ValidationSet]) -> None:
+        """Encode latents / caption embeddings once (toolkit.cache); with captions cached, free the text encoders
+        after encoding what sampling and validation will still ask for."""
+        latents = any(d.cache_latents or d.cache_latents_to_disk for d in self.cfg.datasets)
+        text = self.train.cache_text_embeddings
+        if not (latents or text):
+            return
+        if not isinstance(model, CachingModel):
+            raise ConfigError(f"model.arch {self.cfg.model.arch}: this architecture cannot cache latents or "
+                              "text embeddings; turn the cache options off")
+        dataset.attach_cache(cache_dataset(dataset, self.cfg.datasets, rt=rt, batch_size=self.train.batch_size,
+                                           latents=model.latent_encoder() if latents else None,
+                                           text=model.text_encoder() if text else None))
+        if text:
+            keep = [r.prompt for r in requests]
+            if validation is not None:
+                keep += [c for i in range(len(validation.dataset)) for c in validation.dataset.item_captions(i)]
+            model.unload_text_encoders(keep)
 
     def _train(self, rt: Runtime, pairs, requests, outputs: RunOutputs) -> Path:
         train = self.train
         ctx = self.setup(rt, pairs, requests, outputs)
+        start = self._restore(ctx, self.resume_state) if self.resume_state is not None else 0
         if rt.is_main:
             outputs.prepare(self.job_config)
-        ctx.monitor = monitor = TrainingMonitor(outputs.log_dir, train.steps, 0, enabled=rt.is_main)
+            train_state.remove_temporary(outputs.folder)
+        ctx.monitor = monitor = TrainingMonitor(outputs.log_dir, train.steps, min(start, train.steps),
+                                                enabled=rt.is_main)
         try:
-            if requests and not train.skip_first_sample:
-                self._sample(ctx, step=0)
-            for step in range(1, train.steps + 1):
-                loss = self.optimizer_step(ctx)
-                monitor.step_done()
-                self._after_step(ctx, step, loss)
-            final = outputs.save_final(ctx.model.transformer, ctx.lora_config, self.cfg, train.steps, rt)
-            if requests and train.steps % self.cfg.sample.sample_every:
-                self._sample(ctx, step=train.steps)
+            with GracefulStop() as stop:
+                if requests and not train.skip_first_sample and start == 0:
+                    self._sample(ctx, step=0)
+                for step in range(start + 1, train.steps + 1):
+                    loss = self.optimizer_step(ctx)
+                    monitor.step_done()
+                    if step < train.steps and rt.any_rank(stop.requested):  # every rank stops after the same step
+                        self._stop(ctx, step, stop.signum)
+                    self._after_step(ctx, step, loss)
+                try:
+                    final = outputs.save_final(ctx.model.transformer, ctx.lora_config, self.cfg, train.steps, rt)
+                except OSError as exc:
+                    raise train_state.CheckpointSaveError(self._save_failure(outputs, train.steps, exc)) from exc
+                if start < train.steps:
+                    self._save_checkpoint(ctx, train.steps, step_lora=False)
+                if requests and train.steps % self.cfg.sample.sample_every and start < train.steps:
+                    self._sample(ctx, step=train.steps)
         finally:
             monitor.close()
         if rt.is_main:
@@ -155,7 +212,7 @@ class BaseSDTrainProcess:
     @staticmethod
     def _batches(loader, sampler: BucketBatchSampler, dataset: PairedDataset) -> Iterator[dict]:
         """Micro-batches forever, epoch after epoch (`steps` counts optimizer steps, not epochs)."""
-        epoch = 0
+        epoch = sampler.epoch  # 0, or the epoch a resume restored (the generator body starts at the first next())
         while True:
             # accelerate's prepared loader re-applies its own pass counter on iteration; set it too.
             if hasattr(loader, "set_epoch"):
@@ -174,8 +231,13 @@ class BaseSDTrainProcess:
         for micro in range(accum):
             batch = next(ctx.batches)
             with ctx.rt.no_sync(ctx.denoiser, skip=micro < accum - 1):
-                loss = self.compute_loss(ctx, batch) / accum
-                ctx.rt.backward(loss)
+                try:
+                    loss = self.compute_loss(ctx, batch) / accum
+                    ctx.rt.backward(loss)
+                except torch.OutOfMemoryError:
+                    log.error("out of memory on a micro-batch of %s; lower train.batch_size or the resolution, or "
+                              "turn on model.quantize / train.gradient_checkpointing", describe_batch(batch))
+                    raise
             total += loss.detach()
         ctx.grad_norm = ctx.rt.clip_grad_norm(ctx.params, self.train.max_grad_norm)
         ctx.optimizer.step()
@@ -205,9 +267,86 @@ class BaseSDTrainProcess:
             if cfg.performance_log_every and step % cfg.performance_log_every == 0 and ctx.rt.is_main:
                 log.info("step %d: %.3f s/step, %.2f samples/s", step, seconds, samples / max(seconds, 1e-9))
         if step % cfg.save.save_every == 0 and step != self.train.steps:
-            ctx.outputs.save_step(ctx.model.transformer, ctx.lora_config, cfg, step, ctx.rt)
+            self._save_checkpoint(ctx, step)
         if ctx.requests and step % cfg.sample.sample_every == 0:
             self._sample(ctx, step)
+        if ctx.validation is not None and step % cfg.sample.sample_every == 0:
+            val_loss = ctx.validation.loss(ctx.model)  # every rank: same weights, same value, no collective
+            ctx.monitor.scalars(step, {"val/loss": val_loss})
+            log.info("step %d: val/loss %.5f", step, val_loss)
+
+    # -- checkpoints and resume ---------------------------------------------------------------------------------
+    @staticmethod
+    def _trainable(ctx: "TrainingRun") -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in ctx.model.transformer.named_parameters() if p.requires_grad}
+
+    def _save_checkpoint(self, ctx: "TrainingRun", step: int, step_lora: bool = True) -> None:
+        """The step LoRA, then the training state; every rank calls it (each rank's RNGs go to the main process,
+        which writes). A failed write is raised on every rank, with the previous checkpoint intact."""
+        rngs = ctx.rt.gather([train_state.capture_rng(ctx.generator)])
+        error = None
+        if ctx.rt.is_main:
+            consumed = step * self.train.gradient_accumulation_steps
+            hashed = train_state.training_config(self.cfg)
+            info = {**train_state.data_position(consumed, len(ctx.sampler)), "consumed_batches": consumed,
+                    "batches_per_epoch": len(ctx.sampler), "world_size": ctx.rt.world_size,
+                    "global_batch_size": ctx.sampler.batch_size, "config_hash": train_state.config_hash(hashed),
+                    "config": hashed}
+            try:
+                if step_lora:
+                    ctx.outputs.save_step(ctx.model.transformer, ctx.lora_config, self.cfg, step, ctx.rt)
+                ctx.outputs.save_state(step, self.cfg.save.max_step_saves_to_keep, step_lora,
+                                       trainable=self._trainable(ctx), optimizer=ctx.optimizer.state_dict(),
+                                       scheduler=ctx.scheduler.state_dict(), rng=rngs, info=info)
+            except OSError as exc:
+                error = self._save_failure(ctx.outputs, step, exc)
+        errors = [e for e in ctx.rt.gather([error]) if e]  # also the barrier: no rank runs ahead of the write
+        if errors:
+            raise train_state.CheckpointSaveError(errors[0])
+
+    @staticmethod
+    def _save_failure(outputs: RunOutputs, step: int, exc: OSError) -> str:
+        reason = "no space left on the disk" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        states = train_state.list_states(outputs.folder)
+        kept = (f"the last complete checkpoint ({states[-1][1]}) is intact" if states
+                else "there is no earlier checkpoint")
+        return (f"cannot save the checkpoint of step {step} in {outputs.folder}: {reason}; {kept}. Free some space "
+                "(or fix the folder) and run the same command again to resume.")
+
+    def _restore(self, ctx: "TrainingRun", path: Path) -> int:
+        """Load a training state into the run (LoRA, optimizer, lr schedule, RNGs, data position); returns its step."""
+        state = train_state.load_state(path, ctx.rt.rank)
+        info, train = state.info, self.train
+        train_state.copy_trainable(self._trainable(ctx), state.trainable, path)
+        ctx.optimizer.load_state_dict(state.optimizer)
+        ctx.scheduler.load_state_dict(state.scheduler)
+        if train_state.rescale_lr(ctx.scheduler, ctx.optimizer, train.lr):
+            log.warning("train.lr changed since the state was saved: continuing its lr schedule at lr %g", train.lr)
+        check_only_lora_trains(ctx.model.transformer, ctx.params)
+        step, consumed = int(info["step"]), int(info["consumed_batches"])
+        if info["world_size"] == ctx.rt.world_size and info["global_batch_size"] == ctx.sampler.batch_size \
+                and state.rng is not None:
+            train_state.restore_rng(state.rng, ctx.generator)
+        else:
+            log.warning("the state was saved with %d processes x global batch %d, this run has %d x %d: resuming "
+                        "after the same number of samples, but data order and noise differ from an uninterrupted "
+                        "run", info["world_size"], info["global_batch_size"], ctx.rt.world_size,
+                        ctx.sampler.batch_size)
+            consumed = consumed * int(info["global_batch_size"]) // ctx.sampler.batch_size
+            ctx.generator.manual_seed(rank_seed(train.seed + step, ctx.rt.rank))  # new noise, not a replay
+        position = train_state.data_position(consumed, len(ctx.sampler))
+        ctx.sampler.load_state_dict(position)  # before the first next(ctx.batches): see _batches
+        log.info("resuming from %s: step %d of %d, epoch %d, batch %d of %d", path, step, train.steps,
+                 position["epoch"], position["batches_done"], len(ctx.sampler))
+        return step
+
+    def _stop(self, ctx: "TrainingRun", step: int, signum: Optional[int]) -> None:
+        """A stop was requested (on this or another rank): save this step's checkpoint and raise."""
+        self._save_checkpoint(ctx, step)
+        why = signal_name(signum) if signum else "a stop request on another process"
+        raise TrainingInterrupted(f"stopped by {why} after step {step} of {self.train.steps}; checkpoint saved in "
+                                  f"{train_state.state_root(ctx.outputs.folder) / f'{step:09d}'}; run the same "
+                                  "command again to resume", signum or 15)
 
     def _sample(self, ctx: "TrainingRun", step: int) -> None:
         """Each rank renders its share of the prompts; the main process writes the images and the contact sheet."""
@@ -238,7 +377,25 @@ class TrainingRun:
     lora_config: object
     generator: torch.Generator  # per-rank noise and timesteps
     monitor: Optional[TrainingMonitor] = None
+    validation: Optional[ValidationSet] = None  # held-out pairs, None when no dataset has val_folder_path
     grad_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
 
 
-__all__ = ["BaseSDTrainProcess", "TrainingRun", "compute_dtype", "rank_seed"]
+def describe_batch(batch: dict) -> str:
+    """Image paths and tensor shapes of a batch, for error reports."""
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in batch.items() if isinstance(v, torch.Tensor))
+    return f"{shapes}; images: {', '.join(map(str, batch.get('path', [])))}"
+
+
+def check_only_lora_trains(module: torch.nn.Module, params: list) -> None:
+    """The frozen base must stay frozen: quanto's freeze() and state loads switch requires_grad back on (FACTS.md).
+    Call again after loading any state into the model."""
+    trainable = [name for name, p in module.named_parameters() if p.requires_grad]
+    base = [name for name in trainable if "lora_" not in name]
+    if base or len(trainable) != len(params):
+        raise RuntimeError(f"only LoRA weights may train, but {len(base)} base parameters require grad (e.g. "
+                           f"{base[:3]}); {len(trainable)} trainable, {len(params)} given to the optimizer")
+
+
+__all__ = ["BaseSDTrainProcess", "TrainingRun", "check_only_lora_trains", "compute_dtype", "describe_batch",
+           "rank_seed"]

@@ -1,4 +1,4 @@
-"""Everything a run writes under `<training_folder>/<name>/`: config copy, LoRA files, samples, logs.
+"""Everything a run writes under `<training_folder>/<name>/`: config copy, LoRA files, training states, samples, logs.
 
 Only the main process writes (callers pass the Runtime and this class checks), and every file is written
 atomically so a crash never leaves a half-written LoRA where a finished one is expected.
@@ -6,6 +6,7 @@ atomically so a crash never leaves a half-written LoRA where a finished one is e
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import tempfile
@@ -14,10 +15,12 @@ from typing import Sequence
 
 from PIL import Image
 
-from toolkit.checkpoint import atomic_write_bytes, prune_step_files, step_file_name
+from toolkit import train_state
+from toolkit.checkpoint import atomic_write_bytes, list_step_files, prune_step_files, step_file_name
 from toolkit.config.loader import write_resolved_config
 from toolkit.errors import UserError
-from toolkit.lora import lora_state_dict, save_lora
+from toolkit.lora import ecosystem_metadata, lora_state_dict, save_lora
+from toolkit.lora_convert import find_conventions, to_comfy
 from toolkit.sampling import SampleRequest, contact_sheet, load_control, sample_file_name
 
 log = logging.getLogger(__name__)
@@ -50,19 +53,55 @@ class RunOutputs:
                 "trigger_word": cfg.trigger_word or "",
                 "resolution": ",".join(str(r) for d in cfg.datasets for r in d.resolution)}
 
+    def _save(self, path: Path, transformer, lora_config, cfg, step: int) -> None:
+        """One LoRA file in the layout save.format asks for, with ecosystem metadata when the architecture has it."""
+        conventions = find_conventions(cfg.model.arch)
+        extra = convert = None
+        if conventions is not None:
+            extra = ecosystem_metadata(
+                title=self.name, architecture=conventions.modelspec_architecture,
+                implementation=conventions.modelspec_implementation,
+                base_model_version=conventions.base_model_version, rank=cfg.network.linear,
+                alpha=cfg.network.linear_alpha, steps=step,
+                resolution=max(r for d in cfg.datasets for r in d.resolution), trigger_phrase=cfg.trigger_word)
+        if cfg.save.format == "comfy":
+            if conventions is None:
+                raise UserError(f"save.format comfy: no ComfyUI key layout known for model.arch {cfg.model.arch!r}")
+            convert = functools.partial(to_comfy, conventions=conventions)
+        save_lora(path, lora_state_dict(transformer), lora_config, cfg.save.dtype, self._metadata(cfg, step),
+                  extra_metadata=extra, convert=convert)
+
+    @property
+    def final_path(self) -> Path:
+        return self.folder / f"{self.name}.safetensors"
+
+    def lora_files(self) -> list[Path]:
+        """LoRA files of this run already in the folder (step checkpoints and the final file)."""
+        files = [p for _, p in list_step_files(self.folder, self.name)]
+        return files + ([self.final_path] if self.final_path.is_file() else [])
+
     def save_step(self, transformer, lora_config, cfg, step: int, rt) -> Path | None:
+        """The step LoRA; old ones are pruned by save_state, once the training state of this step is complete."""
         path = self.folder / step_file_name(self.name, step)
         if rt.is_main:
-            save_lora(path, lora_state_dict(transformer), lora_config, cfg.save.dtype, self._metadata(cfg, step))
-            # Old files go only after the new one is complete.
-            prune_step_files(self.folder, self.name, cfg.save.max_step_saves_to_keep, protect=[path])
+            self._save(path, transformer, lora_config, cfg, step)
             log.info("saved %s", path)
         return path
 
+    def save_state(self, step: int, keep: int, step_lora: bool, **state) -> Path:
+        """The training state of `step` (toolkit.train_state.save_state arguments), then rotation: old states and,
+        when this step wrote a step LoRA, old step LoRAs go only now that the new checkpoint is complete."""
+        path = train_state.save_state(self.folder, step, **state)
+        train_state.prune_states(self.folder, keep, protect=path)
+        if step_lora:
+            prune_step_files(self.folder, self.name, keep, protect=[self.folder / step_file_name(self.name, step)])
+        log.info("saved training state %s", path)
+        return path
+
     def save_final(self, transformer, lora_config, cfg, step: int, rt) -> Path:
-        path = self.folder / f"{self.name}.safetensors"
+        path = self.final_path
         if rt.is_main:
-            save_lora(path, lora_state_dict(transformer), lora_config, cfg.save.dtype, self._metadata(cfg, step))
+            self._save(path, transformer, lora_config, cfg, step)
         rt.wait()
         return path
 

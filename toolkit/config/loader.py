@@ -25,7 +25,7 @@ from toolkit.redact import redact_mapping
 
 __all__ = [
     "DEFAULT_CONFIG_DIR", "ConfigProblems", "config_help", "convert", "find_config_file", "job_to_dict",
-    "load_job_config", "read_config_file", "write_resolved_config",
+    "load_job_config", "load_job_dict", "read_config_file", "write_resolved_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -289,7 +289,11 @@ def _convert(raw: Any, tp: Any, path: str, problems: list[str]) -> Any:
     if origin is Union:
         if raw is None and type(None) in args:
             return None
-        return _convert(raw, next(arg for arg in args if arg is not type(None)), path, problems)
+        members = [arg for arg in args if arg is not type(None)]
+        if len(members) > 1 and all(dataclasses.is_dataclass(member) for member in members):
+            member = _pick_member(raw, members, path, problems)
+            return None if member is None else _convert(raw, member, path, problems)
+        return _convert(raw, members[0], path, problems)
     if origin is Literal:
         return _to_literal(raw, args)
     if origin is list:
@@ -301,6 +305,22 @@ def _convert(raw: Any, tp: Any, path: str, problems: list[str]) -> Any:
     if tp in _SCALARS:
         return _SCALARS[tp](raw)
     raise TypeError(f"unsupported config type {tp!r} at {path}")
+
+
+def _pick_member(raw: Any, members: list, path: str, problems: list[str]) -> Any:
+    """The dataclass of a union whose ``type`` field allows ``raw["type"]`` (the first one when ``type`` is absent);
+    None, with a problem at ``path.type``, when no member does."""
+    if not isinstance(raw, dict) or "type" not in raw:
+        return members[0]
+    kinds = {choice: member for member in members for choice in get_args(get_type_hints(member)["type"])}
+    kind = raw["type"]
+    if isinstance(kind, str) and kind in kinds:
+        return kinds[kind]
+    try:
+        _to_literal(kind, tuple(kinds))
+    except _Invalid as error:
+        problems.append(f"{_join(path, 'type')}: {error}")
+    return None
 
 
 def _to_dict(raw: Any, args: tuple, path: str, problems: list[str]) -> dict:
@@ -375,16 +395,23 @@ def load_job_config(path_or_name: Union[str, Path], name_override: Optional[str]
     ``[name]`` is substituted; ``${VAR}`` values come from ``environ``.
     """
     path = find_config_file(str(path_or_name))
+    return load_job_dict(read_config_file(path), str(path), name_override=name_override, environ=environ)
+
+
+def load_job_dict(raw: dict, source: str, name_override: Optional[str] = None,
+                  environ: Mapping[str, str] = os.environ) -> JobConfig:
+    """``load_job_config`` for data already parsed (e.g. built from command-line flags); ``source`` names it."""
     problems: list[str] = []
-    raw = _substitute_name(_substitute_env(read_config_file(path), environ, problems), name_override)
+    raw = _substitute_name(_substitute_env(raw, environ, problems), name_override)
     job = convert(raw, JobConfig, "", problems)
     if not problems:
         for process in job.config.process:
-            process.sample.prompts = [_inject_trigger(p, process.trigger_word) for p in process.sample.prompts]
+            prompts = process.sample if hasattr(process, "sample") else process.generate
+            prompts.prompts = [_inject_trigger(p, process.trigger_word) for p in prompts.prompts]
         problems.extend(validate_job(job))
     if problems:
-        raise ConfigProblems(str(path), problems)
-    logger.debug("loaded config %s (name %r)", path, job.config.name)
+        raise ConfigProblems(source, problems)
+    logger.debug("loaded config %s (name %r)", source, job.config.name)
     return job
 
 

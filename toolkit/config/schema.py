@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 __all__ = [
-    "Check", "DatasetConfig", "EMAConfig", "JobConfig", "ModelConfig", "NetworkConfig", "RootConfig",
-    "SampleConfig", "SaveConfig", "TrainConfig", "TrainProcessConfig", "config_help", "validate_job",
+    "Check", "DatasetConfig", "EMAConfig", "GenerateConfig", "GenerateProcessConfig", "JobConfig", "LoraFileConfig",
+    "ModelConfig", "NetworkConfig", "RootConfig", "SampleConfig", "SaveConfig", "TrainConfig", "TrainProcessConfig",
+    "config_help", "validate_job",
 ]
 
 
@@ -94,6 +95,10 @@ class SaveConfig:
     """When and how checkpoints of the LoRA are written."""
 
     dtype: SaveDType = field(default="float16", metadata=_meta("Precision of the saved LoRA weights."))
+    format: Literal["diffusers", "comfy"] = field(default="diffusers", metadata=_meta(
+        "Key layout of saved LoRA files: 'diffusers' (transformer.*.lora_A/B; diffusers, ComfyUI, ai-toolkit) or "
+        "'comfy' (kohya lora_unet_* with the original model's names; ComfyUI, Forge, kohya, diffusers).",
+        aliases=("save_format", "lora_format")))
     save_every: int = field(default=250, metadata=_meta("Save a checkpoint every this many steps.", GT0))
     max_step_saves_to_keep: int = field(default=4, metadata=_meta(
         "How many intermediate step checkpoints to keep; older ones are pruned.", GE0))
@@ -125,9 +130,22 @@ class DatasetConfig:
         "Training sizes in pixels; images are bucketed at each size (a bare number means one size).",
         NON_EMPTY, UNIQUE, item_checks=(RESOLUTION,), coerce=_one_size_to_list))
     cache_latents_to_disk: bool = field(default=False, metadata=_meta(
-        "Cache VAE latents on disk so later epochs and runs skip encoding."))
-    cache_latents: bool = field(default=False, metadata=_meta("Cache VAE latents in memory."))
+        "Encode target and control latents once, before training, into cache_dir; later steps and runs read them "
+        "(an image, resolution or VAE change re-encodes just what changed)."))
+    cache_latents: bool = field(default=False, metadata=_meta(
+        "Encode target and control latents once, before training, and keep them in memory (with "
+        "cache_latents_to_disk: read from disk once, then kept in memory)."))
+    cache_dir: Optional[str] = field(default=None, metadata=_meta(
+        "Folder of the disk cache (latents; text embeddings with train.cache_text_embeddings); null means "
+        "<folder_path>/_latent_cache.", NON_EMPTY, normalize=_expand_home, aliases=("latent_cache_dir",)))
     num_repeats: int = field(default=1, metadata=_meta("Times each image is seen per epoch.", GE1))
+    val_folder_path: Optional[str] = field(default=None, metadata=_meta(
+        "Held-out target images with captions, never trained on; their flow-matching loss is logged as val/loss "
+        "every sample.sample_every steps and plotted by `run.py compare`.", NON_EMPTY, normalize=_expand_home,
+        aliases=("validation_folder", "val_folder")))
+    val_control_path: Optional[str] = field(default=None, metadata=_meta(
+        "Control images of the held-out pairs, matched to val_folder_path by file name.", NON_EMPTY,
+        normalize=_expand_home, aliases=("validation_control_path", "val_control")))
 
 
 @dataclass(kw_only=True)
@@ -182,6 +200,15 @@ class TrainConfig:
         "Skip the sample images made before the first step."))
     ema_config: EMAConfig = field(default_factory=EMAConfig, metadata=_meta(
         "Exponential moving average of the trained weights (not supported yet)."))
+    cache_text_embeddings: bool = field(default=False, metadata=_meta(
+        "Encode every caption (and the empty caption used by caption dropout) once before training, then unload "
+        "the text encoders; embeddings are stored where each dataset caches its latents, else in memory. Not "
+        "with shuffle_tokens.", aliases=("cache_text_encoder_outputs", "cache_te_outputs")))
+    resume_from: Optional[str] = field(default=None, metadata=_meta(
+        "Training state to resume from: a state folder (<run folder>/state/<step>) or 'latest' (the newest in the "
+        "run folder, even if the config changed). null: resume automatically from the newest state when the config "
+        "is unchanged (run.py --fresh starts over in a new folder).", NON_EMPTY, normalize=_expand_home,
+        aliases=("resume", "resume_from_checkpoint", "resume_path")))
 
 
 @dataclass(kw_only=True)
@@ -194,9 +221,16 @@ class ModelConfig:
     arch: str = field(metadata=_meta(
         "Architecture name, e.g. flux_kontext; checked against the architecture registry.", NON_EMPTY))
     quantize: bool = field(default=False, metadata=_meta(
-        "Quantize the frozen transformer to 8 bit (optimum-quanto) to save memory."))
+        "Quantize the frozen transformer's linear weights to 8 bit (optimum-quanto; proj_out, x_embedder, "
+        "context_embedder and norm_out.linear stay full precision); the LoRA trains on top in fp32."))
+    qtype: Literal["qfloat8", "qint8"] = field(default="qfloat8", metadata=_meta(
+        "8-bit format of quantize and quantize_te: qfloat8 (float8 e4m3) or qint8 (int8 with a scale per row).",
+        aliases=("quantize_type", "qtype_weights")))
+    quantize_te: bool = field(default=False, metadata=_meta(
+        "Also quantize the T5 text encoder (text_encoder_2) with qtype.", aliases=("quantize_text_encoder",)))
     low_vram: bool = field(default=False, metadata=_meta(
-        "Keep parts of the model on the CPU until they are needed, for small GPUs."))
+        "Load the transformer block by block on the CPU, quantizing each block there (with quantize) before moving "
+        "it to the device, so the device never holds the full-precision transformer; slower to load."))
     max_sequence_length: int = field(default=512, metadata=_meta(
         "T5 prompt length in tokens; shorter is faster.", T5_LENGTH))
 
@@ -247,13 +281,76 @@ class TrainProcessConfig:
 
 
 @dataclass(kw_only=True)
+class LoraFileConfig:
+    """One LoRA file used by a generate process."""
+
+    path: str = field(metadata=_meta(
+        "LoRA .safetensors file, in diffusers or ComfyUI/kohya layout.", NON_EMPTY, normalize=_expand_home))
+    scale: float = field(default=1.0, metadata=_meta(
+        "Strength: multiplies the LoRA's update (1 = as trained).", aliases=("weight", "strength", "lora_scale")))
+    name: Optional[str] = field(default=None, metadata=_meta(
+        "Column title and file-name part of its images; null uses the file name without extension.",
+        NON_EMPTY, FILE_NAME))
+
+
+@dataclass(kw_only=True)
+class GenerateConfig:
+    """What a generate process renders: every prompt on every control image."""
+
+    prompts: list[str] = field(metadata=_meta(
+        "Prompts; flags as in sample.prompts (--ctrl_img, --seed, --w, --h, --cfg, --steps) may follow the text; "
+        "[trigger] becomes trigger_word.", NON_EMPTY))
+    ctrl_img: Optional[str] = field(default=None, metadata=_meta(
+        "Control image, or a folder of them, for the prompts without --ctrl_img.", NON_EMPTY,
+        normalize=_expand_home, aliases=("control", "control_path", "ctrl_img_folder")))
+    width: Optional[int] = field(default=None, metadata=_meta(
+        "Output width in pixels; null (with height null) keeps each control image's aspect ratio at about "
+        "1 megapixel.", SIZE16))
+    height: Optional[int] = field(default=None, metadata=_meta("Output height in pixels; see width.", SIZE16))
+    sample_steps: int = field(default=28, metadata=_meta(
+        "Denoising steps per image.", GT0, aliases=("num_inference_steps", "steps")))
+    guidance_scale: float = field(default=2.5, metadata=_meta(
+        "Guidance value (FLUX Kontext's guidance embedding).", GE0, aliases=("cfg", "guidance")))
+    seed: int = field(default=42, metadata=_meta(
+        "Seed of every image, so the base model and each LoRA start from the same noise."))
+    batch_size: int = field(default=1, metadata=_meta(
+        "Images of the same size rendered together; faster on a GPU, needs more memory.", GT0))
+    include_base: bool = field(default=True, metadata=_meta(
+        "Also render with no LoRA (the base model column of the contact sheet)."))
+
+
+@dataclass(kw_only=True)
+class GenerateProcessConfig:
+    """A generate process: render prompts on control images with the base model and each LoRA."""
+
+    type: Literal["generate"] = field(default="generate", metadata=_meta("Process kind: 'generate'."))
+    output_folder: str = field(default="output", metadata=_meta(
+        "Images and contact sheets go to <output_folder>/<name>.", NON_EMPTY, normalize=_expand_home,
+        aliases=("output_dir", "training_folder")))
+    device: str = field(default="auto", metadata=_meta(
+        "Torch device: cpu, cuda, cuda:N, mps, or auto to pick the best available.", DEVICE))
+    dtype: TrainDType = field(default="bf16", metadata=_meta(
+        "Compute dtype of the model weights (float32 on CPU, where half precision is slow)."))
+    trigger_word: Optional[str] = field(default=None, metadata=_meta(
+        "Word that replaces [trigger] in the prompts; unset removes [trigger].", NON_EMPTY))
+    model: ModelConfig = field(metadata=_meta("The base model."))
+    loras: list[LoraFileConfig] = field(default_factory=list, metadata=_meta(
+        "LoRA files, each rendered on its own next to the base model."))
+    generate: GenerateConfig = field(metadata=_meta("Prompts, control images and sampler settings."))
+
+
+ProcessConfig = Union[TrainProcessConfig, GenerateProcessConfig]
+
+
+@dataclass(kw_only=True)
 class RootConfig:
     """The run: its name and its processes."""
 
     name: str = field(metadata=_meta(
         "Run name, used as output sub-folder and file prefix; replaces [name] in string values.",
         NON_EMPTY, FILE_NAME))
-    process: list[TrainProcessConfig] = field(metadata=_meta("Training processes, run in order.", NON_EMPTY))
+    process: list[ProcessConfig] = field(metadata=_meta(
+        "Processes, run in order; `type` picks the kind (sd_trainer when absent).", NON_EMPTY))
 
 
 @dataclass(kw_only=True)
@@ -271,7 +368,30 @@ def validate_job(job: JobConfig) -> list[str]:
     """Return the problems that involve more than one field, each as ``key.path: message``."""
     problems: list[str] = []
     for index, process in enumerate(job.config.process):
-        problems += _process_problems(process, f"config.process[{index}]")
+        path = f"config.process[{index}]"
+        problems += (_generate_problems(process, path) if isinstance(process, GenerateProcessConfig)
+                     else _process_problems(process, path))
+    return problems
+
+
+def _generate_problems(process: GenerateProcessConfig, path: str) -> list[str]:
+    """Cross-field problems of one generate process."""
+    gen = process.generate
+    problems: list[str] = []
+    if (gen.width is None) != (gen.height is None):
+        problems.append(f"{path}.generate.width: set width and height together, or neither")
+    if not process.loras and not gen.include_base:
+        problems.append(f"{path}.generate.include_base: false with no loras would render nothing")
+    seen: dict[str, int] = {}
+    for index, lora in enumerate(process.loras):
+        name = lora.name or os.path.splitext(os.path.basename(lora.path))[0]
+        if name in ("base", "control"):
+            problems.append(f"{path}.loras[{index}].name: {name!r} names another contact-sheet column; "
+                            "set another name")
+        elif name in seen:
+            problems.append(f"{path}.loras[{index}].name: {name!r} is already used by loras[{seen[name]}]; "
+                            "set a distinct name")
+        seen.setdefault(name, index)
     return problems
 
 
@@ -295,7 +415,25 @@ def _process_problems(process: TrainProcessConfig, path: str) -> list[str]:
                         "set it to false")
         if not save.hf_repo_id:
             problems.append(f"{path}.save.hf_repo_id: required when save.push_to_hub is true")
-    return problems + _dataset_problems(process.datasets, f"{path}.datasets")
+    return problems + _dataset_problems(process.datasets, f"{path}.datasets") + _cache_problems(process, path)
+
+
+def _cache_problems(process: TrainProcessConfig, path: str) -> list[str]:
+    """Caches the trainer cannot honour: shuffled captions have too many variants to pre-encode, and a batch may mix
+    datasets, so all of them or none give cached latents."""
+    problems: list[str] = []
+    if process.train.cache_text_embeddings:
+        for index, dataset in enumerate(process.datasets):
+            if dataset.shuffle_tokens:
+                problems.append(f"{path}.datasets[{index}].shuffle_tokens: cannot be combined with "
+                                "train.cache_text_embeddings (every shuffled order would need its own embedding); "
+                                "turn one of them off")
+    cached = [d.cache_latents or d.cache_latents_to_disk for d in process.datasets]
+    if any(cached) and not all(cached):
+        index = cached.index(False)
+        problems.append(f"{path}.datasets[{index}].cache_latents: other datasets cache their latents and a batch may "
+                        "mix datasets; set cache_latents or cache_latents_to_disk on every dataset, or on none")
+    return problems
 
 
 def _dataset_problems(datasets: list[DatasetConfig], path: str) -> list[str]:
@@ -311,6 +449,12 @@ def _dataset_problems(datasets: list[DatasetConfig], path: str) -> list[str]:
         if dataset.control_path is not None and os.path.normpath(dataset.control_path) == folder:
             problems.append(f"{path}[{index}].control_path: must differ from folder_path "
                             f"({dataset.folder_path!r}); control images are the inputs, not the targets")
+    for index, dataset in enumerate(datasets):
+        if (dataset.val_folder_path is None) != (dataset.val_control_path is None):
+            problems.append(f"{path}[{index}].val_folder_path: set val_folder_path and val_control_path together")
+        if dataset.val_folder_path is not None and os.path.normpath(dataset.val_folder_path) in first_index:
+            problems.append(f"{path}[{index}].val_folder_path: {dataset.val_folder_path!r} is a training folder; "
+                            "held-out pairs must not be trained on")
     return problems
 
 
@@ -334,9 +478,12 @@ def _help_section(cls: type, path: str, lines: list[str]) -> None:
         lines.append(f"  {spec.name}: {_type_name(tp)} = {_default_text(spec)}{rule_text}")
         lines.append(f"      {spec.metadata.get('help', '')}")
         inner = get_args(tp)[0] if get_origin(tp) is list else tp
-        if dataclasses.is_dataclass(inner):
-            inner_path = f"{path}.{spec.name}" if path else spec.name
-            subsections.append((inner, inner_path + ("[]" if inner is not tp else "")))
+        members = [m for m in (get_args(inner) if get_origin(inner) is Union else (inner,))
+                   if dataclasses.is_dataclass(m)]
+        for member in members:
+            inner_path = (f"{path}.{spec.name}" if path else spec.name) + ("[]" if inner is not tp else "")
+            kind = next((f.default for f in dataclasses.fields(member) if f.name == "type"), member.__name__)
+            subsections.append((member, inner_path + (f" (type: {kind})" if len(members) > 1 else "")))
     lines.append("")
     for inner, inner_path in subsections:
         _help_section(inner, inner_path, lines)
