@@ -46,11 +46,12 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.flo
            "fp32": torch.float32, "float32": torch.float32}
 
 
-def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The frozen base's dtype: as configured on GPU; fp32 on CPU, where bf16/fp16 matmuls are several times slower."""
+def compute_dtype(name: str, device: torch.device, key: str = "train.dtype") -> torch.dtype:
+    """The frozen base's dtype: as configured on GPU; fp32 on CPU, where bf16/fp16 matmuls are several times slower.
+    `key` names the config key in the log line."""
     dtype = _DTYPES[name]
     if device.type == "cpu" and dtype != torch.float32:
-        log.info("train.dtype %s on CPU: using float32 (CPU half-precision is slow)", name)
+        log.info("%s %s on CPU: using float32 (CPU half-precision is slow)", key, name)
         return torch.float32
     return dtype
 

@@ -151,7 +151,7 @@ class GenerateProcess:
     def run(self) -> Path:
         items, columns, outputs = self.preflight()
         device = torch.device(resolve_device(self.cfg.device))
-        renderer = self.renderer_cls.load(self.cfg.model, device, compute_dtype(self.cfg.dtype, device))
+        renderer = self.renderer_cls.load(self.cfg.model, device, compute_dtype(self.cfg.dtype, device, key="dtype"))
         for column in columns:
             if column.lora is not None:
                 renderer.add_lora(column.lora, column.title)
