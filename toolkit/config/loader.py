@@ -398,11 +398,23 @@ def load_job_config(path_or_name: Union[str, Path], name_override: Optional[str]
     return load_job_dict(read_config_file(path), str(path), name_override=name_override, environ=environ)
 
 
+def _default_process_type(raw: Any) -> Any:
+    """`job: generate` (ai-toolkit's spelling of a generate job): its processes are generate processes unless they
+    say otherwise."""
+    if not isinstance(raw, dict) or raw.get("job") != "generate" or not isinstance(raw.get("config"), dict):
+        return raw
+    processes = raw["config"].get("process")
+    if isinstance(processes, list):
+        processes = [{"type": "generate", **p} if isinstance(p, dict) else p for p in processes]
+        raw = {**raw, "config": {**raw["config"], "process": processes}}
+    return raw
+
+
 def load_job_dict(raw: dict, source: str, name_override: Optional[str] = None,
                   environ: Mapping[str, str] = os.environ) -> JobConfig:
     """``load_job_config`` for data already parsed (e.g. built from command-line flags); ``source`` names it."""
     problems: list[str] = []
-    raw = _substitute_name(_substitute_env(raw, environ, problems), name_override)
+    raw = _default_process_type(_substitute_name(_substitute_env(raw, environ, problems), name_override))
     job = convert(raw, JobConfig, "", problems)
     if not problems:
         for process in job.config.process:

@@ -357,8 +357,9 @@ class RootConfig:
 class JobConfig:
     """A whole config file."""
 
-    job: Literal["extension"] = field(default="extension", metadata=_meta(
-        "Job kind; only 'extension' (a training job) exists."))
+    job: Literal["extension", "generate"] = field(default="extension", metadata=_meta(
+        "Job kind: 'extension' (processes of any type; sd_trainer when a process has no type) or 'generate' "
+        "(processes default to type generate)."))
     config: RootConfig = field(metadata=_meta("The run: name and processes."))
     meta: dict[str, Any] = field(default_factory=dict, metadata=_meta(
         "Free-form metadata kept with the outputs; not used for training."))
