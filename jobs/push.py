@@ -18,7 +18,7 @@ from toolkit.config.schema import TrainProcessConfig
 from toolkit.errors import UserError
 from toolkit.hub import (CARD_FILE, HubError, check_hub_access, latest_samples, retry_hint, upload, upload_plan,
                          uploads_sample_images)
-from toolkit.model_card import RunFacts, model_card
+from toolkit.model_card import RunFacts, hub_base_model, model_card
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,10 @@ def _world_size(folder: Path) -> int:
 def write_card(folder: Path, name: str, process: TrainProcessConfig, repo_id: str,
                dataset_size: Optional[int] = None) -> Path:
     """Write RUN_FOLDER/README.md, the model card the push uploads."""
+    base = process.model.name_or_path
+    if hub_base_model(base) == base:
+        log.info("model.name_or_path %r is not a folder here: the card names it as the base model's Hub id (if it "
+                 "was a local folder, run the push from the folder the training ran in)", base)
     samples = latest_samples(folder)
     facts = RunFacts(name=name, repo_id=repo_id, weight_name=f"{name}.safetensors", samples=samples,
                      sample_images_uploaded=uploads_sample_images(samples),

@@ -124,6 +124,8 @@ WRITE = {"role": "write"}
         {"entity": {"type": "user", "name": "me"}, "permissions": ["repo.write"]}]}}, "no 'repo.write' permission"),
     ("me/x", {"role": "fineGrained", "fineGrained": {"scoped": [
         {"entity": {"type": "user", "name": "me"}, "permissions": ["repo.content.read", "repo.write"]}]}}, None),
+    ("team/x", {"role": "fineGrained", "fineGrained": {"scoped": [
+        {"entity": {"type": "model", "name": "team/x"}, "permissions": ["repo.write"]}]}}, None),
 ])
 def test_token_problem(repo_id, token, problem):
     whoami = {"name": "me", "orgs": [{"name": "team"}], "auth": {"accessToken": token}}

@@ -76,8 +76,9 @@ def token_problem(whoami: Mapping[str, Any], repo_id: str) -> Optional[str]:
     if role == "read":
         return "the token is read-only; create a token with write access at https://huggingface.co/settings/tokens"
     if role == "fineGrained":
-        scoped = token.get("fineGrained", {}).get("scoped", [])
-        if isinstance(scoped, list) and not any(
+        grants = token.get("fineGrained", {})
+        scoped = grants.get("scoped", [])
+        if isinstance(scoped, list) and "repo.write" not in grants.get("global", []) and not any(
                 str(entry.get("entity", {}).get("name")) in (namespace, repo_id)
                 and "repo.write" in entry.get("permissions", []) for entry in scoped if isinstance(entry, Mapping)):
             return (f"the fine-grained token has no 'repo.write' permission on {namespace!r}; add it at "
