@@ -33,6 +33,7 @@ from toolkit.data.pairs import discover_pairs
 from toolkit.data.sampler import BucketBatchSampler
 from toolkit.dist import Runtime
 from toolkit.errors import ConfigError
+from toolkit.hub import check_hub_access, retry_hint
 from toolkit.lora import add_lora, make_lora_config
 from toolkit.metrics import TrainingMonitor
 from toolkit.optim import make_lr_scheduler, make_optimizer
@@ -91,6 +92,8 @@ class BaseSDTrainProcess:
             requests = build_requests(s.prompts, seed=s.seed, walk_seed=s.walk_seed, width=s.width,
                                       height=s.height, guidance_scale=s.guidance_scale, steps=s.sample_steps,
                                       key_path="config.process[0].sample.prompts")
+        if self.cfg.save.push_to_hub:  # token, network and write access, before hours of training
+            check_hub_access(self.cfg.save.hf_repo_id)
         outputs = RunOutputs(*resolve_run_folder(Path(self.cfg.training_folder), self.name, self.fresh))
         if self.fresh and self.train.resume_from == "latest":
             raise ConfigError("--fresh starts a new run but train.resume_from is 'latest': drop one of them")
@@ -104,14 +107,21 @@ class BaseSDTrainProcess:
         pairs, requests, outputs = self.preflight()
         if self.resume_state is not None and outputs.final_path.is_file() and \
                 train_state.read_info(self.resume_state)["step"] >= self.train.steps:
-            log.info("%s is already trained (%d steps, state %s); run with --fresh to train again",
-                     outputs.final_path, self.train.steps, self.resume_state)
+            log.info("%s is already trained (%d steps, state %s); run with --fresh to train again%s",
+                     outputs.final_path, self.train.steps, self.resume_state,
+                     f", or {retry_hint(outputs.folder)}" if self.cfg.save.push_to_hub else "")
             return outputs.final_path
         rt = Runtime(distributed=self.train.distributed_training, device=self.cfg.device)
         try:
-            return self._train(rt, pairs, requests, outputs)
+            final = self._train(rt, pairs, requests, outputs)
+            push = self.cfg.save.push_to_hub and rt.is_main
         finally:
             rt.end()
+        if push:  # after the process group is gone: a long upload keeps no other rank waiting
+            from jobs.push import push_after_training  # jobs.push imports this module (via jobs.compare)
+
+            push_after_training(outputs.folder, final, dataset_size=len(pairs))
+        return final
 
     def setup(self, rt: Runtime, pairs, requests, outputs: RunOutputs) -> "TrainingRun":
         """Load the model, add the LoRA, build data and optimizer, wrap for data parallelism."""

@@ -70,6 +70,9 @@ PROBABILITY = Check(lambda v: 0 <= v <= 1, "in [0, 1]")
 DROPOUT = Check(lambda v: 0 <= v < 1, "in [0, 1)")
 OPEN_UNIT = Check(lambda v: 0 < v < 1, "in (0, 1)")
 T5_LENGTH = Check(lambda v: 1 <= v <= 512, "in [1, 512]")
+HUB_REPO_ID = Check(lambda v: re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", v) is not None and len(v) <= 96
+                    and ".." not in v and "--" not in v and not v.endswith((".git", ".")),
+                    "a Hub repository id 'namespace/name' (letters, digits, - _ .; no '--' or '..')")
 
 SaveDType = Literal["float16", "fp16", "bfloat16", "bf16", "float32", "fp32"]
 TrainDType = Literal["bf16", "bfloat16", "fp16", "float16", "fp32", "float32"]
@@ -103,10 +106,16 @@ class SaveConfig:
     max_step_saves_to_keep: int = field(default=4, metadata=_meta(
         "How many intermediate step checkpoints to keep; older ones are pruned.", GE0))
     push_to_hub: bool = field(default=False, metadata=_meta(
-        "Upload the trained LoRA to the Hugging Face Hub (not supported yet)."))
+        "After the final save, upload the final LoRA, the latest samples and a generated model card (README.md) "
+        "to hf_repo_id on the Hugging Face Hub; the token (HF_TOKEN in the environment or .env, or `hf auth "
+        "login`) and its write access are checked before any model loads. Retry: python run.py push RUN_FOLDER.",
+        aliases=("upload_to_hub", "push_to_huggingface")))
     hf_repo_id: Optional[str] = field(default=None, metadata=_meta(
-        "Hub repository 'user/name' used by push_to_hub.", NON_EMPTY))
-    hf_private: bool = field(default=True, metadata=_meta("Create the Hub repository as private."))
+        "Hub repository 'namespace/name' (your user name or an organisation) that push_to_hub uploads to; "
+        "created when missing.", HUB_REPO_ID, aliases=("hub_model_id", "hub_repo_id", "repo_id")))
+    hf_private: bool = field(default=True, metadata=_meta(
+        "Create the Hub repository as private (ai-toolkit defaults to public; an existing repository keeps its "
+        "visibility).", aliases=("hub_private_repo", "private")))
 
 
 @dataclass(kw_only=True)
@@ -411,11 +420,8 @@ def _process_problems(process: TrainProcessConfig, path: str) -> list[str]:
                         "transformer; set it to true")
     if train.ema_config.use_ema:
         problems.append(f"{path}.train.ema_config.use_ema: EMA is not supported yet; set it to false")
-    if save.push_to_hub:
-        problems.append(f"{path}.save.push_to_hub: pushing to the Hugging Face Hub is not supported yet; "
-                        "set it to false")
-        if not save.hf_repo_id:
-            problems.append(f"{path}.save.hf_repo_id: required when save.push_to_hub is true")
+    if save.push_to_hub and not save.hf_repo_id:
+        problems.append(f"{path}.save.hf_repo_id: required when save.push_to_hub is true ('namespace/name')")
     return problems + _dataset_problems(process.datasets, f"{path}.datasets") + _cache_problems(process, path)
 
 
