@@ -158,3 +158,14 @@ def test_several_ctrl_img_flags(multi_data):
     with pytest.raises(ConfigError, match=r"prompts\[0\]: --ctrl_img .*nope.png does not exist"):
         build_requests([f"x --ctrl_img {first} --ctrl_img {multi_data / 'nope.png'}"], seed=0, walk_seed=False,
                        width=64, height=64, guidance_scale=1, steps=2)
+
+
+def test_generate_prompts_take_several_ctrl_img_files(multi_data):
+    from jobs.process.GenerateProcess import build_items
+    from toolkit.config.schema import GenerateConfig
+
+    first, second = multi_data / "sample_control" / "sample_000.png", multi_data / "sample_control_2" / "sample_000.png"
+    (item,) = build_items(GenerateConfig(prompts=[f"edit --ctrl_img {first} --ctrl_img {second}"], width=64, height=64))
+    assert item.request.ctrl_imgs == (first, second)
+    with pytest.raises(ConfigError, match=r"prompts\[0\]: with several --ctrl_img each must be an existing image"):
+        build_items(GenerateConfig(prompts=[f"edit --ctrl_img {first.parent} --ctrl_img {second}"]))

@@ -7,6 +7,7 @@ import logging
 import math
 import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import run
-from extensions.flux_kontext.model import FluxKontext
+from extensions.flux_kontext.generate import FluxKontextRenderer
 from extensions.flux_kontext.multi_control import render_multi_control
 from jobs.process.BaseSDTrainProcess import BaseSDTrainProcess
 from tests.helpers import REPO
@@ -52,9 +53,12 @@ def transformer_calls(monkeypatch) -> list[tuple[int, Counter]]:
 def test_sampler_loop_is_the_pipeline_for_one_control_and_appends_two(tiny_model_dir, transformer_calls, tmp_path):
     cfg = SimpleNamespace(name_or_path=str(tiny_model_dir), max_sequence_length=16, low_vram=False, quantize=False,
                           quantize_te=False, qtype="qint8")
-    model = FluxKontext.load(cfg, torch.device("cpu"), torch.float32)
+    renderer = FluxKontextRenderer.load(cfg, torch.device("cpu"), torch.float32)
+    model = renderer.model
     rng = np.random.default_rng(0)
     first, second = (Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(2))
+    first.save(tmp_path / "a.png")
+    second.save(tmp_path / "b.png")
     request = SampleRequest(index=0, prompt="invert", ctrl_img=tmp_path / "a.png", seed=5, width=64, height=64,
                             guidance_scale=2.5, steps=2)
     (by_pipeline,) = model.sample([request], [first])  # one control: FluxKontextPipeline itself
@@ -67,6 +71,12 @@ def test_sampler_loop_is_the_pipeline_for_one_control_and_appends_two(tiny_model
     assert both.size == (64, 64)
     # 64 px -> 8x8 latents -> 16 tokens per image: target, control 1, control 2 with frames 0, 1, 2.
     assert transformer_calls == [(48, Counter({0: 16, 1: 16, 2: 16}))] * 2
+    # generate / compare: a request with a second --ctrl_img renders the same way through the LoRA renderer.
+    transformer_calls.clear()
+    two = replace(request, extra_ctrl_imgs=(tmp_path / "b.png",))
+    (rendered,) = renderer.render([two], [first])
+    assert transformer_calls == [(48, Counter({0: 16, 1: 16, 2: 16}))] * 2
+    assert np.array_equal(np.asarray(rendered), np.asarray(both))
 
 
 def _example_config(tmp_path: Path, model_dir: Path, data_dir: Path) -> Path:
