@@ -169,3 +169,13 @@ def test_generate_prompts_take_several_ctrl_img_files(multi_data):
     assert item.request.ctrl_imgs == (first, second)
     with pytest.raises(ConfigError, match=r"prompts\[0\]: with several --ctrl_img each must be an existing image"):
         build_items(GenerateConfig(prompts=[f"edit --ctrl_img {first.parent} --ctrl_img {second}"]))
+
+
+def test_held_out_pairs_take_a_list_of_control_folders(multi_data):
+    from toolkit.config.schema import DatasetConfig
+    from toolkit.validation import ValidationSet
+
+    cfg = DatasetConfig(folder_path="/unused", control_path=["/unused_1", "/unused_2"], resolution=[64],
+                        val_folder_path=str(multi_data / "target"), val_control_path=two_controls(multi_data))
+    validation = ValidationSet.from_datasets([cfg], None, 0)
+    assert len(validation) == 4 and control_names(validation.dataset[0]) == ["control", "control_2"]

@@ -137,3 +137,28 @@ def test_example_trains_with_two_controls_samples_caches_and_resumes(tmp_path, t
     resumed = load_file(str(final))
     assert resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+@pytest.mark.distributed
+def test_two_processes_train_and_sample_with_two_controls_and_a_shared_disk_cache(tmp_path, tiny_model_dir):
+    from tests.test_distributed import accelerate_launch, explain
+
+    data = build_demo_dataset(tmp_path / "data", num_pairs=4, seed=0, num_controls=2)
+    config = _example_config(tmp_path, tiny_model_dir, data)
+    raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+    process = raw["config"]["process"][0]
+    process["datasets"][0].update(cache_latents=False, cache_latents_to_disk=True, cache_dir=str(tmp_path / "cache"))
+    process["train"].update(steps=2, batch_size=1, distributed_training=True)
+    prompt = process["sample"]["prompts"][0]
+    process["sample"].update(sample_every=2, prompts=[prompt, prompt + " --seed 9"])  # one prompt per rank
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+
+    proc = accelerate_launch(REPO / "run.py", config)
+    assert proc.returncode == 0, explain(proc)
+    run_dir = tmp_path / "out" / "tiny_kontext_multi_control"
+    assert (run_dir / "tiny_kontext_multi_control.safetensors").is_file()
+    assert sorted(p.name for p in (run_dir / "samples").glob("000000002_0*.png")) == ["000000002_00.png",
+                                                                                   "000000002_01.png"]
+    entries = [load_file(str(p)) for p in (tmp_path / "cache").glob("latents-*.safetensors")]
+    assert len(entries) == 4  # each item encoded once, by one of the ranks
+    assert all(set(e) == {"target_latents", "control_latents", "control_2_latents"} for e in entries)
