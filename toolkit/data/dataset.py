@@ -109,7 +109,8 @@ class ItemCache(Protocol):
 
 class PairedDataset(Dataset):
     """Items ``{"target", "control": FloatTensor[3, H, W] in [-1, 1], "caption": str, "index": int, "path": str}``
-    (plus "control_2", ... with several control folders); with a cache attached, plus the cached tensors, and without the pixels when the cache covers images."""
+    (plus "control_2", ... with several control folders); with a cache attached, plus the cached tensors, and
+    without the pixels when the cache covers images."""
 
     def __init__(
         self,

@@ -3,8 +3,9 @@
 A Kontext LoRA learns "control image + instruction -> target image", so every target in ``folder_path`` needs a
 control image with the same file stem in ``control_path`` and a caption ``STEM.<caption_ext>`` next to it (or a
 ``default_caption``). ``control_path`` may list several folders: then every target needs one control image per
-folder, each matched by file stem and checked like the first. All problems of all datasets are collected and raised as ONE DatasetError: a user with 40
-broken files should fix them in one pass, not in 40 runs that each load a 12 GB model first.
+folder, each matched by file stem and checked like the first. All problems of all datasets are collected and raised
+as ONE DatasetError: a user with 40 broken files should fix them in one pass, not in 40 runs that each load a 12 GB
+model first.
 
 Integrity checks are cheap (header + JPEG draft decode / PNG CRC check, in threads), not a full decode.
 Hidden files (``.DS_Store``, macOS ``._name.jpg`` resource forks) and sub-folders are ignored.
@@ -177,7 +178,9 @@ def _control_keys(cfg: DatasetConfigLike, key: str) -> list[str]:
     return [f"{key}.control_path[{k}]" for k in range(len(folders))]
 
 
-def _check_settings(cfg: DatasetConfigLike, key: str, problems: list[str]) -> tuple[Optional[Path], list[Optional[Path]]]:
+def _check_settings(
+    cfg: DatasetConfigLike, key: str, problems: list[str]
+) -> tuple[Optional[Path], list[Optional[Path]]]:
     """The usable target folder and control folders (None when unusable, with the reason recorded)."""
     folder = _check_folder(cfg.folder_path, f"{key}.folder_path", problems)
     if cfg.folder_path is None or not str(cfg.folder_path).strip():
