@@ -37,7 +37,7 @@ from toolkit.hub import check_hub_access, retry_hint
 from toolkit.lora import add_lora, make_lora_config
 from toolkit.metrics import TrainingMonitor
 from toolkit.optim import make_lr_scheduler, make_optimizer
-from toolkit.sampling import build_requests, load_control
+from toolkit.sampling import build_requests, load_controls
 from toolkit.signals import GracefulStop, TrainingInterrupted, signal_name
 from toolkit.validation import ValidationSet
 
@@ -362,7 +362,7 @@ class BaseSDTrainProcess:
     def _sample(self, ctx: "TrainingRun", step: int) -> None:
         """Each rank renders its share of the prompts; the main process writes the images and the contact sheet."""
         mine = [ctx.requests[i] for i in ctx.rt.my_share(len(ctx.requests))]
-        controls = [load_control(r.ctrl_img, r.width, r.height) for r in mine]
+        controls = [load_controls(r) for r in mine]  # one image per --ctrl_img
         images = ctx.model.sample(mine, controls)
         rendered = ctx.rt.gather([(r.index, img) for r, img in zip(mine, images)])
         if ctx.rt.is_main:

@@ -293,7 +293,13 @@ def _convert(raw: Any, tp: Any, path: str, problems: list[str]) -> Any:
         if len(members) > 1 and all(dataclasses.is_dataclass(member) for member in members):
             member = _pick_member(raw, members, path, problems)
             return None if member is None else _convert(raw, member, path, problems)
-        return _convert(raw, members[0], path, problems)
+        # `str | list[str]` (e.g. one control folder or several): a YAML list takes the list member, anything else
+        # the other one. By kind, not by position: typing caches equal unions, so their order is not reliable.
+        lists = [member for member in members if get_origin(member) is list]
+        others = [member for member in members if get_origin(member) is not list]
+        if lists and (isinstance(raw, list) or not others):
+            return _convert(raw, lists[0], path, problems)
+        return _convert(raw, (others or members)[0], path, problems)
     if origin is Literal:
         return _to_literal(raw, args)
     if origin is list:

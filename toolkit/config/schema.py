@@ -22,7 +22,7 @@ from typing import Any, Callable, Literal, Optional, Union, get_args, get_origin
 __all__ = [
     "Check", "DatasetConfig", "EMAConfig", "GenerateConfig", "GenerateProcessConfig", "JobConfig", "LoraFileConfig",
     "ModelConfig", "NetworkConfig", "RootConfig", "SampleConfig", "SaveConfig", "TrainConfig", "TrainProcessConfig",
-    "config_help", "validate_job",
+    "config_help", "folder_list", "validate_job",
 ]
 
 
@@ -50,6 +50,18 @@ def _expand_home(path: str) -> str:
     return os.path.expanduser(path) if path.startswith("~") else path
 
 
+def _expand_folders(value: Union[str, list[str]]) -> Union[str, list[str]]:
+    """``_expand_home`` on one folder or on each folder of a list."""
+    return _expand_home(value) if isinstance(value, str) else [_expand_home(item) for item in value]
+
+
+def folder_list(value: Union[str, list[str], None]) -> list[str]:
+    """A ``control_path``-like value as a list of folders: None -> [], one folder -> [it]."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
 def _one_size_to_list(value: Any) -> Any:
     """Accept a bare size (``resolution: 512``) as a one-element list."""
     return [value] if isinstance(value, int) and not isinstance(value, bool) else value
@@ -59,6 +71,8 @@ GT0 = Check(lambda v: v > 0, "> 0")
 GE0 = Check(lambda v: v >= 0, ">= 0")
 GE1 = Check(lambda v: v >= 1, ">= 1")
 NON_EMPTY = Check(lambda v: len(v.strip() if isinstance(v, str) else v) > 0, "non-empty")
+FOLDERS = Check(lambda v: len(folder_list(v)) > 0 and all(f.strip() for f in folder_list(v)),
+                "a non-empty folder or list of non-empty folders")
 UNIQUE = Check(lambda v: len(set(v)) == len(v), "free of duplicates")
 SIZE16 = Check(lambda v: v >= 16 and v % 16 == 0, "a multiple of 16 and >= 16")
 RESOLUTION = Check(lambda v: v >= 64 and v % 16 == 0, "a multiple of 16 and >= 64")
@@ -124,9 +138,10 @@ class DatasetConfig:
 
     folder_path: str = field(metadata=_meta(
         "Folder of target images and their caption files.", NON_EMPTY, normalize=_expand_home))
-    control_path: Optional[str] = field(default=None, metadata=_meta(
-        "Folder of control (input) images, paired with the targets by file name.",
-        NON_EMPTY, normalize=_expand_home))
+    control_path: Optional[Union[str, list[str]]] = field(default=None, metadata=_meta(
+        "Folder of control (input) images, paired with the targets by file name; a list of folders gives each "
+        "target several control images (one per folder, same file name), appended in list order.",
+        FOLDERS, normalize=_expand_folders))
     caption_ext: str = field(default="txt", metadata=_meta(
         "Extension of the caption files, without the dot.", NON_EMPTY, normalize=lambda v: v.lstrip(".")))
     default_caption: Optional[str] = field(default=None, metadata=_meta(
@@ -152,9 +167,9 @@ class DatasetConfig:
         "Held-out target images with captions, never trained on; their flow-matching loss is logged as val/loss "
         "every sample.sample_every steps and plotted by `run.py compare`.", NON_EMPTY, normalize=_expand_home,
         aliases=("validation_folder", "val_folder")))
-    val_control_path: Optional[str] = field(default=None, metadata=_meta(
-        "Control images of the held-out pairs, matched to val_folder_path by file name.", NON_EMPTY,
-        normalize=_expand_home, aliases=("validation_control_path", "val_control")))
+    val_control_path: Optional[Union[str, list[str]]] = field(default=None, metadata=_meta(
+        "Control images of the held-out pairs, matched to val_folder_path by file name; as many folders as "
+        "control_path.", FOLDERS, normalize=_expand_folders, aliases=("validation_control_path", "val_control")))
 
 
 @dataclass(kw_only=True)
@@ -453,15 +468,42 @@ def _dataset_problems(datasets: list[DatasetConfig], path: str) -> list[str]:
             problems.append(f"{path}[{index}].folder_path: {dataset.folder_path!r} is already used by "
                             f"datasets[{first_index[folder]}]")
         first_index.setdefault(folder, index)
-        if dataset.control_path is not None and os.path.normpath(dataset.control_path) == folder:
-            problems.append(f"{path}[{index}].control_path: must differ from folder_path "
-                            f"({dataset.folder_path!r}); control images are the inputs, not the targets")
+        problems += _control_problems(dataset, folder, f"{path}[{index}]")
+    counts = [len(folder_list(d.control_path)) for d in datasets if d.control_path is not None]
     for index, dataset in enumerate(datasets):
+        count = len(folder_list(dataset.control_path))
+        if dataset.control_path is not None and count != counts[0]:
+            problems.append(f"{path}[{index}].control_path: has {count} folder(s) but another dataset has "
+                            f"{counts[0]}; a batch may mix datasets, so every dataset needs the same number of "
+                            "control images")
         if (dataset.val_folder_path is None) != (dataset.val_control_path is None):
             problems.append(f"{path}[{index}].val_folder_path: set val_folder_path and val_control_path together")
         if dataset.val_folder_path is not None and os.path.normpath(dataset.val_folder_path) in first_index:
             problems.append(f"{path}[{index}].val_folder_path: {dataset.val_folder_path!r} is a training folder; "
                             "held-out pairs must not be trained on")
+    return problems
+
+
+def _control_problems(dataset: DatasetConfig, folder: str, path: str) -> list[str]:
+    """Control folders that repeat the target folder or each other; held-out pairs with another control count."""
+    problems: list[str] = []
+    controls = folder_list(dataset.control_path)
+    several = isinstance(dataset.control_path, list)
+    seen: dict[str, int] = {}
+    for k, control in enumerate(controls):
+        key = f"{path}.control_path" + (f"[{k}]" if several else "")
+        normalized = os.path.normpath(control)
+        if normalized == folder:
+            problems.append(f"{key}: must differ from folder_path ({dataset.folder_path!r}); control images are the "
+                            "inputs, not the targets")
+        elif normalized in seen:
+            problems.append(f"{key}: {control!r} is already control_path[{seen[normalized]}]; each control image "
+                            "comes from its own folder")
+        seen.setdefault(normalized, k)
+    val_controls = folder_list(dataset.val_control_path)
+    if val_controls and controls and len(val_controls) != len(controls):
+        problems.append(f"{path}.val_control_path: has {len(val_controls)} folder(s) but control_path has "
+                        f"{len(controls)}; held-out pairs need as many control images as the training pairs")
     return problems
 
 
