@@ -7,6 +7,8 @@ resume at an odd step needs the saved step counter.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -138,6 +140,36 @@ def test_bad_ema_config_names_the_key(tmp_path, tiny_model_dir, demo_data_dir):
             caught.value.problems
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_average_on_the_cpu_beside_device_weights():
+    param = torch.nn.Parameter(torch.randn(3, 4, device="cuda"))
+    ema = EMA({"w": param}, 0.9, on_cpu=True)
+    start = ema.average["w"].clone()
+    with torch.no_grad():
+        param.add_(1.0)
+    ema.step()
+    assert ema.average["w"].device.type == "cpu"
+    assert torch.equal(ema.average["w"], ema_update(start, param.detach().cpu(), 0.9))
+    live = param.detach().clone()
+    with ema.applied():
+        assert param.device.type == "cuda" and torch.equal(param.detach().cpu(), ema.average["w"])
+    assert torch.equal(param.detach(), live)
+
+
+def test_config_hash_ignores_only_where_the_average_lives(tmp_path, tiny_model_dir, demo_data_dir):
+    from toolkit import train_state
+    from toolkit.config.loader import load_job_dict
+
+    def digest(**overrides):
+        raw = yaml.safe_load(example_config(tmp_path, tiny_model_dir, demo_data_dir, **overrides).read_text())
+        return train_state.config_hash(train_state.training_config(load_job_dict(raw, "test").config.process[0]))
+
+    base = digest()
+    assert digest(**{"train.ema_config.ema_on_cpu": True}) == base
+    for key, value in (("use_ema", False), ("ema_decay", 0.9), ("ema_update_every", 1), ("ema_warmup", True)):
+        assert digest(**{f"train.ema_config.{key}": value}) != base, key
+
+
 # -- training with EMA --------------------------------------------------------------------------------------------
 def test_average_follows_the_formula_and_differs_from_the_weights(ema_run):
     run_dir, _ = ema_run
@@ -205,3 +237,43 @@ def test_turning_ema_on_at_a_resume_starts_from_the_restored_weights(plain_run, 
     live4, ema4 = _state(run_dir, 4)
     expected = {k: ema_update(live3[k].clone(), live4[k], DECAY) for k in live3}
     assert _equal(ema4["average"], expected)
+
+
+# -- two processes ------------------------------------------------------------------------------------------------
+def _digest(tensors: dict) -> str:
+    """Like tests/dist_scripts/run_with_probes.py's lora_digest, from a LoRA file's tensors."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(tensors.items()):
+        digest.update(key.encode())
+        digest.update(tensor.float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.distributed
+def test_two_processes_keep_the_same_average_and_resume_exactly(tmp_path, tiny_model_dir, demo_data_dir):
+    """gloo, 2 ranks x batch 1, 2 prompts (each rank renders one with the average swapped in): every rank holds the
+    same average at the final save, the main process's files hold it, and a 2-process resume ends the same."""
+    from tests.test_distributed import SCRIPTS, accelerate_launch, explain
+
+    ctrl = demo_data_dir / "sample_control" / "sample_000.png"
+    overrides = {"train.distributed_training": True, "save.save_every": 2,
+                 "sample.prompts": [f"a --ctrl_img {ctrl}", f"b --ctrl_img {ctrl} --seed 3"]}
+    config = example_config(tmp_path, tiny_model_dir, demo_data_dir, **overrides)
+    run_dir = tmp_path / "out" / NAME
+    proc = accelerate_launch(SCRIPTS / "run_with_probes.py", config, env={"KONTEXT_TEST_PROBE_DIR": str(tmp_path)})
+    assert proc.returncode == 0, explain(proc)
+    probes = [json.loads((tmp_path / f"probe_rank{r}.json").read_text()) for r in range(2)]
+    assert [p["world_size"] for p in probes] == [2, 2]
+    assert all(p["rendered"] for p in probes), "both ranks sampled"
+    final = load_file(str(run_dir / f"{NAME}.safetensors"))
+    assert probes[0]["lora_sha256"] == probes[1]["lora_sha256"] == _digest(final)
+    live, ema = _state(run_dir, 4)
+    assert _equal(final, _as_file(ema["average"])) and not _equal(final, _as_file(live))
+
+    reference = tmp_path / "reference.safetensors"
+    shutil.move(run_dir / f"{NAME}.safetensors", reference)
+    shutil.rmtree(run_dir / "state" / "000000004")
+    proc = accelerate_launch(REPO / "run.py", config)
+    assert proc.returncode == 0, explain(proc)
+    assert "resuming from" in proc.stderr and "step 2 of 4" in proc.stderr, explain(proc)
+    assert _equal(load_file(str(run_dir / f"{NAME}.safetensors")), load_file(str(reference)))
