@@ -379,8 +379,6 @@ def test_written_config_has_no_secrets(tmp_path: Path, monkeypatch: pytest.Monke
     ({"train": {"train_text_encoder": True}},
      ["config.process[0].train.train_text_encoder: training the text encoder is not supported"]),
     ({"train": {"train_unet": False}}, ["config.process[0].train.train_unet: false would train nothing"]),
-    ({"train": {"ema_config": {"use_ema": True}}},
-     ["config.process[0].train.ema_config.use_ema: EMA is not supported yet"]),
     ({"save": {"push_to_hub": True}}, ["config.process[0].save.hf_repo_id: required when save.push_to_hub"]),
     ({"datasets": [{"folder_path": "/d"}, {"folder_path": "/d/"}]},
      ["config.process[0].datasets[1].folder_path: '/d/' is already used by datasets[0]"]),

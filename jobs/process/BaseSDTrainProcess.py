@@ -32,6 +32,7 @@ from toolkit.data.dataset import PairedDataset, collate_batch
 from toolkit.data.pairs import discover_pairs
 from toolkit.data.sampler import BucketBatchSampler
 from toolkit.dist import Runtime
+from toolkit.ema import EMA, ema_weights
 from toolkit.errors import ConfigError
 from toolkit.hub import check_hub_access, retry_hint
 from toolkit.lora import add_lora, make_lora_config
@@ -155,6 +156,7 @@ class BaseSDTrainProcess:
         optimizer, scheduler = rt.prepare(optimizer, scheduler)
         denoiser = rt.prepare_model(model.denoiser())
         check_only_lora_trains(model.transformer, params)
+        ema = EMA.from_config(train.ema_config, model.transformer)
 
         log.info("world size %d | per-process batch %d x processes %d x accumulation %d = effective batch %d | "
                  "%d pairs, %d items, %d batches/epoch | LoRA rank %d: %d trainable params",
@@ -164,7 +166,7 @@ class BaseSDTrainProcess:
         return TrainingRun(rt=rt, model=model, denoiser=denoiser, params=params, optimizer=optimizer,
                            scheduler=scheduler, batches=self._batches(loader, sampler, dataset), dataset=dataset,
                            sampler=sampler, outputs=outputs,
-                           requests=requests, lora_config=lora_config, validation=validation,
+                           requests=requests, lora_config=lora_config, validation=validation, ema=ema,
                            generator=torch.Generator(device=rt.device).manual_seed(rank_seed(train.seed, rt.rank)))
 
     def _attach_caches(self, rt: Runtime, model: Architecture, dataset: PairedDataset, requests,
@@ -207,7 +209,8 @@ class BaseSDTrainProcess:
                         self._stop(ctx, step, stop.signum)
                     self._after_step(ctx, step, loss)
                 try:
-                    final = outputs.save_final(ctx.model.transformer, ctx.lora_config, self.cfg, train.steps, rt)
+                    with ema_weights(ctx.ema):  # every saved LoRA holds the EMA weights when EMA is on
+                        final = outputs.save_final(ctx.model.transformer, ctx.lora_config, self.cfg, train.steps, rt)
                 except OSError as exc:
                     raise train_state.CheckpointSaveError(self._save_failure(outputs, train.steps, exc)) from exc
                 if start < train.steps:
@@ -254,6 +257,8 @@ class BaseSDTrainProcess:
         ctx.optimizer.step()
         ctx.scheduler.step()
         ctx.optimizer.zero_grad(set_to_none=True)
+        if ctx.ema is not None:
+            ctx.ema.step()
         return total
 
     def compute_loss(self, ctx: "TrainingRun", batch: dict) -> torch.Tensor:
@@ -282,7 +287,8 @@ class BaseSDTrainProcess:
         if ctx.requests and step % cfg.sample.sample_every == 0:
             self._sample(ctx, step)
         if ctx.validation is not None and step % cfg.sample.sample_every == 0:
-            val_loss = ctx.validation.loss(ctx.model)  # every rank: same weights, same value, no collective
+            with ema_weights(ctx.ema):  # every rank: same weights, same value, no collective
+                val_loss = ctx.validation.loss(ctx.model)
             ctx.monitor.scalars(step, {"val/loss": val_loss})
             log.info("step %d: val/loss %.5f", step, val_loss)
 
@@ -305,10 +311,12 @@ class BaseSDTrainProcess:
                     "config": hashed}
             try:
                 if step_lora:
-                    ctx.outputs.save_step(ctx.model.transformer, ctx.lora_config, self.cfg, step, ctx.rt)
+                    with ema_weights(ctx.ema):
+                        ctx.outputs.save_step(ctx.model.transformer, ctx.lora_config, self.cfg, step, ctx.rt)
                 ctx.outputs.save_state(step, self.cfg.save.max_step_saves_to_keep, step_lora,
                                        trainable=self._trainable(ctx), optimizer=ctx.optimizer.state_dict(),
-                                       scheduler=ctx.scheduler.state_dict(), rng=rngs, info=info)
+                                       scheduler=ctx.scheduler.state_dict(), rng=rngs, info=info,
+                                       extra_files=ctx.ema.state_files() if ctx.ema else None)
             except OSError as exc:
                 error = self._save_failure(ctx.outputs, step, exc)
         errors = [e for e in ctx.rt.gather([error]) if e]  # also the barrier: no rank runs ahead of the write
@@ -335,6 +343,8 @@ class BaseSDTrainProcess:
             log.warning("train.lr changed since the state was saved: continuing its lr schedule at lr %g", train.lr)
         check_only_lora_trains(ctx.model.transformer, ctx.params)
         step, consumed = int(info["step"]), int(info["consumed_batches"])
+        if ctx.ema is not None:
+            ctx.ema.restore(path, step)
         if info["world_size"] == ctx.rt.world_size and info["global_batch_size"] == ctx.sampler.batch_size \
                 and state.rng is not None:
             train_state.restore_rng(state.rng, ctx.generator)
@@ -363,7 +373,8 @@ class BaseSDTrainProcess:
         """Each rank renders its share of the prompts; the main process writes the images and the contact sheet."""
         mine = [ctx.requests[i] for i in ctx.rt.my_share(len(ctx.requests))]
         controls = [load_controls(r) for r in mine]  # one image per --ctrl_img
-        images = ctx.model.sample(mine, controls)
+        with ema_weights(ctx.ema):
+            images = ctx.model.sample(mine, controls)
         rendered = ctx.rt.gather([(r.index, img) for r, img in zip(mine, images)])
         if ctx.rt.is_main:
             by_index = dict(rendered)
@@ -389,6 +400,7 @@ class TrainingRun:
     generator: torch.Generator  # per-rank noise and timesteps
     monitor: Optional[TrainingMonitor] = None
     validation: Optional[ValidationSet] = None  # held-out pairs, None when no dataset has val_folder_path
+    ema: Optional[EMA] = None  # train.ema_config: averaged LoRA weights for samples, validation and saves
     grad_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
 
 

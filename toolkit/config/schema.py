@@ -176,8 +176,22 @@ class DatasetConfig:
 class EMAConfig:
     """Exponential moving average of the trained weights."""
 
-    use_ema: bool = field(default=False, metadata=_meta("Keep an EMA of the trained weights (not supported yet)."))
-    ema_decay: float = field(default=0.99, metadata=_meta("EMA decay per step.", OPEN_UNIT))
+    use_ema: bool = field(default=False, metadata=_meta(
+        "Keep an exponential moving average of the LoRA weights, updated after optimizer steps; samples, "
+        "validation and every saved LoRA use the average, the training state keeps both.", aliases=("ema",)))
+    ema_decay: float = field(default=0.99, metadata=_meta(
+        "Weight of the old average at each update: ema = decay * ema + (1 - decay) * weights.", OPEN_UNIT,
+        aliases=("decay",)))
+    ema_warmup: bool = field(default=False, metadata=_meta(
+        "Use min(ema_decay, (1 + n) / (10 + n)) at update n, so the untrained start is forgotten quickly "
+        "(torch_ema's use_num_updates); false: ema_decay from the first update, as ai-toolkit.",
+        aliases=("use_num_updates", "use_ema_warmup")))
+    ema_update_every: int = field(default=1, metadata=_meta(
+        "Update the average every this many optimizer steps (ema_decay applies per update).", GE1,
+        aliases=("update_every", "ema_every")))
+    ema_on_cpu: bool = field(default=False, metadata=_meta(
+        "Hold the average on the CPU instead of the training device (saves device memory; each update copies the "
+        "LoRA weights to the CPU).", aliases=("offload_ema", "ema_offload", "ema_device")))
 
 
 @dataclass(kw_only=True)
@@ -223,7 +237,7 @@ class TrainConfig:
     skip_first_sample: bool = field(default=False, metadata=_meta(
         "Skip the sample images made before the first step."))
     ema_config: EMAConfig = field(default_factory=EMAConfig, metadata=_meta(
-        "Exponential moving average of the trained weights (not supported yet)."))
+        "Exponential moving average of the trained LoRA weights (use_ema, ema_decay, ...)."))
     cache_text_embeddings: bool = field(default=False, metadata=_meta(
         "Encode every caption (and the empty caption used by caption dropout) once before training, then unload "
         "the text encoders; embeddings are stored where each dataset caches its latents, else in memory. Not "
@@ -433,8 +447,6 @@ def _process_problems(process: TrainProcessConfig, path: str) -> list[str]:
     if not train.train_unet and process.network.type == "lora":
         problems.append(f"{path}.train.train_unet: false would train nothing, because the LoRA is on the "
                         "transformer; set it to true")
-    if train.ema_config.use_ema:
-        problems.append(f"{path}.train.ema_config.use_ema: EMA is not supported yet; set it to false")
     if save.push_to_hub and not save.hf_repo_id:
         problems.append(f"{path}.save.hf_repo_id: required when save.push_to_hub is true ('namespace/name')")
     return problems + _dataset_problems(process.datasets, f"{path}.datasets") + _cache_problems(process, path)
