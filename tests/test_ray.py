@@ -160,6 +160,18 @@ def test_ray_launch_refuses_a_config_without_distributed_training(tmp_path, tiny
     assert "config.process[0].train.distributed_training must be true" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("device, gpu, message", [("cuda", False, "--use-gpu is not given"),
+                                                   ("cpu", True, "--use-gpu reserves a GPU")])
+def test_ray_launch_refuses_a_device_that_contradicts_use_gpu(tmp_path, tiny_model_dir, demo_data_dir, monkeypatch,
+                                                              capsys, device, gpu, message):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    config = ray_config(tmp_path, tiny_model_dir, demo_data_dir, device=device)
+    argv = [str(config), "--launcher", "ray", "--num-workers", "2"] + (["--use-gpu"] if gpu else [])
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"config.process[0].device is {device}" in err and message in err
+
+
 @pytest.mark.parametrize("argv", [["--num-workers", "2"], ["--use-gpu"], ["--address", "auto"],
                                   ["--launcher", "ray"]])
 def test_ray_flags_need_the_ray_launcher_and_a_worker_count(argv, capsys):

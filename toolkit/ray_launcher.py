@@ -137,13 +137,14 @@ def check_launch(job: Any, options: RayOptions, fresh: bool) -> None:
         if train is not None and fresh and train.resume_from == "latest":
             raise UserError(f"--fresh starts a new run but config.process[{i}].train.resume_from is 'latest': "
                             "drop one of them")
-    if options.use_gpu:
-        return
     for i, process in enumerate(job.processes):
         device = getattr(process.cfg, "device", "auto")
-        if device.startswith("cuda"):
+        if device.startswith("cuda") and not options.use_gpu:
             raise UserError(f"config.process[{i}].device is {device} but --use-gpu is not given: Ray would start "
                             "CPU workers; add --use-gpu (one worker per GPU) or set device: cpu")
+        if device == "cpu" and options.use_gpu:
+            raise UserError(f"config.process[{i}].device is cpu but --use-gpu reserves a GPU per worker: set "
+                            "device: auto (or cuda), or leave --use-gpu out")
 
 
 def _first_trainer(job: Any) -> Any:
