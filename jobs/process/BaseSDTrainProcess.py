@@ -322,6 +322,7 @@ class BaseSDTrainProcess:
         errors = [e for e in ctx.rt.gather([error]) if e]  # also the barrier: no rank runs ahead of the write
         if errors:
             raise train_state.CheckpointSaveError(errors[0])
+        ctx.rt.checkpoint_saved(step, train_state.state_root(ctx.outputs.folder) / f"{step:09d}")
 
     @staticmethod
     def _save_failure(outputs: RunOutputs, step: int, exc: OSError) -> str:
