@@ -112,7 +112,8 @@ class SaveConfig:
     dtype: SaveDType = field(default="float16", metadata=_meta("Precision of the saved LoRA weights."))
     format: Literal["diffusers", "comfy"] = field(default="diffusers", metadata=_meta(
         "Key layout of saved LoRA files: 'diffusers' (transformer.*.lora_A/B; diffusers, ComfyUI, ai-toolkit) or "
-        "'comfy' (kohya lora_unet_* with the original model's names; ComfyUI, Forge, kohya, diffusers).",
+        "'comfy' (kohya lora_unet_* with the original model's names; ComfyUI, Forge, kohya, diffusers). LoKr files "
+        "always have ComfyUI's lokr keys, named transformer.* (diffusers) or lycoris_* (comfy).",
         aliases=("save_format", "lora_format")))
     save_every: int = field(default=250, metadata=_meta("Save a checkpoint every this many steps.", GT0))
     max_step_saves_to_keep: int = field(default=4, metadata=_meta(
