@@ -16,7 +16,7 @@ from jobs import get_job
 from tests.example_configs import copy_run_back_to, example_config
 from tests.helpers import merge, tiny_config_dict, write_config
 from tests.test_distributed import accelerate_launch, explain
-from toolkit.adapter import load_pretrained, make_adapter_config
+from toolkit.adapter import load_pretrained
 from toolkit.config import load_job_config
 from toolkit.errors import ConfigError, UserError
 from toolkit.lora import add_lora, lora_state_dict, make_lora_config, save_lora

@@ -17,7 +17,7 @@ SimpleTuner/LyCORIS naming); ComfyUI maps both onto FLUX's weights, including th
 from __future__ import annotations
 
 import json
-from typing import Mapping, Optional, Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import torch
 from peft import LoKrConfig
@@ -167,7 +167,7 @@ def ecosystem_metadata(factor: int, full_rank: bool) -> dict[str, str]:
                                            "full_matrix": str(full_rank).lower()})}
 
 
-def is_lokr_state(keys) -> Optional[bool]:
+def is_lokr_state(keys) -> bool:
     """True when the keys are LoKr factors (plus alphas), False when they hold none."""
     return any(split_key(k)[1] in FACTORS for k in keys)
 
