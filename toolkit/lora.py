@@ -28,6 +28,14 @@ PREFIX = "transformer"
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 TRAINING_METADATA_PREFIX = "kontext_trainer."
 
+ADAPTER_NAME_TAGS = ("lora_", "lokr_")  # parameter names of the adapters we train (peft LoRA, peft LoKr)
+
+
+def is_adapter_name(name: str) -> bool:
+    """Whether a parameter / state-dict name belongs to a trained adapter rather than the frozen base."""
+    return any(tag in name for tag in ADAPTER_NAME_TAGS)
+
+
 SAVE_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
                "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 

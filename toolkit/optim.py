@@ -1,13 +1,13 @@
-"""Optimizer and learning-rate schedule factories (names as in ai-toolkit configs)."""
+"""Optimizer and learning-rate schedule factories (names as in ai-toolkit configs); schedules: toolkit.lr_schedule."""
 
 from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
 import torch
-from diffusers.optimization import get_scheduler
 
 from toolkit.errors import ConfigError
+from toolkit.lr_schedule import make_lr_scheduler  # noqa: F401  (the schedule factory, kept importable here)
 
 
 def _optional(module: str, extra: str):
@@ -37,10 +37,3 @@ def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float,
     except TypeError as exc:
         raise ConfigError(f"train.optimizer_params do not fit optimizer {name!r}: {exc}") from exc
     raise ConfigError(f"train.optimizer: unknown optimizer {name!r} (adamw, adamw8bit, prodigy, sgd)")
-
-
-def make_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
-    """diffusers' schedules; `constant` with warmup becomes `constant_with_warmup`."""
-    if name == "constant" and warmup_steps > 0:
-        name = "constant_with_warmup"
-    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)

@@ -25,6 +25,8 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from toolkit.lora import is_adapter_name
+
 log = logging.getLogger(__name__)
 
 QTYPES = ("qfloat8", "qint8")
@@ -83,7 +85,7 @@ def keep_base_frozen(module: torch.nn.Module) -> None:
 
     def refreeze(mod: torch.nn.Module, _incompatible) -> None:
         for name, param in mod.named_parameters():
-            if "lora_" not in name:
+            if not is_adapter_name(name):
                 param.requires_grad_(False)
 
     module.register_load_state_dict_post_hook(refreeze)
@@ -91,7 +93,7 @@ def keep_base_frozen(module: torch.nn.Module) -> None:
 
 def weight_bytes(module: torch.nn.Module) -> int:
     """Bytes of the base weights as stored (quantized data + scales, full-precision rest); LoRA not counted."""
-    return sum(t.numel() * t.element_size() for k, t in module.state_dict().items() if "lora_" not in k)
+    return sum(t.numel() * t.element_size() for k, t in module.state_dict().items() if not is_adapter_name(k))
 
 
 # -- low-VRAM loading --------------------------------------------------------------------------------------------

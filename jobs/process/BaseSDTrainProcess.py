@@ -34,8 +34,11 @@ from toolkit.data.sampler import BucketBatchSampler
 from toolkit.dist import Runtime
 from toolkit.ema import EMA, ema_weights
 from toolkit.errors import ConfigError
+from toolkit.adapter import check_pretrained_file, load_pretrained, make_adapter_config
 from toolkit.hub import check_hub_access, retry_hint
-from toolkit.lora import add_lora, make_lora_config
+from toolkit.lora import add_lora, is_adapter_name
+from toolkit.lora_convert import find_conventions
+from toolkit.lr_schedule import planned_lrs, schedule_points
 from toolkit.metrics import TrainingMonitor
 from toolkit.optim import make_lr_scheduler, make_optimizer
 from toolkit.sampling import build_requests, load_controls
@@ -83,6 +86,7 @@ class BaseSDTrainProcess:
         problems = self.arch_cls.check_source(self.cfg.model.name_or_path)
         if problems:
             raise ConfigError("\n".join(problems))
+        check_pretrained_file(self.cfg.network.pretrained_lora, self.cfg.network.type)
         pairs = discover_pairs(self.cfg.datasets)
         problems = cache_folder_problems(self.cfg.datasets)
         if problems:
@@ -133,9 +137,12 @@ class BaseSDTrainProcess:
         dtype = compute_dtype(train.dtype, rt.device)
         model = self.arch_cls.load(self.cfg.model, rt.device, dtype)
         net = self.cfg.network
-        lora_config = make_lora_config(net.linear, net.linear_alpha,
-                                       net.target_modules or self.arch_cls.default_lora_targets, net.dropout)
+        lora_config = make_adapter_config(net, self.arch_cls.default_lora_targets)
         params = add_lora(model.transformer, lora_config)
+        if net.pretrained_lora:  # every rank loads it; a resume then overwrites it with the trained weights
+            count = load_pretrained(model.transformer, net.pretrained_lora, lora_config,
+                                    find_conventions(self.cfg.model.arch))
+            log.info("started the %s from %s (%d tensors)", net.type, net.pretrained_lora, count)
         if train.gradient_checkpointing:
             model.transformer.enable_gradient_checkpointing()
         model.transformer.train()
@@ -149,7 +156,8 @@ class BaseSDTrainProcess:
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batch, num_workers=0,
                             pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(train.seed))
         optimizer = make_optimizer(train.optimizer, params, train.lr, train.optimizer_params)
-        scheduler = make_lr_scheduler(train.lr_scheduler, optimizer, train.lr_warmup_steps, train.steps)
+        scheduler = make_lr_scheduler(train.lr_scheduler, optimizer, train.lr_warmup_steps, train.steps,
+                                      train.lr_scheduler_params)
         if train.distributed_training:
             # Data loaders are prepared only for distributed runs: accelerate splits each global batch by rank.
             loader = rt.prepare(loader)
@@ -198,6 +206,9 @@ class BaseSDTrainProcess:
             train_state.remove_temporary(outputs.folder)
         ctx.monitor = monitor = TrainingMonitor(outputs.log_dir, train.steps, min(start, train.steps),
                                                 enabled=rt.is_main)
+        for step, lr in schedule_points(planned_lrs(train.lr_scheduler, train.lr, train.lr_warmup_steps,
+                                                    train.steps, train.lr_scheduler_params)):
+            monitor.scalars(step, {"train/lr_schedule": lr})  # the plan, from a copy: the real one is untouched
         try:
             with GracefulStop() as stop:
                 if requests and not train.skip_first_sample and start == 0:
@@ -254,6 +265,7 @@ class BaseSDTrainProcess:
                     raise
             total += loss.detach()
         ctx.grad_norm = ctx.rt.clip_grad_norm(ctx.params, self.train.max_grad_norm)
+        ctx.lr = ctx.scheduler.get_last_lr()[0]  # the lr this step uses (train/lr_schedule's value at this step)
         ctx.optimizer.step()
         ctx.scheduler.step()
         ctx.optimizer.zero_grad(set_to_none=True)
@@ -277,7 +289,7 @@ class BaseSDTrainProcess:
             seconds, _ = ctx.monitor.window()
             mean_loss = ctx.rt.mean(loss)  # collective: every rank reaches it at the same step
             samples = self.train.batch_size * ctx.rt.world_size * self.train.gradient_accumulation_steps
-            ctx.monitor.scalars(step, {"train/loss": mean_loss, "train/lr": ctx.scheduler.get_last_lr()[0],
+            ctx.monitor.scalars(step, {"train/loss": mean_loss, "train/lr": ctx.lr,
                                        "train/grad_norm": float(ctx.grad_norm), "perf/step_seconds": seconds,
                                        "perf/samples_per_second": samples / max(seconds, 1e-9)})
             if cfg.performance_log_every and step % cfg.performance_log_every == 0 and ctx.rt.is_main:
@@ -403,6 +415,7 @@ class TrainingRun:
     validation: Optional[ValidationSet] = None  # held-out pairs, None when no dataset has val_folder_path
     ema: Optional[EMA] = None  # train.ema_config: averaged LoRA weights for samples, validation and saves
     grad_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    lr: float = 0.0  # the lr of the last optimizer step
 
 
 def describe_batch(batch: dict) -> str:
@@ -415,7 +428,7 @@ def check_only_lora_trains(module: torch.nn.Module, params: list) -> None:
     """The frozen base must stay frozen: quanto's freeze() and state loads switch requires_grad back on (FACTS.md).
     Call again after loading any state into the model."""
     trainable = [name for name, p in module.named_parameters() if p.requires_grad]
-    base = [name for name in trainable if "lora_" not in name]
+    base = [name for name in trainable if not is_adapter_name(name)]
     if base or len(trainable) != len(params):
         raise RuntimeError(f"only LoRA weights may train, but {len(base)} base parameters require grad (e.g. "
                            f"{base[:3]}); {len(trainable)} trainable, {len(params)} given to the optimizer")

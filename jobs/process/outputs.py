@@ -19,6 +19,8 @@ from toolkit import train_state
 from toolkit.checkpoint import atomic_write_bytes, list_step_files, prune_step_files, step_file_name
 from toolkit.config.loader import write_resolved_config
 from toolkit.errors import UserError
+from toolkit import lokr
+from toolkit.adapter import lokr_converter
 from toolkit.lora import ecosystem_metadata, lora_state_dict, save_lora
 from toolkit.lora_convert import find_conventions, to_comfy
 from toolkit.sampling import SampleRequest, contact_sheet, load_controls, sample_file_name
@@ -64,7 +66,10 @@ class RunOutputs:
                 base_model_version=conventions.base_model_version, rank=cfg.network.linear,
                 alpha=cfg.network.linear_alpha, steps=step,
                 resolution=max(r for d in cfg.datasets for r in d.resolution), trigger_phrase=cfg.trigger_word)
-        if cfg.save.format == "comfy":
+        if cfg.network.type == "lokr":  # ComfyUI's lokr keys; save.format picks transformer.* or lycoris_* names
+            convert = lokr_converter(lora_config, cfg.save.format)
+            extra = {**(extra or {}), **lokr.ecosystem_metadata(cfg.network.lokr_factor, cfg.network.lokr_full_rank)}
+        elif cfg.save.format == "comfy":
             if conventions is None:
                 raise UserError(f"save.format comfy: no ComfyUI key layout known for model.arch {cfg.model.arch!r}")
             convert = functools.partial(to_comfy, conventions=conventions)

@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
+from toolkit.lr_schedule import schedule_problems
+
 __all__ = [
     "Check", "DatasetConfig", "EMAConfig", "GenerateConfig", "GenerateProcessConfig", "JobConfig", "LoraFileConfig",
     "ModelConfig", "NetworkConfig", "RootConfig", "SampleConfig", "SaveConfig", "TrainConfig", "TrainProcessConfig",
@@ -96,7 +98,9 @@ TrainDType = Literal["bf16", "bfloat16", "fp16", "float16", "fp32", "float32"]
 class NetworkConfig:
     """The adapter trained on top of the frozen model."""
 
-    type: Literal["lora"] = field(default="lora", metadata=_meta("Adapter kind; only 'lora' exists."))
+    type: Literal["lora", "lokr"] = field(default="lora", metadata=_meta(
+        "Adapter kind: 'lora', or 'lokr' (peft's LoKr: a Kronecker product of two small matrices, the larger one "
+        "low-rank with rank `linear`; saved with ComfyUI's lokr_w1/lokr_w2 keys)."))
     linear: int = field(default=16, metadata=_meta("LoRA rank.", GT0, aliases=("rank", "r", "network_dim")))
     linear_alpha: float = field(default=16.0, metadata=_meta(
         "LoRA alpha; the LoRA update is scaled by linear_alpha / linear.", GT0,
@@ -105,6 +109,17 @@ class NetworkConfig:
         "Dropout on the LoRA input during training.", DROPOUT, aliases=("lora_dropout",)))
     target_modules: Optional[list[str]] = field(default=None, metadata=_meta(
         "Module names to wrap with LoRA (peft target_modules); null uses the architecture's default.", NON_EMPTY))
+    lokr_factor: int = field(default=-1, metadata=_meta(
+        "LoKr only: Kronecker factor of each layer's sizes (ai-toolkit's key); -1 picks the most balanced split.",
+        Check(lambda v: v == -1 or v >= 1, "-1 or >= 1"), aliases=("factor", "decompose_factor")))
+    lokr_full_rank: bool = field(default=False, metadata=_meta(
+        "LoKr only: keep both Kronecker factors full matrices (no low-rank split; linear and linear_alpha are "
+        "then unused), as ai-toolkit's lokr_full_rank."))
+    pretrained_lora: Optional[str] = field(default=None, metadata=_meta(
+        "Start from this adapter file (.safetensors, diffusers/peft or ComfyUI/kohya keys; a LoKr file for "
+        "type lokr) instead of a zero update; its rank and modules must match this network. A resumed run "
+        "restores its trained weights instead.", NON_EMPTY, normalize=_expand_home,
+        aliases=("pretrained_lora_path", "lora_path", "init_lora", "network_weights")))
 
 
 @dataclass(kw_only=True)
@@ -114,7 +129,8 @@ class SaveConfig:
     dtype: SaveDType = field(default="float16", metadata=_meta("Precision of the saved LoRA weights."))
     format: Literal["diffusers", "comfy"] = field(default="diffusers", metadata=_meta(
         "Key layout of saved LoRA files: 'diffusers' (transformer.*.lora_A/B; diffusers, ComfyUI, ai-toolkit) or "
-        "'comfy' (kohya lora_unet_* with the original model's names; ComfyUI, Forge, kohya, diffusers).",
+        "'comfy' (kohya lora_unet_* with the original model's names; ComfyUI, Forge, kohya, diffusers). LoKr files "
+        "always have ComfyUI's lokr keys, named transformer.* (diffusers) or lycoris_* (comfy).",
         aliases=("save_format", "lora_format")))
     save_every: int = field(default=250, metadata=_meta("Save a checkpoint every this many steps.", GT0))
     max_step_saves_to_keep: int = field(default=4, metadata=_meta(
@@ -218,8 +234,13 @@ class TrainConfig:
         "Extra keyword arguments for the optimizer, e.g. weight_decay.", aliases=("optimizer_args",)))
     lr: float = field(default=1e-4, metadata=_meta(
         "Peak learning rate.", GT0, aliases=("learning_rate", "unet_lr")))
-    lr_scheduler: Literal["constant", "cosine", "linear"] = field(default="constant", metadata=_meta(
-        "Learning-rate schedule after the warm-up."))
+    lr_scheduler: Literal["constant", "cosine", "linear", "cosine_with_restarts"] = field(
+        default="constant", metadata=_meta(
+            "Learning-rate schedule after the warm-up (diffusers' get_scheduler); the planned curve is written to "
+            "TensorBoard as train/lr_schedule at the start of a run."))
+    lr_scheduler_params: dict[str, Any] = field(default_factory=dict, metadata=_meta(
+        "Options of the schedule: cosine_with_restarts takes num_cycles (integer >= 1, default 1); the others "
+        "take none.", aliases=("lr_scheduler_args", "scheduler_params")))
     lr_warmup_steps: int = field(default=0, metadata=_meta(
         "Steps of linear warm-up from 0 to lr.", GE0, aliases=("warmup_steps",)))
     max_grad_norm: float = field(default=1.0, metadata=_meta(
@@ -444,12 +465,28 @@ def _process_problems(process: TrainProcessConfig, path: str) -> list[str]:
     if train.train_text_encoder:
         problems.append(f"{path}.train.train_text_encoder: training the text encoder is not supported; "
                         "set it to false")
-    if not train.train_unet and process.network.type == "lora":
+    if not train.train_unet:
         problems.append(f"{path}.train.train_unet: false would train nothing, because the LoRA is on the "
                         "transformer; set it to true")
+    problems += schedule_problems(train.lr_scheduler, train.lr_scheduler_params, train.lr_warmup_steps,
+                                  train.steps, f"{path}.train")
+    problems += _network_problems(process.network, f"{path}.network")
     if save.push_to_hub and not save.hf_repo_id:
         problems.append(f"{path}.save.hf_repo_id: required when save.push_to_hub is true ('namespace/name')")
     return problems + _dataset_problems(process.datasets, f"{path}.datasets") + _cache_problems(process, path)
+
+
+def _network_problems(network: NetworkConfig, path: str) -> list[str]:
+    """Options that only one adapter kind has."""
+    problems: list[str] = []
+    if network.type == "lokr" and network.dropout:
+        problems.append(f"{path}.dropout: peft's LoKr has no input dropout; set it to 0 for type lokr")
+    if network.type == "lora":
+        if network.lokr_factor != -1:
+            problems.append(f"{path}.lokr_factor: only used by type lokr; remove it or set type: lokr")
+        if network.lokr_full_rank:
+            problems.append(f"{path}.lokr_full_rank: only used by type lokr; remove it or set type: lokr")
+    return problems
 
 
 def _cache_problems(process: TrainProcessConfig, path: str) -> list[str]:
