@@ -8,7 +8,7 @@ import pytest
 
 from tests.helpers import merge, tiny_config_dict, write_config
 from toolkit import bench
-from toolkit.bench_report import PHASES, peak_tflops
+from toolkit.bench_report import PHASES, contention_warning, peak_tflops
 
 PHASE_KEYS = set(PHASES)
 FIELDS = {
@@ -19,6 +19,7 @@ FIELDS = {
     "instrumented_step_seconds", "instrumented_vs_real", "reference_step_seconds_median", "overhead_ratio",
     "overhead_goal", "load_average_1min", "cpu_cores", "peak_rss_mib", "peak_gpu_allocated_mib",
     "sdpa_calls_per_forward", "flops_per_step", "flops_convention", "achieved_tflops", "peak_tflops", "mfu",
+    "contention_warning",
 }
 
 
@@ -95,3 +96,27 @@ def test_missing_model_names_the_build_command(tmp_path, demo_data_dir, capsys, 
                                         ("NVIDIA A10G", 125), ("NVIDIA H100 NVL", None), ("Tesla T4", None)])
 def test_peak_table(name, peak):
     assert peak_tflops(name) == peak
+
+
+def test_contention_warning_only_when_the_load_exceeds_the_cores(monkeypatch):
+    monkeypatch.setattr("os.getloadavg", lambda: (2.5, 1.0, 1.0))
+    assert contention_warning(4) is None
+    assert "2.5 on 2 cores" in contention_warning(2)
+
+
+def test_bench_quant_rows_say_what_they_are_compared_to_and_merge_repeats():
+    from toolkit.bench_quant import COMPARED_TO, VARIANTS, format_table, merge_repeats
+
+    assert set(COMPARED_TO) == set(VARIANTS)
+    assert all(base is None or base in VARIANTS for base in COMPARED_TO.values())
+
+    def row(name, seconds, encode):
+        return {"variant": name, "step_seconds": seconds, "step_seconds_all": [seconds], "encode_seconds": encode,
+                "setup_seconds": 1.0, "peak_rss_mib": 100.0, "peak_training_rss_mib": 90.0, "peak_device_mib": None,
+                "transformer_weight_bytes": 1000, "loss_before": 1.0, "loss_after": 0.9}
+
+    full = merge_repeats([row("full precision", 1.0, 0.2), row("full precision", 3.0, 0.2),
+                          row("full precision", 2.0, 0.4)])
+    assert full["step_seconds"] == 2.0 and full["run_medians"] == [1.0, 3.0, 2.0] and full["encode_seconds"] == 0.2
+    table = format_table([full, row("full precision + latent and text caching", 1.6, 0.0)])
+    assert "x0.80 vs full precision (encoders were 10% of it)" in table

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from toolkit import kontext
-from toolkit.bench_report import PHASES, count_flops, format_table, peak_tflops
+from toolkit.bench_report import PHASES, contention_warning, count_flops, format_table, peak_tflops
 from toolkit.dist import Runtime, available_cores
 from toolkit.errors import UserError
 
@@ -325,6 +325,9 @@ def run_benchmark(config: str, warmup: int = 3, steps: int = 10) -> dict[str, An
     from toolkit.config.loader import find_config_file, load_job_dict, read_config_file
 
     path = find_config_file(config)
+    warning = contention_warning(available_cores())
+    if warning:
+        log.warning("%s", warning)
     load_extensions()
     with tempfile.TemporaryDirectory(prefix="kontext-bench-") as tmp:
         job = load_job_dict(bench_job_dict(read_config_file(path), Path(tmp), warmup + 2 * steps), str(path))
@@ -345,7 +348,7 @@ def run_benchmark(config: str, warmup: int = 3, steps: int = 10) -> dict[str, An
         finally:
             rt.end()
     return {"config": str(config), "model": configs[0].model.name_or_path, "warmup_steps": warmup,
-            "setup_seconds": setup_seconds, **result}
+            "setup_seconds": setup_seconds, **result, "contention_warning": warning}
 
 
 def _rounded(value: Any) -> Any:

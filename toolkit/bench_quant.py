@@ -7,7 +7,13 @@ own), and prints one table row per variant:
   full precision | quantize qint8 | quantize qfloat8 | + gradient checkpointing | + latent and text caching
   | + low_vram loading
 
-(each row from "+ gradient checkpointing" on adds to the one above it, on qfloat8, the default qtype). Columns:
+  | full precision + latent and text caching
+
+Rows starting with "+" add one change to qfloat8 (the default qtype) with everything above them; each row says which
+row it is compared with ("vs": its step time / that row's), always the row that differs by just its own change:
+caching is measured both on full precision (where the encoders' share is largest) and on qfloat8 + checkpointing.
+With --repeats R the variants run R times, round robin (A B C .. A B C ..), so a load change on a shared machine hits
+every row alike; a row's s/step is the median over all its measured steps. Columns:
 median seconds per optimizer step and the part of it spent in the frozen encoders (VAE + text), setup seconds
 (loading, quantizing, filling the caches), peak process memory (RSS) over the whole run and during the training steps
 alone, peak device memory on a GPU, bytes of the transformer's base weights, and the loss on a fixed batch (fixed
@@ -38,24 +44,35 @@ from typing import Any, Optional
 import torch
 
 from toolkit import kontext
+from toolkit.bench_report import contention_warning
+from toolkit.dist import available_cores
 
 log = logging.getLogger(__name__)
 
 CONFIG = "config/examples/bench_medium_flux_kontext.yaml"
 JSON_PREFIX = "BENCH_QUANT_JSON "
-# name -> dotted overrides of the first process (applied in order); "dataset." keys go to every dataset entry.
+_QF8 = {"model.quantize": True, "model.qtype": "qfloat8"}
+_CACHING = {"train.cache_text_embeddings": True, "dataset.cache_latents_to_disk": True}
+_CKPT = {"train.gradient_checkpointing": True}
+# name -> dotted overrides of the first process; "dataset." keys go to every dataset entry.
 VARIANTS: dict[str, dict[str, Any]] = {
     "full precision": {},
     "quantize qint8": {"model.quantize": True, "model.qtype": "qint8"},
-    "quantize qfloat8": {"model.quantize": True, "model.qtype": "qfloat8"},
-    "+ gradient checkpointing": {"model.quantize": True, "model.qtype": "qfloat8",
-                                 "train.gradient_checkpointing": True},
-    "+ latent and text caching": {"model.quantize": True, "model.qtype": "qfloat8",
-                                  "train.gradient_checkpointing": True, "train.cache_text_embeddings": True,
-                                  "dataset.cache_latents_to_disk": True},
-    "+ low_vram loading": {"model.quantize": True, "model.qtype": "qfloat8", "train.gradient_checkpointing": True,
-                           "train.cache_text_embeddings": True, "dataset.cache_latents_to_disk": True,
-                           "model.low_vram": True},
+    "quantize qfloat8": _QF8,
+    "+ gradient checkpointing": {**_QF8, **_CKPT},
+    "+ latent and text caching": {**_QF8, **_CKPT, **_CACHING},
+    "+ low_vram loading": {**_QF8, **_CKPT, **_CACHING, "model.low_vram": True},
+    "full precision + latent and text caching": _CACHING,
+}
+# What each row's "vs" column compares it with: the variant that differs from it by exactly the one change it names.
+COMPARED_TO: dict[str, Optional[str]] = {
+    "full precision": None,
+    "quantize qint8": "full precision",
+    "quantize qfloat8": "full precision",
+    "+ gradient checkpointing": "quantize qfloat8",
+    "+ latent and text caching": "+ gradient checkpointing",
+    "+ low_vram loading": "+ latent and text caching",
+    "full precision + latent and text caching": "full precision",
 }
 
 
@@ -189,21 +206,45 @@ def _train(process, ctx, steps: int, warmup: int) -> tuple[list[float], list[flo
     return step_seconds, encode_seconds
 
 
+def _versus(row: dict[str, Any], by_name: dict[str, dict[str, Any]]) -> str:
+    """"x1.23 vs <row>" for the row it is compared with; for caching rows also the saving the encoders' share
+    predicts (issue: caching should cut the step by at least that share)."""
+    base = by_name.get(COMPARED_TO.get(row["variant"]) or "")
+    if base is None:
+        return "-"
+    text = f"x{row['step_seconds'] / base['step_seconds']:.2f} vs {base['variant']}"
+    if "caching" in row["variant"] and base["step_seconds"] > 0:
+        text += f" (encoders were {base['encode_seconds'] / base['step_seconds']:.0%} of it)"
+    return text
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    base = rows[0]["transformer_weight_bytes"]
+    by_name = {r["variant"]: r for r in rows}
+    base = by_name.get("full precision", rows[0])["transformer_weight_bytes"]
     gpu = any(r["peak_device_mib"] is not None for r in rows)
-    head = ["variant", "s/step", "encode s/step", "setup s", "peak RSS MiB: run / training"] \
+    head = ["variant", "s/step", "vs", "encode s/step", "setup s", "peak RSS MiB: run / training"] \
         + (["peak GPU MiB"] if gpu else []) \
         + ["transformer weights", "loss before -> after"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["variant"], f"{r['step_seconds']:.3f}", f"{r['encode_seconds']:.3f}", f"{r['setup_seconds']:.1f}",
-                 f"{r['peak_rss_mib']:.0f} / {r['peak_training_rss_mib']:.0f}"] \
+        cells = [r["variant"], f"{r['step_seconds']:.3f}", _versus(r, by_name), f"{r['encode_seconds']:.3f}",
+                 f"{r['setup_seconds']:.1f}", f"{r['peak_rss_mib']:.0f} / {r['peak_training_rss_mib']:.0f}"] \
             + ([f"{r['peak_device_mib']:.0f}"] if gpu else []) \
             + [f"{r['transformer_weight_bytes'] / 2**20:.1f} MiB ({r['transformer_weight_bytes'] / base:.0%})",
                f"{r['loss_before']:.4f} -> {r['loss_after']:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def merge_repeats(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from R runs of a variant: medians over all measured steps; the spread of the per-run medians."""
+    steps = [s for r in runs for s in r["step_seconds_all"]]
+    encode = [r["encode_seconds"] for r in runs]
+    return {**runs[0], "step_seconds": statistics.median(steps), "step_seconds_all": steps,
+            "run_medians": [r["step_seconds"] for r in runs], "encode_seconds": statistics.median(encode),
+            "setup_seconds": statistics.median(r["setup_seconds"] for r in runs),
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+            "peak_training_rss_mib": max(r["peak_training_rss_mib"] for r in runs)}
 
 
 def _child(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -223,10 +264,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps first (default 2)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     parser.add_argument("--config", default=CONFIG, help=f"the training config to vary (default {CONFIG})")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the whole variant list this many times, round robin (default 1; 3 on a busy machine)")
     parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # one child process
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        parser.error("--steps and --repeats must be >= 1 and --warmup >= 0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.variant:
@@ -237,15 +280,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not Path(needed).exists() and needed in Path(args.config).read_text(encoding="utf-8"):
             log.error("%s is missing; see `python -m toolkit.bench_quant --help` for how to build it", needed)
             return 2
+    warning = contention_warning(available_cores())
+    if warning:
+        log.warning("%s", warning)
     started, load_before = time.perf_counter(), os.getloadavg()[0]
-    rows = []
-    for name in VARIANTS:
-        rows.append(_child(name, args))
-        log.warning("%s: %.3f s/step", name, rows[-1]["step_seconds"])
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
+    for repeat in range(args.repeats):
+        for name in VARIANTS:
+            runs[name].append(_child(name, args))
+            log.warning("round %d, %s: %.3f s/step", repeat + 1, name, runs[name][-1]["step_seconds"])
+    rows = [merge_repeats(runs[name]) for name in VARIANTS]
     sys.stdout.write(format_table(rows) + "\n")
-    sys.stdout.write(f"{args.steps} steps after {args.warmup} warm-up per variant, device {args.device}, "
-                     f"{rows[0]['threads']} threads; total {time.perf_counter() - started:.0f} s; 1-min load "
-                     f"average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after\n")
+    sys.stdout.write(f"{args.steps} steps after {args.warmup} warm-up per variant x {args.repeats} round(s), device "
+                     f"{args.device}, {rows[0]['threads']} threads; total {time.perf_counter() - started:.0f} s; "
+                     f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
+                     + (f"; WARNING: {warning}" if warning else "") + "\n")
     sys.stdout.write(JSON_PREFIX + json.dumps(rows) + "\n")
     return 0
 

@@ -14,6 +14,7 @@ FLOP convention (model FLOPs, as in MFU papers; gradient-checkpointing recompute
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Optional
@@ -44,6 +45,16 @@ PHASE_HELP = {
     "logging": "the loss / grad-norm host read done at log intervals",
     "other": "timesteps, noise, packing, position ids, loss",
 }
+
+
+def contention_warning(cores: int) -> Optional[str]:
+    """A warning when other work already loads the machine (1-minute load average above the core count): timings
+    taken now are inflated and noisy."""
+    load = os.getloadavg()[0]
+    if load <= cores:
+        return None
+    return (f"the 1-minute load average is {load:.1f} on {cores} cores before the benchmark starts: other processes "
+            "compete for the CPU, so timings will be slower and noisier than on a quiet machine")
 
 
 def peak_tflops(device_name: str) -> Optional[float]:
@@ -163,10 +174,13 @@ def format_table(r: Mapping[str, Any]) -> str:
         f"transformer FLOPs/step {r['flops_per_step']:.3e} | achieved {_fmt_num(r['achieved_tflops'], ' TFLOP/s', 2)}"
         f" | peak {_fmt_num(r['peak_tflops'], ' TFLOP/s', 0)} | MFU {_fmt_num(r['mfu'], '', 3)}",
     ]
+    if r.get("contention_warning"):
+        lines.append(f"WARNING before the start: {r['contention_warning']}")
     if r["device"] == "cpu" and r["load_average_1min"] > r["cpu_cores"]:
         lines.append(f"WARNING: load average {r['load_average_1min']:.1f} > {r['cpu_cores']} cores: other processes "
                      "shared the CPU, these timings are not reliable")
     return "\n".join(lines)
 
 
-__all__ = ["FlopCount", "PEAK_BF16_TFLOPS", "PHASES", "count_flops", "format_table", "peak_tflops"]
+__all__ = ["FlopCount", "PEAK_BF16_TFLOPS", "PHASES", "contention_warning", "count_flops", "format_table",
+           "peak_tflops"]

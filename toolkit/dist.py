@@ -130,6 +130,16 @@ class Runtime:
         torch.set_num_threads(threads)
         log.info("rank %d: %d CPU threads (%d local processes)", self.rank, threads, local)
 
+    def data_workers(self, requested: "int | None") -> int:
+        """DataLoader workers for this rank: `requested`, else 0 on CPU (workers would take cores from the step),
+        else min(4, half of this rank's share of the cores)."""
+        if requested is not None:
+            return requested
+        if self.device.type == "cpu":
+            return 0
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+        return min(4, available_cores() // max(1, local) // 2)
+
     # -- wrapping ---------------------------------------------------------------------------------------------
     def prepare_model(self, module: torch.nn.Module) -> torch.nn.Module:
         """Wrap for data parallelism (only when distributed); frozen weights are never broadcast nor reduced."""

@@ -61,7 +61,8 @@ UNHASHED_KEYS = (
     "save.save_every", "save.max_step_saves_to_keep", "save.dtype", "save.format", "save.push_to_hub",
     "save.hf_repo_id", "save.hf_private", "train.ema_config.ema_on_cpu",
     "train.resume_from", "train.disable_sampling", "train.skip_first_sample", "train.distributed_training",
-    "train.gradient_checkpointing", "train.cache_text_embeddings", "model.low_vram",
+    "train.gradient_checkpointing", "train.cache_text_embeddings", "train.num_workers", "train.compile",
+    "model.low_vram",
     "datasets[].cache_latents", "datasets[].cache_latents_to_disk", "datasets[].cache_dir",
     "datasets[].val_folder_path", "datasets[].val_control_path",
 )

@@ -14,6 +14,7 @@ import torch
 from diffusers import FluxKontextPipeline
 from PIL import Image
 
+from extensions.flux_kontext import rope_cache
 from extensions.flux_kontext.multi_control import render_multi_control
 from extensions.flux_kontext.quantize import (TRANSFORMER_EXCLUDE, keep_base_frozen, load_transformer_blockwise,
                                               quantize_frozen, safe_exclude)
@@ -49,19 +50,23 @@ class EncodedBatch:
 
 
 class KontextDenoiser(torch.nn.Module):
-    """transformer([x_t ; control]) sliced to the target tokens. The module DDP wraps: call it, not the transformer."""
+    """transformer([x_t ; control]) sliced to the target tokens. The module DDP wraps: call it, not the transformer.
+
+    The transformer's RoPE tables are reused for id tensors seen before (rope_cache: pass the cached ids)."""
 
     def __init__(self, transformer: torch.nn.Module) -> None:
         super().__init__()
         self.transformer = transformer
+        rope_cache.install(transformer)
 
     def forward(self, hidden_states, control_tokens, encoder_hidden_states, pooled_projections, timestep, guidance,
                 img_ids, txt_ids):
         n_target = hidden_states.shape[1]
-        out = self.transformer(hidden_states=torch.cat([hidden_states, control_tokens], dim=1),
-                               encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
-                               timestep=timestep, guidance=guidance, img_ids=img_ids, txt_ids=txt_ids,
-                               return_dict=False)[0]
+        with self.transformer.pos_embed.ids(txt_ids, img_ids):
+            out = self.transformer(hidden_states=torch.cat([hidden_states, control_tokens], dim=1),
+                                   encoder_hidden_states=encoder_hidden_states,
+                                   pooled_projections=pooled_projections, timestep=timestep, guidance=guidance,
+                                   img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
         return out[:, :n_target]
 
 
@@ -78,6 +83,7 @@ class FluxKontext(Architecture):
         self.source = model_cfg.name_or_path
         self.max_sequence_length = model_cfg.max_sequence_length
         self._denoiser = KontextDenoiser(self.transformer)
+        self._ids = rope_cache.IdTables()  # position ids per bucket, text ids per length: the same tensors each step
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         # Captions encoded before the text encoders were unloaded (sample prompts, validation captions): never evicted.
         self._pinned: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -130,7 +136,8 @@ class FluxKontext(Architecture):
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> scaled VAE latents, using the posterior mean as the Kontext pipeline does."""
-        latents = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mode()
+        # non_blocking: the loader pins host memory on CUDA, so the copy overlaps instead of syncing the host
+        latents = self.vae.encode(pixels.to(self.device, self.vae.dtype, non_blocking=True)).latent_dist.mode()
         return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
 
     @torch.no_grad()
@@ -151,8 +158,8 @@ class FluxKontext(Architecture):
         while len(self._text_cache) > TEXT_CACHE_ENTRIES:
             self._text_cache.popitem(last=False)
         embeds = torch.stack([r[0] for r in rows])
-        text_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=embeds.dtype)
-        return embeds, torch.stack([r[1] for r in rows]), text_ids
+        return embeds, torch.stack([r[1] for r in rows]), self._ids.text_ids(embeds.shape[1], self.device,
+                                                                              embeds.dtype)
 
     def _encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=self.device,
@@ -164,14 +171,16 @@ class FluxKontext(Architecture):
         """Encoders on a collated batch; latents and embeddings the dataset took from a cache are used as they are.
         Several control images ("control", "control_2", ...) become one token run each, in that order."""
         if "target_latents" in batch:
-            target = batch["target_latents"].to(self.device)
-            controls = [batch[f"{name}_latents"].to(self.device) for name in control_names(batch, "_latents")]
+            target = batch["target_latents"].to(self.device, non_blocking=True)
+            controls = [batch[f"{name}_latents"].to(self.device, non_blocking=True)
+                        for name in control_names(batch, "_latents")]
         else:
             target = self.encode_images(batch["target"])
             controls = [self.encode_images(batch[name]) for name in control_names(batch)]
         if "prompt_embeds" in batch:
-            embeds, pooled = batch["prompt_embeds"].to(self.device), batch["pooled"].to(self.device)
-            text_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.dtype)
+            embeds = batch["prompt_embeds"].to(self.device, non_blocking=True)
+            pooled = batch["pooled"].to(self.device, non_blocking=True)
+            text_ids = self._ids.text_ids(embeds.shape[1], self.device, self.dtype)
         else:
             embeds, pooled, text_ids = self.encode_captions(batch["caption"])
         return EncodedBatch(x0=kontext.pack_latents(target).to(self.dtype),
@@ -195,7 +204,7 @@ class FluxKontext(Architecture):
             "timestep": t.to(self.device, self.dtype),
             "guidance": torch.full((b,), float(guidance), device=self.device, dtype=torch.float32)
             if self.transformer.config.guidance_embeds else None,
-            "img_ids": kontext.kontext_position_ids(encoded.target_hw, *encoded.control_hws, device=self.device),
+            "img_ids": self._ids.image_ids(encoded.target_hw, encoded.control_hws, self.device),
             "txt_ids": encoded.text_ids,
         }
         return inputs, kontext.flow_target(encoded.x0, noise)

@@ -132,7 +132,7 @@ def _units(model: torch.nn.Module) -> Iterator[str]:
 
 
 def _read_unit(files: dict[str, Path], prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors under `prefix.`, keys relative to it, floating ones cast to `dtype` (as diffusers does)."""
+    """The checkpoint tensors under `prefix.`, keys relative to it, floating ones cast to `dtype` (like diffusers)."""
     from safetensors import safe_open
 
     keys = [k for k in files if k.startswith(prefix + ".")]

@@ -27,6 +27,7 @@ from toolkit import kontext, train_state
 from toolkit.arch import Architecture, get_architecture
 from toolkit.cache import CachingModel, cache_dataset, cache_folder_problems
 from toolkit.checkpoint import resolve_run_folder
+from toolkit.compile import check_compile, compile_blocks
 from toolkit.config.schema import TrainProcessConfig
 from toolkit.data.dataset import PairedDataset, collate_batch
 from toolkit.data.pairs import discover_pairs
@@ -135,6 +136,8 @@ class BaseSDTrainProcess:
         validation = ValidationSet.from_datasets(self.cfg.datasets, self.cfg.trigger_word, train.seed, train.guidance)
         set_seed(train.seed)  # same LoRA init on every rank
         dtype = compute_dtype(train.dtype, rt.device)
+        if train.compile:
+            check_compile(rt.device)  # before the model loads
         model = self.arch_cls.load(self.cfg.model, rt.device, dtype)
         net = self.cfg.network
         lora_config = make_adapter_config(net, self.arch_cls.default_lora_targets)
@@ -146,6 +149,8 @@ class BaseSDTrainProcess:
         if train.gradient_checkpointing:
             model.transformer.enable_gradient_checkpointing()
         model.transformer.train()
+        if train.compile:
+            compile_blocks(model.transformer)
 
         dataset = PairedDataset(pairs, self.cfg.datasets, trigger_word=self.cfg.trigger_word, seed=train.seed)
         self._attach_caches(rt, model, dataset, requests, validation)
@@ -153,8 +158,9 @@ class BaseSDTrainProcess:
                                      seed=train.seed)
         # Its own generator: starting an epoch's iterator would otherwise draw from the global RNG (LoRA dropout's),
         # and a resumed run starts one at a point where an uninterrupted run does not.
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batch, num_workers=0,
-                            pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(train.seed))
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batch,
+                            num_workers=rt.data_workers(train.num_workers), pin_memory=rt.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(train.seed))
         optimizer = make_optimizer(train.optimizer, params, train.lr, train.optimizer_params)
         scheduler = make_lr_scheduler(train.lr_scheduler, optimizer, train.lr_warmup_steps, train.steps,
                                       train.lr_scheduler_params)

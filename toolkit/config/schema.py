@@ -226,6 +226,15 @@ class TrainConfig:
         "Train the text encoders; not supported, must be false."))
     gradient_checkpointing: bool = field(default=True, metadata=_meta(
         "Recompute activations during backward to save memory."))
+    num_workers: Optional[int] = field(default=None, metadata=_meta(
+        "DataLoader worker processes per training process (never persistent: see toolkit/data/dataset.py). null: "
+        "0 on CPU, where workers take cores from the step (measured slower), else min(4, half this process's "
+        "cores). Batches are the same for any value; CUDA runs pin host memory.", GE0,
+        aliases=("dataloader_num_workers", "workers")))
+    compile: bool = field(default=False, metadata=_meta(
+        "torch.compile each repeated transformer block in place (regional compilation; LoRA keys unchanged). "
+        "Costs compile time per new bucket shape (bounded recompiles, then eager); needs a C++ compiler on CPU.",
+        aliases=("torch_compile", "compile_transformer")))
     noise_scheduler: Literal["flowmatch"] = field(default="flowmatch", metadata=_meta(
         "Training noise schedule; FLUX uses flow matching."))
     optimizer: Literal["adamw", "adamw8bit", "prodigy", "sgd"] = field(default="adamw8bit", metadata=_meta(
