@@ -21,7 +21,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, gather_object
 
 from toolkit.errors import UserError
 
@@ -141,6 +141,16 @@ class Runtime:
 
     def unwrap(self, module: torch.nn.Module) -> torch.nn.Module:
         return self.accelerator.unwrap_model(module)
+
+    @property
+    def is_sharded(self) -> bool:
+        """Parameters are sharded across processes (accelerate launched with an FSDP config)."""
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def full_state_dict(self, module: torch.nn.Module) -> dict:
+        """The wrapped module's whole state dict; a collective under FSDP (consolidated on the main process with
+        FULL_STATE_DICT, see config/accelerate/fsdp.yaml), a plain state_dict() otherwise."""
+        return self.accelerator.get_state_dict(module)
 
     # -- step -------------------------------------------------------------------------------------------------
     def no_sync(self, module: torch.nn.Module, skip: bool):

@@ -122,3 +122,13 @@ def read_lora_metadata(path: Path) -> dict[str, str]:
     """The safetensors header metadata of a saved LoRA."""
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
+
+
+def check_only_lora_trains(module: torch.nn.Module, params: list) -> None:
+    """The frozen base must stay frozen: quanto's freeze() and state loads switch requires_grad back on (FACTS.md).
+    Call again after loading any state into the model."""
+    trainable = [name for name, p in module.named_parameters() if p.requires_grad]
+    base = [name for name in trainable if "lora_" not in name]
+    if base or len(trainable) != len(params):
+        raise RuntimeError(f"only LoRA weights may train, but {len(base)} base parameters require grad (e.g. "
+                           f"{base[:3]}); {len(trainable)} trainable, {len(params)} given to the optimizer")

@@ -23,7 +23,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from jobs.process.outputs import RunOutputs
-from toolkit import kontext, train_state
+from toolkit import full_finetune, kontext, stages, train_state, transformer_folder
 from toolkit.arch import Architecture, get_architecture
 from toolkit.cache import CachingModel, cache_dataset, cache_folder_problems
 from toolkit.checkpoint import resolve_run_folder
@@ -33,7 +33,7 @@ from toolkit.data.pairs import discover_pairs
 from toolkit.data.sampler import BucketBatchSampler
 from toolkit.dist import Runtime
 from toolkit.errors import ConfigError
-from toolkit.lora import add_lora, make_lora_config
+from toolkit.lora import check_only_lora_trains  # noqa: F401  (re-exported: tests import it from here)
 from toolkit.metrics import TrainingMonitor
 from toolkit.optim import make_lr_scheduler, make_optimizer
 from toolkit.sampling import build_requests, load_control
@@ -73,6 +73,9 @@ class BaseSDTrainProcess:
         self.arch_cls = get_architecture(cfg.model.arch)
         self.fresh = False  # run.py --fresh: start over in a new versioned run folder instead of resuming
         self.resume_state: Optional[Path] = None  # chosen by preflight
+        self.full_finetune = stages.is_full_finetune(cfg)  # train the transformer itself, no LoRA
+        self.index, self.upstream = 0, []  # set by the job: this process's index, earlier processes' results
+        self.model_cfg = cfg.model  # with model.transformer_path resolved by preflight (toolkit.stages)
 
     # -- before any model loads -------------------------------------------------------------------------------
     def preflight(self):
@@ -80,6 +83,7 @@ class BaseSDTrainProcess:
         problems = self.arch_cls.check_source(self.cfg.model.name_or_path)
         if problems:
             raise ConfigError("\n".join(problems))
+        self.model_cfg = stages.resolve_model(self.cfg.model, self.upstream, self.index)
         pairs = discover_pairs(self.cfg.datasets)
         problems = cache_folder_problems(self.cfg.datasets)
         if problems:
@@ -90,7 +94,8 @@ class BaseSDTrainProcess:
             requests = build_requests(s.prompts, seed=s.seed, walk_seed=s.walk_seed, width=s.width,
                                       height=s.height, guidance_scale=s.guidance_scale, steps=s.sample_steps,
                                       key_path="config.process[0].sample.prompts")
-        outputs = RunOutputs(*resolve_run_folder(Path(self.cfg.training_folder), self.name, self.fresh))
+        outputs = RunOutputs(*resolve_run_folder(Path(self.cfg.training_folder), self.name, self.fresh),
+                             full_finetune=self.full_finetune)
         if self.fresh and self.train.resume_from == "latest":
             raise ConfigError("--fresh starts a new run but train.resume_from is 'latest': drop one of them")
         self.resume_state = train_state.plan_resume(outputs.folder, self.train.resume_from,
@@ -101,7 +106,7 @@ class BaseSDTrainProcess:
     # -- the run ----------------------------------------------------------------------------------------------
     def run(self) -> Path:
         pairs, requests, outputs = self.preflight()
-        if self.resume_state is not None and outputs.final_path.is_file() and \
+        if self.resume_state is not None and outputs.final_path.exists() and \
                 train_state.read_info(self.resume_state)["step"] >= self.train.steps:
             log.info("%s is already trained (%d steps, state %s); run with --fresh to train again",
                      outputs.final_path, self.train.steps, self.resume_state)
@@ -119,11 +124,10 @@ class BaseSDTrainProcess:
         validation = ValidationSet.from_datasets(self.cfg.datasets, self.cfg.trigger_word, train.seed, train.guidance)
         set_seed(train.seed)  # same LoRA init on every rank
         dtype = compute_dtype(train.dtype, rt.device)
-        model = self.arch_cls.load(self.cfg.model, rt.device, dtype)
+        model = self.arch_cls.load(self.model_cfg, rt.device, dtype)
         net = self.cfg.network
-        lora_config = make_lora_config(net.linear, net.linear_alpha,
-                                       net.target_modules or self.arch_cls.default_lora_targets, net.dropout)
-        params = add_lora(model.transformer, lora_config)
+        params, lora_config = full_finetune.add_trainable(model.transformer, None if self.full_finetune else net,
+                                                          self.arch_cls.default_lora_targets)
         if train.gradient_checkpointing:
             model.transformer.enable_gradient_checkpointing()
         model.transformer.train()
@@ -143,13 +147,14 @@ class BaseSDTrainProcess:
             loader = rt.prepare(loader)
         optimizer, scheduler = rt.prepare(optimizer, scheduler)
         denoiser = rt.prepare_model(model.denoiser())
-        check_only_lora_trains(model.transformer, params)
+        full_finetune.check_trainable(model.transformer, params, self.full_finetune)
 
         log.info("world size %d | per-process batch %d x processes %d x accumulation %d = effective batch %d | "
-                 "%d pairs, %d items, %d batches/epoch | LoRA rank %d: %d trainable params",
+                 "%d pairs, %d items, %d batches/epoch | %s: %d trainable params",
                  rt.world_size, train.batch_size, rt.world_size, train.gradient_accumulation_steps,
                  train.batch_size * rt.world_size * train.gradient_accumulation_steps, len(pairs), len(dataset),
-                 len(sampler), net.linear, sum(p.numel() for p in params))
+                 len(sampler), "full fine-tune" if self.full_finetune else f"LoRA rank {net.linear}",
+                 sum(p.numel() for p in params))
         return TrainingRun(rt=rt, model=model, denoiser=denoiser, params=params, optimizer=optimizer,
                            scheduler=scheduler, batches=self._batches(loader, sampler, dataset), dataset=dataset,
                            sampler=sampler, outputs=outputs,
@@ -183,6 +188,7 @@ class BaseSDTrainProcess:
         if rt.is_main:
             outputs.prepare(self.job_config)
             train_state.remove_temporary(outputs.folder)
+            transformer_folder.remove_temporary(outputs.folder)
         ctx.monitor = monitor = TrainingMonitor(outputs.log_dir, train.steps, min(start, train.steps),
                                                 enabled=rt.is_main)
         try:
@@ -196,7 +202,8 @@ class BaseSDTrainProcess:
                         self._stop(ctx, step, stop.signum)
                     self._after_step(ctx, step, loss)
                 try:
-                    final = outputs.save_final(ctx.model.transformer, ctx.lora_config, self.cfg, train.steps, rt)
+                    final = outputs.save_final(ctx.model.transformer, ctx.lora_config, self.cfg, train.steps, rt,
+                                               wrapped=ctx.denoiser)
                 except OSError as exc:
                     raise train_state.CheckpointSaveError(self._save_failure(outputs, train.steps, exc)) from exc
                 if start < train.steps:
@@ -284,7 +291,10 @@ class BaseSDTrainProcess:
         """The step LoRA, then the training state; every rank calls it (each rank's RNGs go to the main process,
         which writes). A failed write is raised on every rank, with the previous checkpoint intact."""
         rngs = ctx.rt.gather([train_state.capture_rng(ctx.generator)])
-        error = None
+        error, states = None, full_finetune.states_writable(ctx.rt)
+        # A full fine-tune's transformer, gathered by every process (FSDP shards) for the main one to write.
+        weights = transformer_folder.module_state_dict(ctx.rt, ctx.denoiser, ctx.model.transformer) \
+            if self.full_finetune and step_lora else None
         if ctx.rt.is_main:
             consumed = step * self.train.gradient_accumulation_steps
             hashed = train_state.training_config(self.cfg)
@@ -294,8 +304,8 @@ class BaseSDTrainProcess:
                     "config": hashed}
             try:
                 if step_lora:
-                    ctx.outputs.save_step(ctx.model.transformer, ctx.lora_config, self.cfg, step, ctx.rt)
-                ctx.outputs.save_state(step, self.cfg.save.max_step_saves_to_keep, step_lora,
+                    ctx.outputs.save_step(ctx.model.transformer, ctx.lora_config, self.cfg, step, ctx.rt, weights)
+                ctx.outputs.save_state(step, self.cfg.save.max_step_saves_to_keep, step_lora, write_state=states,
                                        trainable=self._trainable(ctx), optimizer=ctx.optimizer.state_dict(),
                                        scheduler=ctx.scheduler.state_dict(), rng=rngs, info=info)
             except OSError as exc:
@@ -322,7 +332,7 @@ class BaseSDTrainProcess:
         ctx.scheduler.load_state_dict(state.scheduler)
         if train_state.rescale_lr(ctx.scheduler, ctx.optimizer, train.lr):
             log.warning("train.lr changed since the state was saved: continuing its lr schedule at lr %g", train.lr)
-        check_only_lora_trains(ctx.model.transformer, ctx.params)
+        full_finetune.check_trainable(ctx.model.transformer, ctx.params, self.full_finetune)
         step, consumed = int(info["step"]), int(info["consumed_batches"])
         if info["world_size"] == ctx.rt.world_size and info["global_batch_size"] == ctx.sampler.batch_size \
                 and state.rng is not None:
@@ -385,16 +395,6 @@ def describe_batch(batch: dict) -> str:
     """Image paths and tensor shapes of a batch, for error reports."""
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in batch.items() if isinstance(v, torch.Tensor))
     return f"{shapes}; images: {', '.join(map(str, batch.get('path', [])))}"
-
-
-def check_only_lora_trains(module: torch.nn.Module, params: list) -> None:
-    """The frozen base must stay frozen: quanto's freeze() and state loads switch requires_grad back on (FACTS.md).
-    Call again after loading any state into the model."""
-    trainable = [name for name, p in module.named_parameters() if p.requires_grad]
-    base = [name for name in trainable if "lora_" not in name]
-    if base or len(trainable) != len(params):
-        raise RuntimeError(f"only LoRA weights may train, but {len(base)} base parameters require grad (e.g. "
-                           f"{base[:3]}); {len(trainable)} trainable, {len(params)} given to the optimizer")
 
 
 __all__ = ["BaseSDTrainProcess", "TrainingRun", "check_only_lora_trains", "compute_dtype", "describe_batch",

@@ -1,0 +1,135 @@
+"""Full fine-tuning (network: null / train.full_finetune) and training stages on the tiny model, on CPU."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import FluxKontextPipeline, FluxTransformer2DModel
+from safetensors.torch import load_file
+
+import run
+from jobs import get_job
+from tests.helpers import merge, tiny_config_dict, write_config
+from toolkit.config.loader import load_job_dict
+from toolkit.errors import ConfigError
+from toolkit.train_state import list_states
+
+FULL = {"network": None, "train.steps": 4, "save.save_every": 2, "save.max_step_saves_to_keep": 10,
+        "train.lr": 1e-3, "sample.prompts": []}
+
+
+def _config(folder: Path, model_dir: Path, data_dir: Path, **overrides) -> Path:
+    cfg = merge(tiny_config_dict(folder / "out", model_dir, data_dir), {**FULL, **overrides})
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_config(folder / "cfg.yaml", cfg)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return FluxTransformer2DModel.from_pretrained(str(folder)).state_dict()
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert different == [], f"{len(different)} tensors differ, e.g. {different[:2]}"
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_model_dir, demo_data_dir):
+    """4 full fine-tune steps, states and step folders every 2 (read-only: tests copy it)."""
+    folder = tmp_path_factory.mktemp("full")
+    assert run.main([str(_config(folder, tiny_model_dir, demo_data_dir))]) == 0
+    logging.getLogger().handlers.clear()
+    return folder / "out" / "tiny"
+
+
+def test_full_finetune_changes_base_weights_and_the_folder_reloads_them(full_run, tiny_model_dir):
+    final = full_run / "transformer"
+    assert (final / "config.json").is_file() and (final / "diffusion_pytorch_model.safetensors").is_file()
+    assert not list(full_run.glob("*.safetensors")), "a full fine-tune writes no LoRA file"
+    assert sorted(p.name for p in full_run.glob("transformer_*")) == ["transformer_000000002"]
+    base = _weights(tiny_model_dir / "transformer")
+    tuned = _weights(final)
+    changed = [k for k in base if not torch.equal(base[k], tuned[k])]
+    assert len(changed) > len(base) // 2, f"only {len(changed)} of {len(base)} tensors changed"
+    # The saved file holds exactly what the loaded model holds (save.dtype float32 in the tiny config).
+    _assert_same(tuned, load_file(str(final / "diffusion_pytorch_model.safetensors")))
+    info = json.loads((final / "training.json").read_text())
+    assert info["step"] == 4 and info["base_model"] == str(tiny_model_dir)
+    # What the issue asks: the base pipeline with the fine-tuned transformer swapped in.
+    pipe = FluxKontextPipeline.from_pretrained(str(tiny_model_dir),
+                                               transformer=FluxTransformer2DModel.from_pretrained(str(final)))
+    _assert_same(pipe.transformer.state_dict(), tuned)
+
+
+def test_full_finetune_state_holds_every_weight_and_resumes_to_the_same_transformer(full_run, tmp_path):
+    copy = tmp_path / "out" / "tiny"
+    shutil.copytree(full_run, copy)
+    states = list_states(copy)
+    assert [s for s, _ in states] == [2, 4]
+    trainable = load_file(str(states[0][1] / "lora.safetensors"))
+    assert set(trainable) == set(_weights(full_run / "transformer")), "the state holds the whole transformer"
+    # Lose everything after step 2, then run the same config again: it resumes from step 2.
+    shutil.rmtree(states[1][1])
+    shutil.rmtree(copy / "transformer")
+    config = tmp_path / "cfg.yaml"
+    config.write_text((full_run.parent.parent / "cfg.yaml").read_text().replace(str(full_run.parent.parent),
+                                                                                str(tmp_path)))
+    assert run.main([str(config)]) == 0
+    logging.getLogger().handlers.clear()
+    assert [s for s, _ in list_states(copy)] == [2, 4], "the run resumed at step 2 and saved step 4 again"
+    _assert_same(_weights(copy / "transformer"), _weights(full_run / "transformer"))
+
+
+def test_rotation_keeps_the_newest_step_folders(tmp_path, tiny_model_dir, demo_data_dir):
+    config = _config(tmp_path, tiny_model_dir, demo_data_dir, **{"train.steps": 5, "save.save_every": 1,
+                                                                 "save.max_step_saves_to_keep": 2})
+    assert run.main([str(config)]) == 0
+    logging.getLogger().handlers.clear()
+    run_dir = tmp_path / "out" / "tiny"
+    assert sorted(p.name for p in run_dir.glob("transformer_*")) == ["transformer_000000003", "transformer_000000004"]
+    assert not list(run_dir.glob(".transformer*")), "no temporary folder is left behind"
+    assert (run_dir / "transformer" / "config.json").is_file()
+
+
+def test_train_full_finetune_key_equals_network_null(tmp_path, tiny_model_dir, demo_data_dir):
+    cfg = merge(tiny_config_dict(tmp_path, tiny_model_dir, demo_data_dir), {"train.full_finetune": True})
+    del cfg["config"]["process"][0]["network"]
+    job = load_job_dict(cfg, "test")
+    from toolkit.stages import is_full_finetune
+    assert is_full_finetune(job.config.process[0])
+    assert not is_full_finetune(load_job_dict(tiny_config_dict(tmp_path, tiny_model_dir, demo_data_dir),
+                                              "t").config.process[0])
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"network": None, "model.quantize": True}, "config.process[0].model.quantize: a full fine-tune"),
+    ({"train.full_finetune": True, "network": {"linear": 8}}, "config.process[0].network: a full fine-tune"),
+    ({"network": None, "save.format": "comfy"}, "config.process[0].save.format: 'comfy' is a LoRA key layout"),
+    ({"network": None, "train.train_unet": False}, "config.process[0].train.train_unet: false with a full"),
+    ({"model.transformer_path": "[process:0]"}, "in the first process: there is no earlier process"),
+    ({"model.transformer_path": "[process:x]"}, "is not a reference; write '[process:N]'"),
+])
+def test_what_cannot_combine_is_a_config_error(tmp_path, tiny_model_dir, demo_data_dir, overrides, expected):
+    cfg = merge(tiny_config_dict(tmp_path, tiny_model_dir, demo_data_dir), overrides)
+    with pytest.raises(ConfigError, match=None) as err:
+        load_job_dict(cfg, "test")
+    assert expected in str(err.value)
+
+
+def test_a_missing_transformer_folder_fails_before_the_model_loads(tmp_path, tiny_model_dir, demo_data_dir,
+                                                                   monkeypatch):
+    cfg = merge(tiny_config_dict(tmp_path / "out", tiny_model_dir, demo_data_dir),
+                {"model.transformer_path": str(tmp_path / "nowhere")})
+    job = get_job(write_config(tmp_path / "cfg.yaml", cfg))
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the config was checked")
+
+    monkeypatch.setattr(job.processes[0].arch_cls, "load", must_not_load)
+    with pytest.raises(ConfigError, match=r"config.process\[0\].model.transformer_path: .*nowhere is not a folder"):
+        job.run()
