@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from diffusers import FluxKontextPipeline, FluxTransformer2DModel
 from safetensors.torch import load_file
 
 import run
 from jobs import get_job
-from tests.helpers import merge, tiny_config_dict, write_config
+from tests.helpers import REPO, merge, tiny_config_dict, write_config
 from toolkit.config.loader import load_job_dict
 from toolkit.errors import ConfigError
 from toolkit.train_state import list_states
@@ -133,3 +134,58 @@ def test_a_missing_transformer_folder_fails_before_the_model_loads(tmp_path, tin
     monkeypatch.setattr(job.processes[0].arch_cls, "load", must_not_load)
     with pytest.raises(ConfigError, match=r"config.process\[0\].model.transformer_path: .*nowhere is not a folder"):
         job.run()
+
+
+def test_two_stage_example_runs_and_stage_2_trains_on_stage_1s_transformer(tmp_path, tiny_model_dir, demo_data_dir,
+                                                                           monkeypatch):
+    from jobs.process.BaseSDTrainProcess import BaseSDTrainProcess
+
+    text = (REPO / "config" / "examples" / "train_flux_kontext_two_stage_tiny.yaml").read_text()
+    text = text.replace('"models/tiny-flux-kontext"', f'"{tiny_model_dir}"').replace(
+        '"data/demo/', f'"{demo_data_dir}/').replace('training_folder: "output"', f'training_folder: "{tmp_path}"')
+    config = tmp_path / "two_stage.yaml"
+    config.write_text(text)
+    bases: dict[int, dict] = {}
+    setup = BaseSDTrainProcess.setup
+
+    def spy(self, *args, **kwargs):  # the frozen base each stage really trains on
+        ctx = setup(self, *args, **kwargs)
+        bases[self.index] = {k.replace("base_layer.", ""): v.detach().clone()
+                             for k, v in ctx.model.transformer.state_dict().items() if "lora_" not in k}
+        return ctx
+
+    monkeypatch.setattr(BaseSDTrainProcess, "setup", spy)
+    assert run.main([str(config)]) == 0
+    logging.getLogger().handlers.clear()
+    stage1 = tmp_path / "tiny_two_stage_full" / "transformer"
+    lora = tmp_path / "tiny_two_stage_lora" / "tiny_two_stage_lora.safetensors"
+    assert (stage1 / "config.json").is_file() and lora.is_file()
+    assert all(".lora_A." in k or ".lora_B." in k for k in load_file(str(lora)))
+    _assert_same(bases[1], _weights(stage1))  # stage 2's base is stage 1's result ...
+    original = _weights(tiny_model_dir / "transformer")
+    assert any(not torch.equal(bases[1][k], original[k]) for k in original)  # ... not the original base
+
+
+def test_a_reference_to_a_lora_process_is_an_error(tmp_path):
+    text = (REPO / "config" / "examples" / "train_flux_kontext_two_stage_tiny.yaml").read_text()
+    raw = yaml.safe_load(text.replace("network: null", "network: {linear: 4}"))
+    with pytest.raises(ConfigError, match=r"config.process\[1\].model.transformer_path: config.process\[0\] is not "
+                                          "a full fine-tune"):
+        load_job_dict(raw, "test")
+
+
+def test_training_processes_must_not_share_a_run_folder(tmp_path):
+    raw = yaml.safe_load((REPO / "config" / "examples" / "train_flux_kontext_two_stage_tiny.yaml").read_text())
+    del raw["config"]["process"][1]["name"]
+    raw["config"]["process"][0]["name"] = "[name]"
+    with pytest.raises(ConfigError, match=r"config.process\[1\].name: this process would write into the run folder"):
+        load_job_dict(raw, "test")
+
+
+def test_lora_state_dict_from_a_consolidated_state_dict_equals_the_live_one(tiny_model_dir):
+    """Under FSDP the LoRA is cut from the consolidated transformer state dict; it must be the same tensors."""
+    from toolkit.lora import add_lora, lora_state_dict, make_lora_config
+
+    transformer = FluxTransformer2DModel.from_pretrained(str(tiny_model_dir / "transformer"))
+    add_lora(transformer, make_lora_config(4, 4, ["to_q", "to_k"], 0.0))
+    _assert_same(lora_state_dict(transformer, transformer.state_dict()), lora_state_dict(transformer))

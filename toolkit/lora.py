@@ -53,9 +53,12 @@ def add_lora(transformer: torch.nn.Module, config: LoraConfig) -> list[torch.nn.
     return params
 
 
-def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """LoRA tensors keyed like diffusers files (`transformer.` prefix, no adapter name), detached on CPU."""
-    state = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)
+def lora_state_dict(transformer: torch.nn.Module, state_dict: Optional[Mapping[str, torch.Tensor]] = None
+                    ) -> dict[str, torch.Tensor]:
+    """LoRA tensors keyed like diffusers files (`transformer.` prefix, no adapter name), detached on CPU; taken from
+    `state_dict` (the transformer's, e.g. consolidated from FSDP shards) when given."""
+    state = get_peft_model_state_dict(transformer, state_dict=None if state_dict is None else dict(state_dict),
+                                      adapter_name=ADAPTER_NAME)
     return {f"{PREFIX}.{k}": v.detach().to("cpu") for k, v in state.items()}
 
 

@@ -292,9 +292,9 @@ class BaseSDTrainProcess:
         which writes). A failed write is raised on every rank, with the previous checkpoint intact."""
         rngs = ctx.rt.gather([train_state.capture_rng(ctx.generator)])
         error, states = None, full_finetune.states_writable(ctx.rt)
-        # A full fine-tune's transformer, gathered by every process (FSDP shards) for the main one to write.
+        # The transformer's weights gathered by every process (FSDP shards) for the main one to write.
         weights = transformer_folder.module_state_dict(ctx.rt, ctx.denoiser, ctx.model.transformer) \
-            if self.full_finetune and step_lora else None
+            if (self.full_finetune or ctx.rt.is_sharded) and step_lora else None
         if ctx.rt.is_main:
             consumed = step * self.train.gradient_accumulation_steps
             hashed = train_state.training_config(self.cfg)

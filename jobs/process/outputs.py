@@ -55,7 +55,7 @@ class RunOutputs:
                 "trigger_word": cfg.trigger_word or "",
                 "resolution": ",".join(str(r) for d in cfg.datasets for r in d.resolution)}
 
-    def _save(self, path: Path, transformer, lora_config, cfg, step: int) -> None:
+    def _save(self, path: Path, transformer, lora_config, cfg, step: int, weights=None) -> None:
         """One LoRA file in the layout save.format asks for, with ecosystem metadata when the architecture has it."""
         conventions = find_conventions(cfg.model.arch)
         extra = convert = None
@@ -70,7 +70,7 @@ class RunOutputs:
             if conventions is None:
                 raise UserError(f"save.format comfy: no ComfyUI key layout known for model.arch {cfg.model.arch!r}")
             convert = functools.partial(to_comfy, conventions=conventions)
-        save_lora(path, lora_state_dict(transformer), lora_config, cfg.save.dtype, self._metadata(cfg, step),
+        save_lora(path, lora_state_dict(transformer, weights), lora_config, cfg.save.dtype, self._metadata(cfg, step),
                   extra_metadata=extra, convert=convert)
 
     @property
@@ -105,7 +105,7 @@ class RunOutputs:
             return path
         path = self.folder / step_file_name(self.name, step)
         if rt.is_main:
-            self._save(path, transformer, lora_config, cfg, step)
+            self._save(path, transformer, lora_config, cfg, step, weights)
             log.info("saved %s", path)
         return path
 
@@ -127,14 +127,16 @@ class RunOutputs:
         return path
 
     def save_final(self, transformer, lora_config, cfg, step: int, rt, wrapped=None) -> Path:
-        """Every process calls it; a full fine-tune gathers the transformer from `wrapped` (FSDP: a collective)."""
+        """Every process calls it; a full fine-tune, or any run under FSDP, gathers the transformer's weights from
+        `wrapped` (FSDP: a collective consolidating the shards on the main process)."""
         path = self.final_path
-        if self.full_finetune:
+        weights = None
+        if self.full_finetune or rt.is_sharded:
             weights = transformer_folder.module_state_dict(rt, wrapped, transformer)
-            if rt.is_main:
-                self._save_folder(path, transformer, weights, cfg, step)
+        if rt.is_main and self.full_finetune:
+            self._save_folder(path, transformer, weights, cfg, step)
         elif rt.is_main:
-            self._save(path, transformer, lora_config, cfg, step)
+            self._save(path, transformer, lora_config, cfg, step, weights)
         rt.wait()
         return path
 
