@@ -189,3 +189,43 @@ def test_lora_state_dict_from_a_consolidated_state_dict_equals_the_live_one(tiny
     transformer = FluxTransformer2DModel.from_pretrained(str(tiny_model_dir / "transformer"))
     add_lora(transformer, make_lora_config(4, 4, ["to_q", "to_k"], 0.0))
     _assert_same(lora_state_dict(transformer, transformer.state_dict()), lora_state_dict(transformer))
+
+
+@pytest.mark.distributed
+def test_two_processes_full_finetune_equals_one_process_and_saves_once(tmp_path, tiny_model_dir, demo_data_dir):
+    """Full weights are all-reduced like a LoRA: 2 processes x batch 1 == 1 process x batch 2 after one SGD step
+    (same samples, noise and timesteps per sample); then a 2-process run writes one transformer folder and states."""
+    import runpy
+
+    from tests.test_distributed import SCRIPTS, accelerate_launch, ddp_config, explain
+
+    pairs = tmp_path / "pairs"  # two items of one bucket: the global batch of 2 is the same in both runs
+    for sub in ("target", "control"):
+        (pairs / sub).mkdir(parents=True)
+        for name in ("a", "b"):
+            shutil.copy(demo_data_dir / sub / "pair_000.png", pairs / sub / f"{name}.png")
+            if sub == "target":
+                (pairs / sub / f"{name}.txt").write_text(f"[trigger] invert {name}")
+    common = {"network": None, "sample.prompts": [], "train.optimizer": "sgd", "train.lr": 0.1,
+              "train.max_grad_norm": 0.0, "train.steps": 1}
+    single = write_config(tmp_path / "single.yaml", merge(
+        tiny_config_dict(tmp_path / "out1", tiny_model_dir, pairs), {**common, "train.batch_size": 2}))
+    runpy.run_path(str(SCRIPTS / "one_step.py"))["main"](str(single), tmp_path / "single.safetensors")
+    proc = accelerate_launch(SCRIPTS / "one_step.py", ddp_config(tmp_path, tiny_model_dir, pairs, "ddp", **common),
+                             tmp_path / "ddp.safetensors")
+    assert proc.returncode == 0, explain(proc)
+    one, two = load_file(str(tmp_path / "single.safetensors")), load_file(str(tmp_path / "ddp.safetensors"))
+    base = _weights(tiny_model_dir / "transformer")
+    assert one.keys() == two.keys() == base.keys()
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-6
+    assert max((one[k] - base[k]).abs().max().item() for k in one) > 1e-4, "the step must change the weights"
+
+    config = ddp_config(tmp_path, tiny_model_dir, demo_data_dir, "full2", **{**FULL, "train.steps": 2})
+    proc = accelerate_launch(REPO / "run.py", config)
+    assert proc.returncode == 0, explain(proc)
+    run_dir = tmp_path / "out" / "full2"
+    assert "world size 2" in proc.stdout + proc.stderr and "full fine-tune" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in run_dir.iterdir() if "transformer" in p.name) == ["transformer"]
+    assert json.loads((run_dir / "state" / "000000002" / "trainer.json").read_text())["world_size"] == 2
+    tuned = _weights(run_dir / "transformer")
+    assert any(not torch.equal(tuned[k], base[k]) for k in base)

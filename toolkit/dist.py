@@ -80,6 +80,7 @@ class Runtime:
                              InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
         )
         self._check_world_size()
+        self._check_fsdp()
         if self.device.type == "cpu" and self.world_size > 1:
             self._share_cpu_threads()
 
@@ -114,6 +115,16 @@ class Runtime:
             raise UserError(f"WORLD_SIZE={launched_world_size()} but accelerate formed a group of "
                             f"{self.world_size} processes")
 
+    def _check_fsdp(self) -> None:
+        """An FSDP accelerate config on a machine without GPUs: accelerate 1.15 either refuses (sync_module_states:
+        true, "no available devices found") or silently sets up plain CPU data parallelism, unsharded. Refuse the
+        second too: the user asked for sharding."""
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not self.is_sharded:
+            raise UserError(f"launched with an FSDP accelerate config, but accelerate set up "
+                            f"{self.accelerator.distributed_type.value} on {self.device} without sharding: FSDP "
+                            "needs GPUs (see README, Full fine-tuning and stages); drop --config_file "
+                            "config/accelerate/fsdp.yaml to train unsharded")
+
     def _share_cpu_threads(self) -> None:
         """The launcher's choice (CPU_THREADS_ENV), else the cores this process may run on / local processes.
 
@@ -132,6 +143,8 @@ class Runtime:
         ignore = [n for n, p in module.named_parameters() if not p.requires_grad]
         ignore += [n for n, _ in module.named_buffers()]
         module._ddp_params_and_buffers_to_ignore = ignore
+        if self.is_sharded:
+            log.info("FSDP: parameters sharded over %d processes", self.world_size)
         return self.accelerator.prepare_model(module)
 
     def prepare(self, *objects: Any) -> Any:
