@@ -2,7 +2,8 @@
 """Run one or more training configs: `python run.py CONFIG [CONFIG ...] [--recover] [--name NAME] [--log FILE]`.
 
 Subcommands (jobs/commands.py): `python run.py generate ...`, `python run.py compare RUN_FOLDER`,
-`python run.py convert-lora IN OUT --to comfy|diffusers`; each has its own --help.
+`python run.py convert-lora IN OUT --to comfy|diffusers`, `python run.py push RUN_FOLDER`; each has its
+own --help.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from toolkit.redact import install_log_redaction  # noqa: E402
 from toolkit.signals import TrainingInterrupted  # noqa: E402
 
 log = logging.getLogger("run")
-SUBCOMMANDS = ("generate", "compare", "convert-lora")  # checked before CONFIG names, so they win over config files
+SUBCOMMANDS = ("generate", "compare", "convert-lora", "push")  # checked before CONFIG names, so they win over config files
 
 
 def parse_args(argv):
@@ -38,10 +39,40 @@ def parse_args(argv):
     parser.add_argument("--fresh", action="store_true",
                         help="start over in a new run folder (<name>_v2, _v3...) instead of resuming the existing one")
     parser.add_argument("--help-config", action="store_true", help="print every config key with its meaning")
+    ray = parser.add_argument_group("Ray cluster (`--launcher ray`, needs `pip install -r requirements-ray.txt`)")
+    ray.add_argument("--launcher", choices=("local", "ray"), default="local",
+                     help="local: this process (or the ones `accelerate launch` started); ray: Ray Train workers")
+    ray.add_argument("--num-workers", type=int, default=None, help="Ray workers: one per GPU with --use-gpu")
+    ray.add_argument("--address", default=None, help="an existing Ray cluster: auto or HOST:PORT (default: local)")
+    ray.add_argument("--use-gpu", action="store_true", help="one GPU per Ray worker (default: CPU workers, gloo)")
+    ray.add_argument("--storage-path", default=None,
+                     help="where Ray keeps checkpoints; a folder every node sees, or a URI (default: "
+                          "<training_folder>/ray_checkpoints)")
+    ray.add_argument("--max-failures", type=int, default=0,
+                     help="restart the Ray workers from the newest checkpoint up to this many times (default 0)")
     args = parser.parse_args(argv)
     if not args.config_file_list and not args.help_config:
         parser.error("give at least one CONFIG")
+    ray_only = [flag for flag, value in (("--num-workers", args.num_workers), ("--address", args.address),
+                                          ("--use-gpu", args.use_gpu), ("--storage-path", args.storage_path),
+                                          ("--max-failures", args.max_failures))
+                if value not in (None, False, 0)]
+    if args.launcher != "ray" and ray_only:
+        parser.error(f"{', '.join(ray_only)} only with --launcher ray")
+    if args.launcher == "ray" and args.num_workers is None:
+        parser.error("--launcher ray needs --num-workers N")
     return args
+
+
+def run_job(job, args) -> None:
+    """Run a loaded job here, or on Ray workers."""
+    if args.launcher != "ray":
+        job.run()
+        return
+    from toolkit.ray_launcher import RayOptions, launch
+
+    launch(job, RayOptions(num_workers=args.num_workers, use_gpu=args.use_gpu, address=args.address,
+                           storage_path=args.storage_path, max_failures=args.max_failures), fresh=args.fresh)
 
 
 def setup_logging(log_file: str | None) -> None:
@@ -108,7 +139,7 @@ def main(argv=None) -> int:
             for process in job.processes:
                 if hasattr(process, "fresh"):
                     process.fresh = args.fresh
-            job.run()
+            run_job(job, args)
             continue
         except TrainingInterrupted as exc:  # a stop signal: stop everything, whatever --recover says
             log.error("%s: %s", config, exc)

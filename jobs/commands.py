@@ -1,4 +1,4 @@
-"""The run.py subcommands: `generate`, `compare` and `convert-lora` (`python run.py CONFIG` trains).
+"""The run.py subcommands: `generate`, `compare`, `convert-lora` and `push` (`python run.py CONFIG` trains).
 
 Each takes its argv (without the subcommand) and returns an exit status; run.py turns UserError into exit 2.
 `generate` builds the same typed config a `type: generate` YAML gives, so both are validated by one schema.
@@ -117,7 +117,28 @@ def convert_main(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "generate": generate_main, "compare": compare_main, "convert-lora": convert_main}
+def push_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="run.py push", description="Upload a finished training run to the Hugging Face "
+                                "Hub: the final LoRA, the latest samples and a generated model card (README.md, also "
+                                "written into the run folder). The token comes from HF_TOKEN (environment or .env) or "
+                                "`hf auth login`.")
+    p.add_argument("folder", help="the run's output folder: <training_folder>/<name>")
+    p.add_argument("--repo-id", default=None, help="namespace/name (default: save.hf_repo_id of the run's config)")
+    visibility = p.add_mutually_exclusive_group()
+    visibility.add_argument("--private", dest="private", action="store_true", default=None,
+                            help="create the repository private (default: save.hf_private)")
+    visibility.add_argument("--public", dest="private", action="store_false", help="create the repository public")
+    p.add_argument("--dry-run", action="store_true", help="write the model card and list the files; upload nothing")
+    args = p.parse_args(argv)
+    from jobs.extensions import load_extensions
+    from jobs.push import push_run
 
-__all__ = ["COMMANDS", "compare_main", "convert_main", "generate_job_dict", "generate_main"]
+    load_extensions()  # the architectures' model card facts
+    push_run(Path(args.folder), repo_id=args.repo_id, private=args.private, dry_run=args.dry_run)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "generate": generate_main, "compare": compare_main, "convert-lora": convert_main, "push": push_main}
+
+__all__ = ["COMMANDS", "compare_main", "convert_main", "generate_job_dict", "generate_main", "push_main"]

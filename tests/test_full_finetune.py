@@ -113,6 +113,8 @@ def test_train_full_finetune_key_equals_network_null(tmp_path, tiny_model_dir, d
     ({"train.full_finetune": True, "network": {"linear": 8}}, "config.process[0].network: a full fine-tune"),
     ({"network": None, "save.format": "comfy"}, "config.process[0].save.format: 'comfy' is a LoRA key layout"),
     ({"network": None, "train.train_unet": False}, "config.process[0].train.train_unet: false with a full"),
+    ({"network": None, "save.push_to_hub": True, "save.hf_repo_id": "me/x"},
+     "config.process[0].save.push_to_hub: the Hub upload publishes LoRA files"),
     ({"model.transformer_path": "[process:0]"}, "in the first process: there is no earlier process"),
     ({"model.transformer_path": "[process:x]"}, "is not a reference; write '[process:N]'"),
 ])

@@ -15,6 +15,7 @@ import run
 from extensions.flux_kontext.lora_keys import FLUX_CONVENTIONS
 from extensions.flux_kontext.model import LORA_TARGETS
 from toolkit.config import load_job_config
+from toolkit.config.schema import GenerateProcessConfig
 from toolkit.errors import ConfigError
 from toolkit.lora import add_lora, lora_state_dict, make_lora_config, save_lora
 from toolkit.lora_convert import convert_file
@@ -100,6 +101,22 @@ def test_generate_yaml_process_is_strict(tmp_path, tiny_model_dir, demo_data_dir
     with pytest.raises(ConfigError) as caught:
         load_job_config(path)
     assert "config.process[0].type: " in str(caught.value) and "did you mean 'generate'" in str(caught.value)
+
+
+def test_job_generate_makes_untyped_processes_generate(tmp_path, tiny_model_dir, demo_data_dir):
+    process = {"model": {"name_or_path": str(tiny_model_dir), "arch": "flux_kontext"},
+               "generate": {"prompts": ["x"], "ctrl_img": str(demo_data_dir / "sample_control")}}
+    path = tmp_path / "gen.yaml"
+    path.write_text(yaml.safe_dump({"job": "generate", "config": {"name": "gen", "process": [process]}}),
+                    encoding="utf-8")
+    job = load_job_config(path)
+    assert job.job == "generate" and isinstance(job.config.process[0], GenerateProcessConfig)
+    # Under job: extension the same process is read as a trainer and its generate key is unknown.
+    path.write_text(yaml.safe_dump({"job": "extension", "config": {"name": "gen", "process": [process]}}),
+                    encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_job_config(path)
+    assert "config.process[0].generate: unknown key" in str(caught.value)
 
 
 def test_missing_lora_file_fails_before_the_model_loads(tmp_path, tiny_model_dir, demo_data_dir, monkeypatch,

@@ -1,11 +1,11 @@
 """Encoder outputs cached by key, on disk or in memory, and filling such a cache for a paired dataset.
 
 Keys (`make_key`) hash everything that changes an output. Latents: the content hashes of the target and control
-files, the bucket and both crop boxes, the version of the pixel pipeline, and the encoder's identity (its config,
-dtype and a checksum of its weights, `module_fingerprint`). Text embeddings: the caption and the text encoders'
-identity. So a changed image, resolution or model gives a new key and is encoded again, and an unchanged entry is
-reused by every later run. Entries are never deleted (another config may still use them): delete the folder to
-reclaim the space.
+files (every control file when a target has several), the bucket and the crop boxes, the version of the pixel
+pipeline, and the encoder's identity (its config, dtype and a checksum of its weights, `module_fingerprint`). Text
+embeddings: the caption and the text encoders' identity. So a changed image, resolution or model gives a new key and
+is encoded again, and an unchanged entry is reused by every later run. Entries are never deleted (another config may
+still use them): delete the folder to reclaim the space.
 
 On disk each key is one safetensors file `<folder>/<key>.safetensors`, written atomically (temporary file + rename)
 with the key and a SHA-256 of its tensor bytes in the header. A file that is truncated, corrupt, or holds another
@@ -344,10 +344,11 @@ def cache_dataset(dataset: Any, configs: Sequence[Any], *, latents: Optional[Enc
     if latents is not None:
         indices = [i for i in range(len(dataset)) if latent_stores[item_datasets[i]] is not None]
         sources = {i: dataset.image_sources(i) for i in indices}
-        digests = _digests([s[side] for s in sources.values() for side in ("target", "control")], rt)
+        # Every image file of an item (target, control, and control_2... with several control folders).
+        digests = _digests([v for s in sources.values() for v in s.values() if isinstance(v, Path)], rt)
         for i in indices:
-            parts = {**sources[i], "target": digests[str(sources[i]["target"])],
-                     "control": digests[str(sources[i]["control"])], "encoder": latents.identity}
+            files = {name: digests[str(v)] for name, v in sources[i].items() if isinstance(v, Path)}
+            parts = {**sources[i], **files, "encoder": latents.identity}
             store, key = latent_stores[item_datasets[i]], make_key("latents", parts)
             latent_keys[i] = (store, key)
             jobs.append(Job(store, key, latents, group=sources[i]["bucket"],

@@ -6,6 +6,10 @@ Layout (what the dataset loader reads):
     target/NAME.png           the same image with every channel inverted (255 - value)
     target/NAME.txt           the caption
     sample_control/NAME.png   held-out control images for sample prompts during training
+With num_controls=2 or 3 (several control images per target, `control_path` as a list), also:
+    control_2/NAME.png, sample_control_2/NAME.png   each control image mirrored left-right
+    control_3/NAME.png, sample_control_3/NAME.png   each control image flipped top-bottom
+(derived from the first control, so the default single-control build stays byte-identical).
 Sizes cycle through square, landscape and portrait (multiples of 16), so bucketing sees several aspect ratios,
 each with more than one image once num_pairs >= 6.
 """
@@ -29,6 +33,8 @@ MARKER_NAME = "demo_data_build.json"
 SIZES_WH: tuple[tuple[int, int], ...] = ((96, 96), (128, 96), (96, 128))
 CAPTIONS: tuple[str, ...] = ("invert the colors", "invert the colors of the image", "make it a color negative")
 NUM_SAMPLE_CONTROLS = 2
+# The k-th control image (k >= 2) of a pair: a fixed transform of its first control image.
+EXTRA_CONTROL_TRANSFORMS = (ImageOps.mirror, ImageOps.flip)
 
 
 def random_shapes_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -67,14 +73,33 @@ def _write_dataset(workdir: Path, num_pairs: int, seed: int) -> None:
         random_shapes_image(rng, width, height).save(workdir / "sample_control" / f"sample_{index:03d}.png")
 
 
-def build_demo_dataset(out_dir: str | Path, num_pairs: int = 8, seed: int = 0, overwrite: bool = False) -> Path:
-    """Build (or reuse) the synthetic invert-colors dataset; returns its absolute path."""
+def _write_extra_controls(workdir: Path, num_controls: int) -> None:
+    """control_K/ and sample_control_K/ for K = 2 .. num_controls, from the first control images."""
+    for k in range(2, num_controls + 1):
+        transform = EXTRA_CONTROL_TRANSFORMS[k - 2]
+        for first, extra in (("control", f"control_{k}"), ("sample_control", f"sample_control_{k}")):
+            (workdir / extra).mkdir()
+            for path in sorted((workdir / first).glob("*.png")):
+                transform(Image.open(path).convert("RGB")).save(workdir / extra / path.name)
+
+
+def build_demo_dataset(out_dir: str | Path, num_pairs: int = 8, seed: int = 0, overwrite: bool = False,
+                       num_controls: int = 1) -> Path:
+    """Build (or reuse) the synthetic invert-colors dataset; returns its absolute path. `num_controls` 2 or 3 adds
+    control_2/ (and control_3/) folders: several control images per target."""
     if num_pairs < 1:
         raise UserError(f"num_pairs must be >= 1, got {num_pairs}")
+    if not 1 <= num_controls <= 1 + len(EXTRA_CONTROL_TRANSFORMS):
+        raise UserError(f"num_controls must be 1 to {1 + len(EXTRA_CONTROL_TRANSFORMS)}, got {num_controls}")
     marker = {"format_version": FORMAT_VERSION, "num_pairs": num_pairs, "seed": seed}
-    return install_atomically(
-        out_dir, MARKER_NAME, marker, overwrite, lambda tmp: _write_dataset(tmp, num_pairs, seed)
-    )
+    if num_controls > 1:  # absent for one control: existing single-control builds are reused as they are
+        marker["num_controls"] = num_controls
+
+    def write(tmp: Path) -> None:
+        _write_dataset(tmp, num_pairs, seed)
+        _write_extra_controls(tmp, num_controls)
+
+    return install_atomically(out_dir, MARKER_NAME, marker, overwrite, write)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,10 +107,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="folder to write (created atomically)")
     parser.add_argument("--num-pairs", default=8, type=int, help="number of control/target pairs")
     parser.add_argument("--seed", default=0, type=int, help="same seed gives byte-identical files")
+    parser.add_argument("--num-controls", default=1, type=int,
+                        help="control images per target (2 or 3 add control_2/, control_3/ folders)")
     parser.add_argument("--overwrite", action="store_true", help="replace whatever is at --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    path = build_demo_dataset(args.out, num_pairs=args.num_pairs, seed=args.seed, overwrite=args.overwrite)
+    path = build_demo_dataset(args.out, num_pairs=args.num_pairs, seed=args.seed, overwrite=args.overwrite,
+                              num_controls=args.num_controls)
     logger.info("demo dataset ready at %s", path)
 
 

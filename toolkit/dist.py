@@ -8,7 +8,9 @@ Data parallelism is Hugging Face accelerate's. What this module adds on top, bec
 - a guard against silently duplicated training: the launcher exports the process count it asked for, and a
   different world size here is an error (accelerate's `--cpu` alone silently runs one process; `--multi_gpu`
   without GPUs runs independent copies);
-- on CPU, each rank gets cores / local processes threads.
+- on CPU, each rank gets cores / local processes threads;
+- under Ray Train (toolkit.ray_launcher) the process group is Ray's: accelerate joins it, the end of training
+  leaves it to Ray, and every saved training state is reported to Ray as a checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import contextlib
 import datetime
 import logging
 import os
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -31,6 +34,8 @@ EXPECTED_WORLD_SIZE_ENV = "KONTEXT_EXPECTED_WORLD_SIZE"
 # CPU threads per rank chosen by the launcher (run_distributed_training.sh), so what it prints is what torch uses.
 CPU_THREADS_ENV = "KONTEXT_CPU_THREADS"
 # A rank stuck in a collective because another rank died gives up after this long instead of hanging forever.
+# "ray" in a Ray Train worker (set by toolkit.ray_launcher); unset under accelerate launch or a single process.
+LAUNCHER_ENV = "KONTEXT_LAUNCHER"
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("KONTEXT_COLLECTIVE_TIMEOUT_MIN", "30")))
 
 
@@ -67,6 +72,7 @@ class Runtime:
             raise UserError(f"launched with {world} processes but train.distributed_training is false: set it to "
                             "true, or run `python run.py CONFIG` for single-process training")
         self.distributed = distributed
+        self.under_ray = os.environ.get(LAUNCHER_ENV) == "ray"
         device = resolve_device(device)
         cpu = device == "cpu"
         if device.startswith("cuda:") and world == 1:
@@ -197,6 +203,14 @@ class Runtime:
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
         return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
 
+    def checkpoint_saved(self, step: int, state_dir: Path) -> None:
+        """Every rank calls it once the training state of `step` is complete; under Ray the main process's state
+        folder becomes a Ray checkpoint (ray.train.report is a barrier, so the other ranks report nothing)."""
+        if self.under_ray:
+            from toolkit.ray_launcher import report_state
+
+            report_state(step, state_dir if self.is_main else None)
+
     # -- coordination -----------------------------------------------------------------------------------------
     def wait(self) -> None:
         self.accelerator.wait_for_everyone()
@@ -215,6 +229,8 @@ class Runtime:
             yield
 
     def end(self) -> None:
+        if self.under_ray:  # the process group is Ray's: it destroys it when the worker ends (we run no trackers)
+            return
         self.accelerator.end_training()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

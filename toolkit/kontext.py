@@ -7,6 +7,7 @@ Shapes: B batch, C latent channels (16), H x W latent grid (image / 8), N = H/2 
     t       ~ timestep distribution in (0, 1)            (B,)
     x_t     = (1 - t) x0 + t noise                       (B, N, 64)
     pred    = transformer([x_t ; ctrl], ids=[ids(0) ; ids(1)])[:, :N]
+    (several controls: [x_t ; ctrl_1 ; ctrl_2 ...] with ids [ids(0) ; ids(1) ; ids(2) ...]; loss on x_t only)
     loss    = mean_b w(t_b) * mean((pred - (noise - x0))^2)
 
 The control tokens go AFTER the noisy target tokens, with position-id first coordinate 1, exactly as diffusers'
@@ -45,7 +46,7 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
 
 
 def position_ids(latent_height: int, latent_width: int, frame: int, device=None) -> torch.Tensor:
-    """(H/2 * W/2, 3) ids [frame, row, col] of packed tokens; frame 0 = target, 1 = control image."""
+    """(H/2 * W/2, 3) ids [frame, row, col] of packed tokens; frame 0 = target, k >= 1 = the k-th control image."""
     rows = torch.arange(latent_height // 2, device=device, dtype=torch.float32)
     cols = torch.arange(latent_width // 2, device=device, dtype=torch.float32)
     grid_r, grid_c = torch.meshgrid(rows, cols, indexing="ij")
@@ -53,10 +54,16 @@ def position_ids(latent_height: int, latent_width: int, frame: int, device=None)
     return torch.stack([frame_col, grid_r, grid_c], dim=-1).reshape(-1, 3)
 
 
-def kontext_position_ids(target_hw: tuple[int, int], control_hw: tuple[int, int], device=None) -> torch.Tensor:
-    """Ids of the joint sequence [target tokens ; control tokens] for latent grids target_hw and control_hw."""
-    return torch.cat([position_ids(*target_hw, frame=0, device=device),
-                      position_ids(*control_hw, frame=1, device=device)], dim=0)
+def kontext_position_ids(target_hw: tuple[int, int], *control_hws: tuple[int, int], device=None) -> torch.Tensor:
+    """Ids of the joint sequence [target ; control 1 ; control 2 ; ...] for the latent grids of the target and of
+    each control image: frame 0 for the target, frame k for the k-th control, rows and columns from 0 in each.
+
+    With one control this is exactly diffusers' FluxKontextPipeline layout (its image ids have frame 1)."""
+    if not control_hws:
+        raise ValueError("kontext_position_ids needs at least one control grid")
+    grids = [position_ids(*target_hw, frame=0, device=device)]
+    grids += [position_ids(*hw, frame=k, device=device) for k, hw in enumerate(control_hws, start=1)]
+    return torch.cat(grids, dim=0)
 
 
 def resolution_shift_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,

@@ -1,7 +1,9 @@
 """Sample prompts with ai-toolkit's inline flags, and the contact sheet of a sampling round.
 
-A prompt is `text --ctrl_img PATH [--seed N] [--w N] [--h N] [--cfg F] [--steps N]`. A flag's value runs to the
-next flag, so paths with spaces work without quoting.
+A prompt is `text --ctrl_img PATH [--ctrl_img PATH2 ...] [--seed N] [--w N] [--h N] [--cfg F] [--steps N]`. A
+flag's value runs to the next flag, so paths with spaces work without quoting. Several `--ctrl_img` give the model
+several control images, in order (for a LoRA trained with a list of control folders); other repeated flags: the last
+one counts.
 """
 
 from __future__ import annotations
@@ -31,19 +33,32 @@ class SampleRequest:
     height: int
     guidance_scale: float
     steps: int
+    extra_ctrl_imgs: tuple[Path, ...] = ()  # the 2nd, 3rd ... --ctrl_img
+
+    @property
+    def ctrl_imgs(self) -> tuple[Path, ...]:
+        """Every control image, in the order the model sees them (position-id frames 1, 2, ...)."""
+        return (self.ctrl_img, *self.extra_ctrl_imgs)
 
 
-def parse_prompt_flags(text: str) -> tuple[str, dict[str, str]]:
-    """Split `text --flag value ...` into the prompt and its flags; unknown `--words` stay in the prompt."""
+def parse_prompt_flag_lists(text: str) -> tuple[str, dict[str, list[str]]]:
+    """Split `text --flag value ...` into the prompt and every value of each flag, in order; unknown `--words` stay
+    in the prompt."""
     matches = list(_FLAG.finditer(text))
     if not matches:
         return text.strip(), {}
     prompt = text[: matches[0].start()].strip()
-    flags: dict[str, str] = {}
+    flags: dict[str, list[str]] = {}
     for m, nxt in zip(matches, matches[1:] + [None]):
         end = nxt.start() if nxt is not None else len(text)
-        flags[m.group(1)] = text[m.end():end].strip()
+        flags.setdefault(m.group(1), []).append(text[m.end():end].strip())
     return prompt, flags
+
+
+def parse_prompt_flags(text: str) -> tuple[str, dict[str, str]]:
+    """Split `text --flag value ...` into the prompt and its flags (the last value of a repeated flag)."""
+    prompt, flags = parse_prompt_flag_lists(text)
+    return prompt, {name: values[-1] for name, values in flags.items()}
 
 
 def build_requests(prompts: Sequence[str], *, seed: int, walk_seed: bool, width: int, height: int,
@@ -51,7 +66,8 @@ def build_requests(prompts: Sequence[str], *, seed: int, walk_seed: bool, width:
     """Resolve every prompt's flags against the sample defaults; problems name the prompt's key path."""
     requests, problems = [], []
     for i, raw in enumerate(prompts):
-        prompt, flags = parse_prompt_flags(raw)
+        prompt, all_flags = parse_prompt_flag_lists(raw)
+        flags = {name: values[-1] for name, values in all_flags.items()}
         where = f"{key_path}[{i}]"
         try:
             values = {k: (int(v) if k in _INT_FLAGS else v) for k, v in flags.items() if k not in ("ctrl_img", "neg")}
@@ -59,21 +75,23 @@ def build_requests(prompts: Sequence[str], *, seed: int, walk_seed: bool, width:
         except ValueError as exc:
             problems.append(f"{where}: bad flag value ({exc})")
             continue
-        ctrl = flags.get("ctrl_img")
-        if not ctrl:
-            problems.append(f"{where}: needs --ctrl_img PATH (the image Kontext edits)")
+        ctrls = all_flags.get("ctrl_img", [])
+        if not ctrls or not all(ctrls):
+            problems.append(f"{where}: needs --ctrl_img PATH (the image Kontext edits; repeat it for several)")
             continue
-        ctrl_path = Path(ctrl).expanduser()
-        if not ctrl_path.is_file():
-            problems.append(f"{where}: --ctrl_img {ctrl_path} does not exist")
+        ctrl_paths = [Path(ctrl).expanduser() for ctrl in ctrls]
+        missing = [path for path in ctrl_paths if not path.is_file()]
+        if missing:
+            problems.extend(f"{where}: --ctrl_img {path} does not exist" for path in missing)
             continue
         w, h = int(values.get("w", width)), int(values.get("h", height))
         if w % 16 or h % 16:
             problems.append(f"{where}: --w/--h must be multiples of 16, got {w}x{h}")
             continue
-        requests.append(SampleRequest(index=i, prompt=prompt, ctrl_img=ctrl_path,
+        requests.append(SampleRequest(index=i, prompt=prompt, ctrl_img=ctrl_paths[0],
                                       seed=int(values.get("seed", seed + i if walk_seed else seed)),
-                                      width=w, height=h, guidance_scale=cfg, steps=int(values.get("steps", steps))))
+                                      width=w, height=h, guidance_scale=cfg, steps=int(values.get("steps", steps)),
+                                      extra_ctrl_imgs=tuple(ctrl_paths[1:])))
     if problems:
         raise ConfigError("sample prompts have problems:\n  " + "\n  ".join(problems))
     return requests
@@ -122,3 +140,8 @@ def load_control(path: Path, width: int, height: int, loader=None) -> Image.Imag
     w, h = fit_to_area(img.width, img.height, width * height)
     return img.resize((w, h), Image.LANCZOS)
 
+
+
+def load_controls(request: SampleRequest, loader=None) -> list[Image.Image]:
+    """Every control image of a request, each resized like `load_control` (one image per --ctrl_img)."""
+    return [load_control(path, request.width, request.height, loader) for path in request.ctrl_imgs]

@@ -50,6 +50,10 @@ def full_finetune_problems(process: Any, path: str) -> list[str]:
                         "LoRA (network) on the quantized model")
     if not train.train_unet:
         problems.append(f"{path}.train.train_unet: false with a full fine-tune would train nothing; set it to true")
+    if process.save.push_to_hub:
+        problems.append(f"{path}.save.push_to_hub: the Hub upload publishes LoRA files; a full fine-tune's "
+                        "transformer folder is not uploaded yet: set it to false and upload <run folder>/transformer "
+                        "yourself (huggingface-cli upload)")
     if process.save.format != "diffusers":
         problems.append(f"{path}.save.format: {process.save.format!r} is a LoRA key layout; a full fine-tune saves a "
                         "diffusers transformer folder; set save.format: diffusers")

@@ -5,6 +5,7 @@ Layout, one folder per saved step, under the run folder:
     state/<step:09d>/
       lora.safetensors   the trainable parameters in fp32 under their own parameter names (the user-facing LoRA file
                          may be float16, so resume never reads it)
+      ema.safetensors    the EMA of the trainable parameters and its counters, with train.ema_config (toolkit.ema)
       optimizer.pt       optimizer.state_dict()
       scheduler.pt       lr_scheduler.state_dict()
       rng_rank<r>.pt     rank r's RNGs: python, numpy, torch CPU, CUDA (when present), the trainer's noise generator
@@ -58,7 +59,7 @@ _STATE_NAME = re.compile(r"^\d{9}$")
 UNHASHED_KEYS = (
     "type", "training_folder", "device", "log_every", "performance_log_every", "sample",
     "save.save_every", "save.max_step_saves_to_keep", "save.dtype", "save.format", "save.push_to_hub",
-    "save.hf_repo_id", "save.hf_private",
+    "save.hf_repo_id", "save.hf_private", "train.ema_config.ema_on_cpu",
     "train.resume_from", "train.disable_sampling", "train.skip_first_sample", "train.distributed_training",
     "train.gradient_checkpointing", "train.cache_text_embeddings", "model.low_vram",
     "datasets[].cache_latents", "datasets[].cache_latents_to_disk", "datasets[].cache_dir",
@@ -192,8 +193,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_state(run_folder: Path, step: int, *, trainable: Mapping[str, torch.Tensor], optimizer: Mapping,
-               scheduler: Mapping, rng: Sequence[Mapping], info: Mapping[str, Any]) -> Path:
-    """Write the state of `step` atomically (main process only); `rng[r]` is rank r's capture_rng()."""
+               scheduler: Mapping, rng: Sequence[Mapping], info: Mapping[str, Any],
+               extra_files: Optional[Mapping[str, bytes]] = None) -> Path:
+    """Write the state of `step` atomically (main only); `rng[r]` is rank r's capture_rng(); extra_files: name->bytes."""
     root = state_root(run_folder)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{step:09d}"
@@ -203,7 +205,7 @@ def save_state(run_folder: Path, step: int, *, trainable: Mapping[str, torch.Ten
         files = {LORA_FILE: safetensors_save({k: v.detach().to("cpu", torch.float32).contiguous()
                                               for k, v in trainable.items()}),
                  OPTIMIZER_FILE: _torch_bytes(dict(optimizer)), SCHEDULER_FILE: _torch_bytes(dict(scheduler))}
-        files.update({rng_file(r): _torch_bytes(dict(state)) for r, state in enumerate(rng)})
+        files.update({rng_file(r): _torch_bytes(dict(state)) for r, state in enumerate(rng)}, **(extra_files or {}))
         files[TRAINER_FILE] = json.dumps({"format_version": FORMAT_VERSION, "step": step, **info}, indent=2,
                                          sort_keys=True).encode()
         for name, data in files.items():

@@ -67,11 +67,13 @@ def prune_step_folders(run_folder: Path, keep: int, protect: Path) -> list[Path]
     return doomed
 
 
-def module_state_dict(rt: Any, wrapped: torch.nn.Module, module: torch.nn.Module) -> Optional[dict]:
+def module_state_dict(rt: Any, wrapped: torch.nn.Module, module: torch.nn.Module, copy: bool = False
+                      ) -> Optional[dict]:
     """`module`'s full state dict, taken from the wrapped training module it sits in (DDP, FSDP).
 
     Every process must call it (under FSDP it gathers the shards); the main process gets the dict (CPU tensors under
-    FSDP), the others may get None or an empty dict."""
+    FSDP), the others None. Without FSDP the tensors share the live weights' storage: `copy` gives CPU copies, for
+    weights that are about to change (EMA weights swapped back out)."""
     full = rt.full_state_dict(wrapped)
     if not rt.is_main:
         return None
@@ -79,10 +81,9 @@ def module_state_dict(rt: Any, wrapped: torch.nn.Module, module: torch.nn.Module
     prefix = next((name for name, m in root.named_modules() if m is module), None)
     if prefix is None:
         raise RuntimeError("the trained module is not inside the wrapped training module")
-    if not prefix:
-        return dict(full)
     start = prefix + "."
-    return {key[len(start):]: value for key, value in full.items() if key.startswith(start)}
+    mine = {key[len(start):]: value for key, value in full.items() if key.startswith(start)} if prefix else dict(full)
+    return {key: value.detach().to("cpu", copy=True) for key, value in mine.items()} if copy else mine
 
 
 def save_transformer_folder(folder: Path, config_owner: Any, state_dict: Mapping[str, torch.Tensor],

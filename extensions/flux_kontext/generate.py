@@ -15,7 +15,7 @@ from extensions.flux_kontext.model import FluxKontext
 from toolkit.errors import UserError
 from toolkit.inference import LoraRenderer, register_renderer
 from toolkit.lora_convert import detect_format, peft_metadata, read_lora, to_diffusers
-from toolkit.sampling import SampleRequest
+from toolkit.sampling import SampleRequest, load_controls
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ class FluxKontextRenderer(LoraRenderer):
 
     @torch.no_grad()
     def render(self, requests: Sequence[SampleRequest], controls: Sequence[Image.Image]) -> list[Image.Image]:
+        if any(r.extra_ctrl_imgs for r in requests):  # several --ctrl_img: the pipeline takes one (multi_control.py)
+            return self.model.sample(requests, [[c, *load_controls(r)[1:]] for r, c in zip(requests, controls)])
         first = requests[0]
         # One CPU generator per image: an image depends on its seed only, not on the batch or the device.
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]

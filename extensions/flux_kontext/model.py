@@ -8,17 +8,19 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import torch
 from diffusers import FluxKontextPipeline, FluxTransformer2DModel
 from PIL import Image
 
+from extensions.flux_kontext.multi_control import render_multi_control
 from extensions.flux_kontext.quantize import (TRANSFORMER_EXCLUDE, keep_base_frozen, load_transformer_blockwise,
                                               quantize_frozen, safe_exclude)
 from toolkit import kontext
 from toolkit.arch import Architecture, register_architecture
 from toolkit.cache import Encoder, make_key, module_fingerprint
+from toolkit.data.dataset import control_names
 from toolkit.sampling import SampleRequest
 
 log = logging.getLogger(__name__)
@@ -38,9 +40,9 @@ class EncodedBatch:
     """Frozen-encoder outputs for one micro-batch: packed latents and text embeddings."""
 
     x0: torch.Tensor  # (B, N, 64) packed target latents
-    control: torch.Tensor  # (B, M, 64) packed control latents
+    control: torch.Tensor  # (B, M1 + M2 + ..., 64) packed latents of every control image, in order
     target_hw: tuple[int, int]  # latent grid of the target
-    control_hw: tuple[int, int]
+    control_hws: tuple[tuple[int, int], ...]  # latent grid of each control image (frames 1, 2, ...)
     prompt_embeds: torch.Tensor  # (B, L, D) T5
     pooled: torch.Tensor  # (B, P) CLIP
     text_ids: torch.Tensor  # (L, 3) zeros
@@ -164,19 +166,23 @@ class FluxKontext(Architecture):
         return embeds, pooled
 
     def encode_batch(self, batch: dict) -> EncodedBatch:
-        """Encoders on a collated batch; latents and embeddings the dataset took from a cache are used as they are."""
+        """Encoders on a collated batch; latents and embeddings the dataset took from a cache are used as they are.
+        Several control images ("control", "control_2", ...) become one token run each, in that order."""
         if "target_latents" in batch:
-            target, control = batch["target_latents"].to(self.device), batch["control_latents"].to(self.device)
+            target = batch["target_latents"].to(self.device)
+            controls = [batch[f"{name}_latents"].to(self.device) for name in control_names(batch, "_latents")]
         else:
-            target, control = self.encode_images(batch["target"]), self.encode_images(batch["control"])
+            target = self.encode_images(batch["target"])
+            controls = [self.encode_images(batch[name]) for name in control_names(batch)]
         if "prompt_embeds" in batch:
             embeds, pooled = batch["prompt_embeds"].to(self.device), batch["pooled"].to(self.device)
             text_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.dtype)
         else:
             embeds, pooled, text_ids = self.encode_captions(batch["caption"])
         return EncodedBatch(x0=kontext.pack_latents(target).to(self.dtype),
-                            control=kontext.pack_latents(control).to(self.dtype),
-                            target_hw=tuple(target.shape[-2:]), control_hw=tuple(control.shape[-2:]),
+                            control=torch.cat([kontext.pack_latents(c) for c in controls], dim=1).to(self.dtype),
+                            target_hw=tuple(target.shape[-2:]),
+                            control_hws=tuple(tuple(c.shape[-2:]) for c in controls),
                             prompt_embeds=embeds.to(self.dtype), pooled=pooled.to(self.dtype), text_ids=text_ids)
 
     def clean_latents(self, encoded: EncodedBatch) -> torch.Tensor:
@@ -194,23 +200,24 @@ class FluxKontext(Architecture):
             "timestep": t.to(self.device, self.dtype),
             "guidance": torch.full((b,), float(guidance), device=self.device, dtype=torch.float32)
             if self.transformer.config.guidance_embeds else None,
-            "img_ids": kontext.kontext_position_ids(encoded.target_hw, encoded.control_hw, self.device),
+            "img_ids": kontext.kontext_position_ids(encoded.target_hw, *encoded.control_hws, device=self.device),
             "txt_ids": encoded.text_ids,
         }
         return inputs, kontext.flow_target(encoded.x0, noise)
 
     # -- caching (toolkit.cache) ------------------------------------------------------------------------------
     def latent_encoder(self) -> Encoder:
-        """{"target", "control"} pixels -> {"target_latents", "control_latents"}: (16, h, w) each."""
+        """{"target", "control"[, "control_2", ...]} pixels -> {"target_latents", "control_latents"[, ...]}: (16, h, w)
+        each."""
         vae = self.vae
         identity = make_key("vae", {"config": dict(vae.config), "weights": module_fingerprint(vae),
                                     "dtype": str(vae.dtype), "latents": "posterior mode, shifted and scaled"})
         return Encoder(identity, self._encode_pixel_pairs)
 
     def _encode_pixel_pairs(self, items: list[dict]) -> list[dict]:
-        target = self.encode_images(torch.stack([item["target"] for item in items]))
-        control = self.encode_images(torch.stack([item["control"] for item in items]))
-        return [{"target_latents": t, "control_latents": c} for t, c in zip(target, control)]
+        latents = {f"{name}_latents": self.encode_images(torch.stack([item[name] for item in items]))
+                   for name in ("target", *control_names(items[0]))}
+        return [{name: value[i] for name, value in latents.items()} for i in range(len(items))]
 
     def text_encoder(self) -> Encoder:
         """caption -> {"prompt_embeds": (L, D) T5, "pooled": (P,) CLIP}."""
@@ -252,7 +259,9 @@ class FluxKontext(Architecture):
 
     # -- sampling ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, requests: Sequence[SampleRequest], controls: Sequence[Image.Image]) -> list[Image.Image]:
+    def sample(self, requests: Sequence[SampleRequest],
+               controls: Sequence[Union[Image.Image, Sequence[Image.Image]]]) -> list[Image.Image]:
+        """One image per request; a request's control is one image or a list of them (several --ctrl_img)."""
         was_training = self.transformer.training
         self.transformer.eval()
         try:
@@ -260,10 +269,15 @@ class FluxKontext(Architecture):
         finally:
             self.transformer.train(was_training)
 
-    def _render(self, request: SampleRequest, control: Image.Image) -> Image.Image:
+    def _render(self, request: SampleRequest, control: Union[Image.Image, Sequence[Image.Image]]) -> Image.Image:
         generator = torch.Generator("cpu").manual_seed(request.seed)  # CPU noise: same image on any device
         # Through our caption cache: works after the text encoders were unloaded (cache_text_embeddings).
         embeds, pooled, _ = self.encode_captions([request.prompt])
+        controls = [control] if isinstance(control, Image.Image) else list(control)
+        if len(controls) > 1:  # FluxKontextPipeline takes one control image: our loop (multi_control.py)
+            return render_multi_control(self.pipe, controls, embeds, pooled, request.width, request.height,
+                                        request.steps, request.guidance_scale, generator)
+        control = controls[0]
         out = self.pipe(image=control, prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=request.height,
                         width=request.width,
                         num_inference_steps=request.steps, guidance_scale=request.guidance_scale,

@@ -32,11 +32,13 @@ from toolkit.data.dataset import PairedDataset, collate_batch
 from toolkit.data.pairs import discover_pairs
 from toolkit.data.sampler import BucketBatchSampler
 from toolkit.dist import Runtime
+from toolkit.ema import EMA, ema_weights
 from toolkit.errors import ConfigError
+from toolkit.hub import check_hub_access, retry_hint
 from toolkit.lora import check_only_lora_trains  # noqa: F401  (re-exported: tests import it from here)
 from toolkit.metrics import TrainingMonitor
 from toolkit.optim import make_lr_scheduler, make_optimizer
-from toolkit.sampling import build_requests, load_control
+from toolkit.sampling import build_requests, load_controls
 from toolkit.signals import GracefulStop, TrainingInterrupted, signal_name
 from toolkit.validation import ValidationSet
 
@@ -46,11 +48,12 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.flo
            "fp32": torch.float32, "float32": torch.float32}
 
 
-def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The frozen base's dtype: as configured on GPU; fp32 on CPU, where bf16/fp16 matmuls are several times slower."""
+def compute_dtype(name: str, device: torch.device, key: str = "train.dtype") -> torch.dtype:
+    """The frozen base's dtype: as configured on GPU; fp32 on CPU, where bf16/fp16 matmuls are several times slower.
+    `key` names the config key in the log line."""
     dtype = _DTYPES[name]
     if device.type == "cpu" and dtype != torch.float32:
-        log.info("train.dtype %s on CPU: using float32 (CPU half-precision is slow)", name)
+        log.info("%s %s on CPU: using float32 (CPU half-precision is slow)", key, name)
         return torch.float32
     return dtype
 
@@ -94,6 +97,8 @@ class BaseSDTrainProcess:
             requests = build_requests(s.prompts, seed=s.seed, walk_seed=s.walk_seed, width=s.width,
                                       height=s.height, guidance_scale=s.guidance_scale, steps=s.sample_steps,
                                       key_path="config.process[0].sample.prompts")
+        if self.cfg.save.push_to_hub:  # token, network and write access, before hours of training
+            check_hub_access(self.cfg.save.hf_repo_id)
         outputs = RunOutputs(*resolve_run_folder(Path(self.cfg.training_folder), self.name, self.fresh),
                              full_finetune=self.full_finetune)
         if self.fresh and self.train.resume_from == "latest":
@@ -108,14 +113,21 @@ class BaseSDTrainProcess:
         pairs, requests, outputs = self.preflight()
         if self.resume_state is not None and outputs.final_path.exists() and \
                 train_state.read_info(self.resume_state)["step"] >= self.train.steps:
-            log.info("%s is already trained (%d steps, state %s); run with --fresh to train again",
-                     outputs.final_path, self.train.steps, self.resume_state)
+            log.info("%s is already trained (%d steps, state %s); run with --fresh to train again%s",
+                     outputs.final_path, self.train.steps, self.resume_state,
+                     f", or {retry_hint(outputs.folder)}" if self.cfg.save.push_to_hub else "")
             return outputs.final_path
         rt = Runtime(distributed=self.train.distributed_training, device=self.cfg.device)
         try:
-            return self._train(rt, pairs, requests, outputs)
+            final = self._train(rt, pairs, requests, outputs)
+            push = self.cfg.save.push_to_hub and rt.is_main
         finally:
             rt.end()
+        if push:  # after the process group is gone: a long upload keeps no other rank waiting
+            from jobs.push import push_after_training  # jobs.push imports this module (via jobs.compare)
+
+            push_after_training(outputs.folder, final, dataset_size=len(pairs))
+        return final
 
     def setup(self, rt: Runtime, pairs, requests, outputs: RunOutputs) -> "TrainingRun":
         """Load the model, add the LoRA, build data and optimizer, wrap for data parallelism."""
@@ -148,6 +160,7 @@ class BaseSDTrainProcess:
         optimizer, scheduler = rt.prepare(optimizer, scheduler)
         denoiser = rt.prepare_model(model.denoiser())
         full_finetune.check_trainable(model.transformer, params, self.full_finetune)
+        ema = EMA.from_config(train.ema_config, model.transformer)
 
         log.info("world size %d | per-process batch %d x processes %d x accumulation %d = effective batch %d | "
                  "%d pairs, %d items, %d batches/epoch | %s: %d trainable params",
@@ -158,7 +171,7 @@ class BaseSDTrainProcess:
         return TrainingRun(rt=rt, model=model, denoiser=denoiser, params=params, optimizer=optimizer,
                            scheduler=scheduler, batches=self._batches(loader, sampler, dataset), dataset=dataset,
                            sampler=sampler, outputs=outputs,
-                           requests=requests, lora_config=lora_config, validation=validation,
+                           requests=requests, lora_config=lora_config, validation=validation, ema=ema,
                            generator=torch.Generator(device=rt.device).manual_seed(rank_seed(train.seed, rt.rank)))
 
     def _attach_caches(self, rt: Runtime, model: Architecture, dataset: PairedDataset, requests,
@@ -202,8 +215,9 @@ class BaseSDTrainProcess:
                         self._stop(ctx, step, stop.signum)
                     self._after_step(ctx, step, loss)
                 try:
-                    final = outputs.save_final(ctx.model.transformer, ctx.lora_config, self.cfg, train.steps, rt,
-                                               wrapped=ctx.denoiser)
+                    with ema_weights(ctx.ema):  # every saved LoRA holds the EMA weights when EMA is on
+                        final = outputs.save_final(ctx.model.transformer, ctx.lora_config, self.cfg, train.steps, rt,
+                                                   wrapped=ctx.denoiser)
                 except OSError as exc:
                     raise train_state.CheckpointSaveError(self._save_failure(outputs, train.steps, exc)) from exc
                 if start < train.steps:
@@ -250,6 +264,8 @@ class BaseSDTrainProcess:
         ctx.optimizer.step()
         ctx.scheduler.step()
         ctx.optimizer.zero_grad(set_to_none=True)
+        if ctx.ema is not None:
+            ctx.ema.step()
         return total
 
     def compute_loss(self, ctx: "TrainingRun", batch: dict) -> torch.Tensor:
@@ -278,7 +294,8 @@ class BaseSDTrainProcess:
         if ctx.requests and step % cfg.sample.sample_every == 0:
             self._sample(ctx, step)
         if ctx.validation is not None and step % cfg.sample.sample_every == 0:
-            val_loss = ctx.validation.loss(ctx.model)  # every rank: same weights, same value, no collective
+            with ema_weights(ctx.ema):  # every rank: same weights, same value, no collective
+                val_loss = ctx.validation.loss(ctx.model)
             ctx.monitor.scalars(step, {"val/loss": val_loss})
             log.info("step %d: val/loss %.5f", step, val_loss)
 
@@ -292,9 +309,10 @@ class BaseSDTrainProcess:
         which writes). A failed write is raised on every rank, with the previous checkpoint intact."""
         rngs = ctx.rt.gather([train_state.capture_rng(ctx.generator)])
         error, states = None, full_finetune.states_writable(ctx.rt)
-        # The transformer's weights gathered by every process (FSDP shards) for the main one to write.
-        weights = transformer_folder.module_state_dict(ctx.rt, ctx.denoiser, ctx.model.transformer) \
-            if (self.full_finetune or ctx.rt.is_sharded) and step_lora else None
+        with ema_weights(ctx.ema):  # the transformer's weights (EMA applied), gathered from every process (FSDP)
+            weights = transformer_folder.module_state_dict(ctx.rt, ctx.denoiser, ctx.model.transformer,
+                                                           copy=ctx.ema is not None) \
+                if (self.full_finetune or ctx.rt.is_sharded) and step_lora else None
         if ctx.rt.is_main:
             consumed = step * self.train.gradient_accumulation_steps
             hashed = train_state.training_config(self.cfg)
@@ -304,15 +322,18 @@ class BaseSDTrainProcess:
                     "config": hashed}
             try:
                 if step_lora:
-                    ctx.outputs.save_step(ctx.model.transformer, ctx.lora_config, self.cfg, step, ctx.rt, weights)
+                    with ema_weights(ctx.ema):
+                        ctx.outputs.save_step(ctx.model.transformer, ctx.lora_config, self.cfg, step, ctx.rt, weights)
                 ctx.outputs.save_state(step, self.cfg.save.max_step_saves_to_keep, step_lora, write_state=states,
                                        trainable=self._trainable(ctx), optimizer=ctx.optimizer.state_dict(),
-                                       scheduler=ctx.scheduler.state_dict(), rng=rngs, info=info)
+                                       scheduler=ctx.scheduler.state_dict(), rng=rngs, info=info,
+                                       extra_files=ctx.ema.state_files() if ctx.ema else None)
             except OSError as exc:
                 error = self._save_failure(ctx.outputs, step, exc)
         errors = [e for e in ctx.rt.gather([error]) if e]  # also the barrier: no rank runs ahead of the write
         if errors:
             raise train_state.CheckpointSaveError(errors[0])
+        ctx.rt.checkpoint_saved(step, train_state.state_root(ctx.outputs.folder) / f"{step:09d}")
 
     @staticmethod
     def _save_failure(outputs: RunOutputs, step: int, exc: OSError) -> str:
@@ -334,6 +355,8 @@ class BaseSDTrainProcess:
             log.warning("train.lr changed since the state was saved: continuing its lr schedule at lr %g", train.lr)
         full_finetune.check_trainable(ctx.model.transformer, ctx.params, self.full_finetune)
         step, consumed = int(info["step"]), int(info["consumed_batches"])
+        if ctx.ema is not None:
+            ctx.ema.restore(path, step)
         if info["world_size"] == ctx.rt.world_size and info["global_batch_size"] == ctx.sampler.batch_size \
                 and state.rng is not None:
             train_state.restore_rng(state.rng, ctx.generator)
@@ -361,8 +384,9 @@ class BaseSDTrainProcess:
     def _sample(self, ctx: "TrainingRun", step: int) -> None:
         """Each rank renders its share of the prompts; the main process writes the images and the contact sheet."""
         mine = [ctx.requests[i] for i in ctx.rt.my_share(len(ctx.requests))]
-        controls = [load_control(r.ctrl_img, r.width, r.height) for r in mine]
-        images = ctx.model.sample(mine, controls)
+        controls = [load_controls(r) for r in mine]  # one image per --ctrl_img
+        with ema_weights(ctx.ema):
+            images = ctx.model.sample(mine, controls)
         rendered = ctx.rt.gather([(r.index, img) for r, img in zip(mine, images)])
         if ctx.rt.is_main:
             by_index = dict(rendered)
@@ -388,6 +412,7 @@ class TrainingRun:
     generator: torch.Generator  # per-rank noise and timesteps
     monitor: Optional[TrainingMonitor] = None
     validation: Optional[ValidationSet] = None  # held-out pairs, None when no dataset has val_folder_path
+    ema: Optional[EMA] = None  # train.ema_config: averaged LoRA weights for samples, validation and saves
     grad_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
 
 

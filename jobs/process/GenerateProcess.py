@@ -27,7 +27,7 @@ from toolkit.dist import resolve_device
 from toolkit.errors import ConfigError, UserError
 from toolkit.inference import LoraRenderer, batch_key, get_renderer, plan_batches
 from toolkit.pngmeta import png_bytes
-from toolkit.sampling import SampleRequest, contact_sheet, fit_to_area, load_control, parse_prompt_flags
+from toolkit.sampling import SampleRequest, contact_sheet, fit_to_area, load_control, parse_prompt_flag_lists
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,16 @@ def build_items(gen: GenerateConfig, key_path: str = "generate.prompts") -> list
     """Every prompt on each of its control images, flags resolved against the generate defaults."""
     items, problems = [], []
     for k, raw in enumerate(gen.prompts):
-        prompt, flags = parse_prompt_flags(raw)
+        prompt, all_flags = parse_prompt_flag_lists(raw)
+        flags = {name: values[-1] for name, values in all_flags.items()}
         where = f"{key_path}[{k}]"
-        ctrl = flags.get("ctrl_img") or gen.ctrl_img
+        ctrls = all_flags.get("ctrl_img", [])
+        ctrl = ctrls[0] if ctrls else gen.ctrl_img
+        # Several --ctrl_img: one image conditioned on all of them (a LoRA trained with several control folders).
+        extra = tuple(Path(c).expanduser() for c in ctrls[1:])
+        if extra and not all(path.is_file() for path in (Path(ctrl).expanduser(), *extra)):
+            problems.append(f"{where}: with several --ctrl_img each must be an existing image file, not a folder")
+            continue
         if not ctrl:
             problems.append(f"{where}: no control image; add --ctrl_img PATH or set generate.ctrl_img")
             continue
@@ -101,7 +108,7 @@ def build_items(gen: GenerateConfig, key_path: str = "generate.prompts") -> list
         for path in paths:
             w, h = size or fit_to_area(*read_image_size(path), DEFAULT_AREA)
             request = SampleRequest(index=len(items), prompt=prompt, ctrl_img=path, seed=seed, width=w, height=h,
-                                    guidance_scale=guidance, steps=steps)
+                                    guidance_scale=guidance, steps=steps, extra_ctrl_imgs=extra)
             label = f"{path.stem}_p{k:02d}"
             if any(item.label == label for item in items):  # a.png and a.jpg in one folder
                 label = f"{label}_{len(items):03d}"
@@ -155,7 +162,7 @@ class GenerateProcess:
     def run(self) -> Path:
         items, columns, outputs = self.preflight()
         device = torch.device(resolve_device(self.cfg.device))
-        renderer = self.renderer_cls.load(self.model_cfg, device, compute_dtype(self.cfg.dtype, device))
+        renderer = self.renderer_cls.load(self.model_cfg, device, compute_dtype(self.cfg.dtype, device, key="dtype"))
         for column in columns:
             if column.lora is not None:
                 renderer.add_lora(column.lora, column.title)

@@ -22,7 +22,7 @@ from toolkit.config.loader import write_resolved_config
 from toolkit.errors import UserError
 from toolkit.lora import ecosystem_metadata, lora_state_dict, save_lora
 from toolkit.lora_convert import find_conventions, to_comfy
-from toolkit.sampling import SampleRequest, contact_sheet, load_control, sample_file_name
+from toolkit.sampling import SampleRequest, contact_sheet, load_controls, sample_file_name
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class RunOutputs:
         rows = []
         for request, image in rendered:
             _write_png(self.sample_dir / sample_file_name(step, request.index), image)
-            rows.append((load_control(request.ctrl_img, request.width, request.height), image, request.prompt))
+            rows.append((*load_controls(request), image, request.prompt))  # every control, then the sample
         sheet_path = self.sample_dir / f"{step:09d}_sheet.png"
         _write_png(sheet_path, contact_sheet(rows))
         log.info("samples of step %d: %s", step, sheet_path)

@@ -8,8 +8,9 @@ KONTEXT_TEST_PROBE_DIR   every rank writes probe_rank<R>.json there: world size;
                          wrote itself (LoRA, training state, config copy, sample sheets); the sample prompts it rendered; whether
                          it had a progress bar and a TensorBoard writer; and the sha256 of its LoRA tensors at the
                          final save.
-KONTEXT_TEST_FAIL        "RANK:STEP:MODE": rank RANK fails as optimizer step STEP starts; MODE `raise` raises a
-                         RuntimeError, `kill` SIGKILLs the process (no Python cleanup at all).
+KONTEXT_TEST_FAIL        "RANK:STEP:MODE": rank RANK fails as its STEP-th optimizer step starts; MODE `raise` raises a
+                         RuntimeError, `kill` SIGKILLs the process (no Python cleanup at all), `lose_states` deletes
+                         the run folder's training states (a node's disk lost) and raises.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -30,6 +32,7 @@ from jobs.process import BaseSDTrainProcess as trainer_module  # noqa: E402
 from jobs.process.outputs import RunOutputs  # noqa: E402
 from toolkit import kontext  # noqa: E402
 from toolkit.lora import lora_state_dict  # noqa: E402
+from toolkit.train_state import state_root  # noqa: E402
 
 Trainer = trainer_module.BaseSDTrainProcess
 
@@ -47,12 +50,12 @@ def rank() -> int:
 
 
 def install_probes(probe_dir: Path) -> None:
-    record = {"rank": rank(), "world_size": int(os.environ.get("WORLD_SIZE", "1")), "micro_batches": [],
-              "losses": [], "writes": [], "rendered": []}
-    path = probe_dir / f"probe_rank{rank()}.json"
+    record = {"micro_batches": [], "losses": [], "writes": [], "rendered": []}
 
     def dump() -> None:
-        path.write_text(json.dumps(record), encoding="utf-8")
+        # Rank and world size are read now: a Ray worker gets them after the probes are installed.
+        record.update(rank=rank(), world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        (probe_dir / f"probe_rank{rank()}.json").write_text(json.dumps(record), encoding="utf-8")
 
     original_loss = Trainer.compute_loss
     original_timesteps = kontext.sample_timesteps
@@ -126,27 +129,32 @@ def install_probes(probe_dir: Path) -> None:
 
 def install_fault(spec: str) -> None:
     fail_rank, fail_step, mode = spec.split(":")
-    if rank() != int(fail_rank):
-        return
     original_step = Trainer.optimizer_step
     steps = {"started": 0}
 
     def optimizer_step(self, ctx):
         steps["started"] += 1
-        if steps["started"] == int(fail_step):
+        if rank() == int(fail_rank) and steps["started"] == int(fail_step):  # rank read late, as in the probes
             sys.stderr.write(f"test fault: rank {rank()} fails at step {fail_step} ({mode})\n")
             sys.stderr.flush()
             if mode == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if mode == "lose_states":
+                shutil.rmtree(state_root(ctx.outputs.folder))
             raise RuntimeError(f"injected failure on rank {rank()} at step {fail_step}")
         return original_step(self, ctx)
 
     Trainer.optimizer_step = optimizer_step
 
 
-if __name__ == "__main__":
+def install_from_env() -> None:
+    """The probes and faults the environment asks for; also a Ray `worker_process_setup_hook` (tests/test_ray.py)."""
     if os.environ.get("KONTEXT_TEST_PROBE_DIR"):
         install_probes(Path(os.environ["KONTEXT_TEST_PROBE_DIR"]))
     if os.environ.get("KONTEXT_TEST_FAIL"):
         install_fault(os.environ["KONTEXT_TEST_FAIL"])
+
+
+if __name__ == "__main__":
+    install_from_env()
     sys.exit(run.main(sys.argv[1:]))

@@ -293,7 +293,13 @@ def _convert(raw: Any, tp: Any, path: str, problems: list[str]) -> Any:
         if len(members) > 1 and all(dataclasses.is_dataclass(member) for member in members):
             member = _pick_member(raw, members, path, problems)
             return None if member is None else _convert(raw, member, path, problems)
-        return _convert(raw, members[0], path, problems)
+        # `str | list[str]` (e.g. one control folder or several): a YAML list takes the list member, anything else
+        # the other one. By kind, not by position: typing caches equal unions, so their order is not reliable.
+        lists = [member for member in members if get_origin(member) is list]
+        others = [member for member in members if get_origin(member) is not list]
+        if lists and (isinstance(raw, list) or not others):
+            return _convert(raw, lists[0], path, problems)
+        return _convert(raw, (others or members)[0], path, problems)
     if origin is Literal:
         return _to_literal(raw, args)
     if origin is list:
@@ -398,11 +404,23 @@ def load_job_config(path_or_name: Union[str, Path], name_override: Optional[str]
     return load_job_dict(read_config_file(path), str(path), name_override=name_override, environ=environ)
 
 
+def _default_process_type(raw: Any) -> Any:
+    """`job: generate` (ai-toolkit's spelling of a generate job): its processes are generate processes unless they
+    say otherwise."""
+    if not isinstance(raw, dict) or raw.get("job") != "generate" or not isinstance(raw.get("config"), dict):
+        return raw
+    processes = raw["config"].get("process")
+    if isinstance(processes, list):
+        processes = [{"type": "generate", **p} if isinstance(p, dict) else p for p in processes]
+        raw = {**raw, "config": {**raw["config"], "process": processes}}
+    return raw
+
+
 def load_job_dict(raw: dict, source: str, name_override: Optional[str] = None,
                   environ: Mapping[str, str] = os.environ) -> JobConfig:
     """``load_job_config`` for data already parsed (e.g. built from command-line flags); ``source`` names it."""
     problems: list[str] = []
-    raw = _substitute_name(_substitute_env(raw, environ, problems), name_override)
+    raw = _default_process_type(_substitute_name(_substitute_env(raw, environ, problems), name_override))
     job = convert(raw, JobConfig, "", problems)
     if not problems:
         for process in job.config.process:

@@ -24,7 +24,7 @@ from toolkit.stages import full_finetune_problems, stage_problems
 __all__ = [
     "Check", "DatasetConfig", "EMAConfig", "GenerateConfig", "GenerateProcessConfig", "JobConfig", "LoraFileConfig",
     "ModelConfig", "NetworkConfig", "RootConfig", "SampleConfig", "SaveConfig", "TrainConfig", "TrainProcessConfig",
-    "config_help", "validate_job",
+    "config_help", "folder_list", "validate_job",
 ]
 
 
@@ -52,6 +52,18 @@ def _expand_home(path: str) -> str:
     return os.path.expanduser(path) if path.startswith("~") else path
 
 
+def _expand_folders(value: Union[str, list[str]]) -> Union[str, list[str]]:
+    """``_expand_home`` on one folder or on each folder of a list."""
+    return _expand_home(value) if isinstance(value, str) else [_expand_home(item) for item in value]
+
+
+def folder_list(value: Union[str, list[str], None]) -> list[str]:
+    """A ``control_path``-like value as a list of folders: None -> [], one folder -> [it]."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
 def _one_size_to_list(value: Any) -> Any:
     """Accept a bare size (``resolution: 512``) as a one-element list."""
     return [value] if isinstance(value, int) and not isinstance(value, bool) else value
@@ -61,6 +73,8 @@ GT0 = Check(lambda v: v > 0, "> 0")
 GE0 = Check(lambda v: v >= 0, ">= 0")
 GE1 = Check(lambda v: v >= 1, ">= 1")
 NON_EMPTY = Check(lambda v: len(v.strip() if isinstance(v, str) else v) > 0, "non-empty")
+FOLDERS = Check(lambda v: len(folder_list(v)) > 0 and all(f.strip() for f in folder_list(v)),
+                "a non-empty folder or list of non-empty folders")
 UNIQUE = Check(lambda v: len(set(v)) == len(v), "free of duplicates")
 SIZE16 = Check(lambda v: v >= 16 and v % 16 == 0, "a multiple of 16 and >= 16")
 RESOLUTION = Check(lambda v: v >= 64 and v % 16 == 0, "a multiple of 16 and >= 64")
@@ -72,6 +86,9 @@ PROBABILITY = Check(lambda v: 0 <= v <= 1, "in [0, 1]")
 DROPOUT = Check(lambda v: 0 <= v < 1, "in [0, 1)")
 OPEN_UNIT = Check(lambda v: 0 < v < 1, "in (0, 1)")
 T5_LENGTH = Check(lambda v: 1 <= v <= 512, "in [1, 512]")
+HUB_REPO_ID = Check(lambda v: re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", v) is not None and len(v) <= 96
+                    and ".." not in v and "--" not in v and not v.endswith((".git", ".")),
+                    "a Hub repository id 'namespace/name' (letters, digits, - _ .; no '--' or '..')")
 
 SaveDType = Literal["float16", "fp16", "bfloat16", "bf16", "float32", "fp32"]
 TrainDType = Literal["bf16", "bfloat16", "fp16", "float16", "fp32", "float32"]
@@ -105,10 +122,16 @@ class SaveConfig:
     max_step_saves_to_keep: int = field(default=4, metadata=_meta(
         "How many intermediate step checkpoints to keep; older ones are pruned.", GE0))
     push_to_hub: bool = field(default=False, metadata=_meta(
-        "Upload the trained LoRA to the Hugging Face Hub (not supported yet)."))
+        "After the final save, upload the final LoRA, the latest samples and a generated model card (README.md) "
+        "to hf_repo_id on the Hugging Face Hub; the token (HF_TOKEN in the environment or .env, or `hf auth "
+        "login`) and its write access are checked before any model loads. Retry: python run.py push RUN_FOLDER.",
+        aliases=("upload_to_hub", "push_to_huggingface")))
     hf_repo_id: Optional[str] = field(default=None, metadata=_meta(
-        "Hub repository 'user/name' used by push_to_hub.", NON_EMPTY))
-    hf_private: bool = field(default=True, metadata=_meta("Create the Hub repository as private."))
+        "Hub repository 'namespace/name' (your user name or an organisation) that push_to_hub uploads to; "
+        "created when missing.", HUB_REPO_ID, aliases=("hub_model_id", "hub_repo_id", "repo_id")))
+    hf_private: bool = field(default=True, metadata=_meta(
+        "Create the Hub repository as private (ai-toolkit defaults to public; an existing repository keeps its "
+        "visibility).", aliases=("hub_private_repo", "private")))
 
 
 @dataclass(kw_only=True)
@@ -117,9 +140,10 @@ class DatasetConfig:
 
     folder_path: str = field(metadata=_meta(
         "Folder of target images and their caption files.", NON_EMPTY, normalize=_expand_home))
-    control_path: Optional[str] = field(default=None, metadata=_meta(
-        "Folder of control (input) images, paired with the targets by file name.",
-        NON_EMPTY, normalize=_expand_home))
+    control_path: Optional[Union[str, list[str]]] = field(default=None, metadata=_meta(
+        "Folder of control (input) images, paired with the targets by file name; a list of folders gives each "
+        "target several control images (one per folder, same file name), appended in list order.",
+        FOLDERS, normalize=_expand_folders))
     caption_ext: str = field(default="txt", metadata=_meta(
         "Extension of the caption files, without the dot.", NON_EMPTY, normalize=lambda v: v.lstrip(".")))
     default_caption: Optional[str] = field(default=None, metadata=_meta(
@@ -145,17 +169,31 @@ class DatasetConfig:
         "Held-out target images with captions, never trained on; their flow-matching loss is logged as val/loss "
         "every sample.sample_every steps and plotted by `run.py compare`.", NON_EMPTY, normalize=_expand_home,
         aliases=("validation_folder", "val_folder")))
-    val_control_path: Optional[str] = field(default=None, metadata=_meta(
-        "Control images of the held-out pairs, matched to val_folder_path by file name.", NON_EMPTY,
-        normalize=_expand_home, aliases=("validation_control_path", "val_control")))
+    val_control_path: Optional[Union[str, list[str]]] = field(default=None, metadata=_meta(
+        "Control images of the held-out pairs, matched to val_folder_path by file name; as many folders as "
+        "control_path.", FOLDERS, normalize=_expand_folders, aliases=("validation_control_path", "val_control")))
 
 
 @dataclass(kw_only=True)
 class EMAConfig:
     """Exponential moving average of the trained weights."""
 
-    use_ema: bool = field(default=False, metadata=_meta("Keep an EMA of the trained weights (not supported yet)."))
-    ema_decay: float = field(default=0.99, metadata=_meta("EMA decay per step.", OPEN_UNIT))
+    use_ema: bool = field(default=False, metadata=_meta(
+        "Keep an exponential moving average of the LoRA weights, updated after optimizer steps; samples, "
+        "validation and every saved LoRA use the average, the training state keeps both.", aliases=("ema",)))
+    ema_decay: float = field(default=0.99, metadata=_meta(
+        "Weight of the old average at each update: ema = decay * ema + (1 - decay) * weights.", OPEN_UNIT,
+        aliases=("decay",)))
+    ema_warmup: bool = field(default=False, metadata=_meta(
+        "Use min(ema_decay, (1 + n) / (10 + n)) at update n, so the untrained start is forgotten quickly "
+        "(torch_ema's use_num_updates); false: ema_decay from the first update, as ai-toolkit.",
+        aliases=("use_num_updates", "use_ema_warmup")))
+    ema_update_every: int = field(default=1, metadata=_meta(
+        "Update the average every this many optimizer steps (ema_decay applies per update).", GE1,
+        aliases=("update_every", "ema_every")))
+    ema_on_cpu: bool = field(default=False, metadata=_meta(
+        "Hold the average on the CPU instead of the training device (saves device memory; each update copies the "
+        "LoRA weights to the CPU).", aliases=("offload_ema", "ema_offload", "ema_device")))
 
 
 @dataclass(kw_only=True)
@@ -205,7 +243,7 @@ class TrainConfig:
     skip_first_sample: bool = field(default=False, metadata=_meta(
         "Skip the sample images made before the first step."))
     ema_config: EMAConfig = field(default_factory=EMAConfig, metadata=_meta(
-        "Exponential moving average of the trained weights (not supported yet)."))
+        "Exponential moving average of the trained LoRA weights (use_ema, ema_decay, ...)."))
     cache_text_embeddings: bool = field(default=False, metadata=_meta(
         "Encode every caption (and the empty caption used by caption dropout) once before training, then unload "
         "the text encoders; embeddings are stored where each dataset caches its latents, else in memory. Not "
@@ -372,8 +410,9 @@ class RootConfig:
 class JobConfig:
     """A whole config file."""
 
-    job: Literal["extension"] = field(default="extension", metadata=_meta(
-        "Job kind; only 'extension' (a training job) exists."))
+    job: Literal["extension", "generate"] = field(default="extension", metadata=_meta(
+        "Job kind: 'extension' (processes of any type; sd_trainer when a process has no type) or 'generate' "
+        "(processes default to type generate)."))
     config: RootConfig = field(metadata=_meta("The run: name and processes."))
     meta: dict[str, Any] = field(default_factory=dict, metadata=_meta(
         "Free-form metadata kept with the outputs; not used for training."))
@@ -423,13 +462,8 @@ def _process_problems(process: TrainProcessConfig, path: str) -> list[str]:
     if not train.train_unet and process.network is not None:
         problems.append(f"{path}.train.train_unet: false would train nothing, because the LoRA is on the "
                         "transformer; set it to true")
-    if train.ema_config.use_ema:
-        problems.append(f"{path}.train.ema_config.use_ema: EMA is not supported yet; set it to false")
-    if save.push_to_hub:
-        problems.append(f"{path}.save.push_to_hub: pushing to the Hugging Face Hub is not supported yet; "
-                        "set it to false")
-        if not save.hf_repo_id:
-            problems.append(f"{path}.save.hf_repo_id: required when save.push_to_hub is true")
+    if save.push_to_hub and not save.hf_repo_id:
+        problems.append(f"{path}.save.hf_repo_id: required when save.push_to_hub is true ('namespace/name')")
     return (problems + _dataset_problems(process.datasets, f"{path}.datasets") + _cache_problems(process, path)
             + full_finetune_problems(process, path))
 
@@ -462,15 +496,42 @@ def _dataset_problems(datasets: list[DatasetConfig], path: str) -> list[str]:
             problems.append(f"{path}[{index}].folder_path: {dataset.folder_path!r} is already used by "
                             f"datasets[{first_index[folder]}]")
         first_index.setdefault(folder, index)
-        if dataset.control_path is not None and os.path.normpath(dataset.control_path) == folder:
-            problems.append(f"{path}[{index}].control_path: must differ from folder_path "
-                            f"({dataset.folder_path!r}); control images are the inputs, not the targets")
+        problems += _control_problems(dataset, folder, f"{path}[{index}]")
+    counts = [len(folder_list(d.control_path)) for d in datasets if d.control_path is not None]
     for index, dataset in enumerate(datasets):
+        count = len(folder_list(dataset.control_path))
+        if dataset.control_path is not None and count != counts[0]:
+            problems.append(f"{path}[{index}].control_path: has {count} folder(s) but another dataset has "
+                            f"{counts[0]}; a batch may mix datasets, so every dataset needs the same number of "
+                            "control images")
         if (dataset.val_folder_path is None) != (dataset.val_control_path is None):
             problems.append(f"{path}[{index}].val_folder_path: set val_folder_path and val_control_path together")
         if dataset.val_folder_path is not None and os.path.normpath(dataset.val_folder_path) in first_index:
             problems.append(f"{path}[{index}].val_folder_path: {dataset.val_folder_path!r} is a training folder; "
                             "held-out pairs must not be trained on")
+    return problems
+
+
+def _control_problems(dataset: DatasetConfig, folder: str, path: str) -> list[str]:
+    """Control folders that repeat the target folder or each other; held-out pairs with another control count."""
+    problems: list[str] = []
+    controls = folder_list(dataset.control_path)
+    several = isinstance(dataset.control_path, list)
+    seen: dict[str, int] = {}
+    for k, control in enumerate(controls):
+        key = f"{path}.control_path" + (f"[{k}]" if several else "")
+        normalized = os.path.normpath(control)
+        if normalized == folder:
+            problems.append(f"{key}: must differ from folder_path ({dataset.folder_path!r}); control images are the "
+                            "inputs, not the targets")
+        elif normalized in seen:
+            problems.append(f"{key}: {control!r} is already control_path[{seen[normalized]}]; each control image "
+                            "comes from its own folder")
+        seen.setdefault(normalized, k)
+    val_controls = folder_list(dataset.val_control_path)
+    if val_controls and controls and len(val_controls) != len(controls):
+        problems.append(f"{path}.val_control_path: has {len(val_controls)} folder(s) but control_path has "
+                        f"{len(controls)}; held-out pairs need as many control images as the training pairs")
     return problems
 
 

@@ -18,7 +18,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Mapping, Optional, Protocol, Sequence
 
 import torch
 from PIL import Image
@@ -45,6 +45,22 @@ class ItemPlan:
     bucket: tuple[int, int]
     target_box: Box
     control_box: Box
+    extra_control_boxes: tuple[Box, ...] = ()  # of Pair.extra_controls
+
+
+def control_key(k: int) -> str:
+    """Item / batch key of the k-th control image (0-based): "control", "control_2", "control_3", ...; the
+    control under "control_<n>" gets position-id frame n."""
+    return "control" if k == 0 else f"control_{k + 1}"
+
+
+def control_names(batch: Mapping[str, Any], suffix: str = "") -> list[str]:
+    """The control keys present in an item or batch, in sequence order: "control", "control_2", ... (a key counts
+    with `suffix` appended, e.g. "_latents" for cached latents)."""
+    names: list[str] = []
+    while f"{control_key(len(names))}{suffix}" in batch:
+        names.append(control_key(len(names)))
+    return names
 
 
 def caption_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -64,8 +80,10 @@ def plan_items(pairs: Sequence[Pair], datasets: Sequence[DatasetConfigLike]) -> 
         for resolution in cfg.resolution:
             bucket = bucket_for(*pair.target_size, resolution)
             target_box = crop_box(*pair.target_size, *bucket)
-            control_box = scale_box(target_box, pair.target_size, pair.control_size)
-            plan = ItemPlan(pair_index, int(resolution), bucket, target_box, control_box)
+            # Every control image is cut to the target's crop and resized to the target's bucket.
+            control_boxes = [scale_box(target_box, pair.target_size, size) for size in pair.control_sizes]
+            plan = ItemPlan(pair_index, int(resolution), bucket, target_box, control_boxes[0],
+                            tuple(control_boxes[1:]))
             plans.extend([plan] * cfg.num_repeats)
     return plans
 
@@ -90,8 +108,9 @@ class ItemCache(Protocol):
 
 
 class PairedDataset(Dataset):
-    """Items ``{"target", "control": FloatTensor[3, H, W] in [-1, 1], "caption": str, "index": int, "path": str}``;
-    with a cache attached, plus the cached tensors, and without the pixels when the cache covers images."""
+    """Items ``{"target", "control": FloatTensor[3, H, W] in [-1, 1], "caption": str, "index": int, "path": str}``
+    (plus "control_2", ... with several control folders); with a cache attached, plus the cached tensors, and
+    without the pixels when the cache covers images."""
 
     def __init__(
         self,
@@ -137,16 +156,22 @@ class PairedDataset(Dataset):
         """Everything that decides an item's pixels: files, bucket, crop boxes, pixel pipeline (latent cache key)."""
         plan = self.items[index]
         pair = self.pairs[plan.pair_index]
-        return {"target": pair.target, "control": pair.control, "bucket": plan.bucket,
-                "target_box": plan.target_box, "control_box": plan.control_box, "pixels": PIXEL_PIPELINE_VERSION}
+        sources = {"target": pair.target, "control": pair.control, "bucket": plan.bucket,
+                   "target_box": plan.target_box, "control_box": plan.control_box, "pixels": PIXEL_PIPELINE_VERSION}
+        for k, (path, box) in enumerate(zip(pair.extra_controls, plan.extra_control_boxes), start=1):
+            sources.update({control_key(k): path, f"{control_key(k)}_box": box})
+        return sources
 
     def load_pixels(self, index: int) -> dict[str, torch.Tensor]:
-        """``{"target", "control": FloatTensor[3, H, W] in [-1, 1]}`` of item `index`."""
+        """``{"target", "control"[, "control_2", ...]: FloatTensor[3, H, W] in [-1, 1]}`` of item `index`, every
+        control image at the target's bucket size."""
         plan = self.items[index]
         pair = self.pairs[plan.pair_index]
-        target = render(pair.target, pair.target_size, plan.target_box, plan.bucket)
-        control = render(pair.control, pair.control_size, plan.control_box, plan.bucket)
-        return {"target": to_tensor(target), "control": to_tensor(control)}
+        pixels = {"target": to_tensor(render(pair.target, pair.target_size, plan.target_box, plan.bucket))}
+        boxes = (plan.control_box, *plan.extra_control_boxes)
+        for k, (path, size, box) in enumerate(zip(pair.controls, pair.control_sizes, boxes)):
+            pixels[control_key(k)] = to_tensor(render(path, size, box, plan.bucket))
+        return pixels
 
     def item_captions(self, index: int) -> list[str]:
         """Every caption __getitem__ can give item `index` in any epoch: the caption and, with dropout, "".

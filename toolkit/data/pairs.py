@@ -2,8 +2,10 @@
 
 A Kontext LoRA learns "control image + instruction -> target image", so every target in ``folder_path`` needs a
 control image with the same file stem in ``control_path`` and a caption ``STEM.<caption_ext>`` next to it (or a
-``default_caption``). All problems of all datasets are collected and raised as ONE DatasetError: a user with 40
-broken files should fix them in one pass, not in 40 runs that each load a 12 GB model first.
+``default_caption``). ``control_path`` may list several folders: then every target needs one control image per
+folder, each matched by file stem and checked like the first. All problems of all datasets are collected and raised
+as ONE DatasetError: a user with 40 broken files should fix them in one pass, not in 40 runs that each load a 12 GB
+model first.
 
 Integrity checks are cheap (header + JPEG draft decode / PNG CRC check, in threads), not a full decode.
 Hidden files (``.DS_Store``, macOS ``._name.jpg`` resource forks) and sub-folders are ignored.
@@ -36,7 +38,7 @@ class DatasetConfigLike(Protocol):
     """The attributes of one dataset entry of the config that toolkit/data reads (duck-typed on purpose)."""
 
     folder_path: str
-    control_path: Optional[str]
+    control_path: Union[str, Sequence[str], None]
     caption_ext: str
     default_caption: Optional[str]
     caption_dropout_rate: float
@@ -58,6 +60,24 @@ class Pair:
     target_size: tuple[int, int]
     control_size: tuple[int, int]
     dataset_index: int = 0
+    extra_controls: tuple[Path, ...] = ()  # the 2nd, 3rd ... control images (control_path lists several folders)
+    extra_control_sizes: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def controls(self) -> tuple[Path, ...]:
+        """Every control image, in sequence order (position-id frames 1, 2, ...)."""
+        return (self.control, *self.extra_controls)
+
+    @property
+    def control_sizes(self) -> tuple[tuple[int, int], ...]:
+        return (self.control_size, *self.extra_control_sizes)
+
+
+def control_folders(value: Union[str, Sequence[str], None]) -> list[str]:
+    """``control_path`` as a list of folders (one folder or a list of them; None or blank -> [])."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _check_folder(raw: Optional[str], key: str, problems: list[str]) -> Optional[Path]:
@@ -150,21 +170,38 @@ def _caption_for(
     return None
 
 
-def _check_settings(cfg: DatasetConfigLike, key: str, problems: list[str]) -> tuple[Optional[Path], Optional[Path]]:
-    """The usable target and control folders (None when unusable, with the reason recorded)."""
+def _control_keys(cfg: DatasetConfigLike, key: str) -> list[str]:
+    """Key path of each control folder: `control_path`, or `control_path[k]` when it is a list."""
+    folders = control_folders(cfg.control_path)
+    if isinstance(cfg.control_path, str):
+        return [f"{key}.control_path"]
+    return [f"{key}.control_path[{k}]" for k in range(len(folders))]
+
+
+def _check_settings(
+    cfg: DatasetConfigLike, key: str, problems: list[str]
+) -> tuple[Optional[Path], list[Optional[Path]]]:
+    """The usable target folder and control folders (None when unusable, with the reason recorded)."""
     folder = _check_folder(cfg.folder_path, f"{key}.folder_path", problems)
     if cfg.folder_path is None or not str(cfg.folder_path).strip():
         problems.append(f"{key}.folder_path is empty; set it to the folder of target images and captions")
-    control_dir = _check_folder(cfg.control_path, f"{key}.control_path", problems)
-    if cfg.control_path is None or not str(cfg.control_path).strip():
+    raw_controls = control_folders(cfg.control_path)
+    if not any(str(raw).strip() for raw in raw_controls):
         problems.append(
             f"{key}.control_path is not set; Kontext trains on pairs: set control_path to the folder of control "
             f"(input) images, named like their targets in {cfg.folder_path}"
         )
-    if folder is not None and control_dir is not None and control_dir.resolve() == folder.resolve():
-        problems.append(f"{folder}: folder_path and control_path are the same folder ({key}); controls must be separate")
-        control_dir = None
-    return folder, control_dir
+    control_dirs: list[Optional[Path]] = []
+    for raw, control_key in zip(raw_controls, _control_keys(cfg, key)):
+        if len(raw_controls) > 1 and not str(raw).strip():
+            problems.append(f"{control_key} is empty; set it to a folder of control images or remove it")
+        control_dir = _check_folder(raw, control_key, problems)
+        if folder is not None and control_dir is not None and control_dir.resolve() == folder.resolve():
+            problems.append(f"{folder}: folder_path and control_path are the same folder ({control_key}); "
+                            "controls must be separate")
+            control_dir = None
+        control_dirs.append(control_dir)
+    return folder, control_dirs
 
 
 def _match(
@@ -181,33 +218,47 @@ def _match(
         )
 
 
+def _list_controls(control_dirs: Sequence[Optional[Path]], keys: Sequence[str], folder: Optional[Path],
+                   targets: dict[str, Path], problems: list[str]) -> list[dict[str, Path]]:
+    """The images of each control folder by stem, each folder matched against the targets."""
+    images = "/".join(IMAGE_EXTENSIONS)
+    all_controls: list[dict[str, Path]] = []
+    for control_dir, control_key in zip(control_dirs, keys):
+        controls = _list_images(control_dir, control_key, problems) if control_dir else {}
+        if control_dir and not controls:
+            problems.append(f"{control_dir}: no {images} images in the folder ({control_key})")
+        if folder and control_dir and targets and controls:
+            _match(targets, controls, folder, control_dir, problems)
+        all_controls.append(controls)
+    return all_controls
+
+
 def _discover_one(cfg: DatasetConfigLike, index: int, key: str, problems: list[str]) -> list[Pair]:
     """Pairs of one dataset entry; appends every problem found to ``problems``.
 
     Files are checked even when the other folder is unusable, so one run reports everything there is to fix.
     """
-    folder, control_dir = _check_settings(cfg, key, problems)
+    folder, control_dirs = _check_settings(cfg, key, problems)
     images = "/".join(IMAGE_EXTENSIONS)
     targets = _list_images(folder, f"{key}.folder_path", problems) if folder else {}
     if folder and not targets:
         problems.append(f"{folder}: no {images} images in the folder ({key}.folder_path)")
-    controls = _list_images(control_dir, f"{key}.control_path", problems) if control_dir else {}
-    if control_dir and not controls:
-        problems.append(f"{control_dir}: no {images} images in the folder ({key}.control_path)")
-    if folder and control_dir and targets and controls:
-        _match(targets, controls, folder, control_dir, problems)
+    all_controls = _list_controls(control_dirs, _control_keys(cfg, key), folder, targets, problems)
 
-    sizes = _verify_all(sorted([*targets.values(), *controls.values()]))
+    sizes = _verify_all(sorted({*targets.values(), *(p for c in all_controls for p in c.values())}))
     problems.extend(result for result in sizes.values() if isinstance(result, str))
     captions = {stem: _caption_for(path, cfg, key, problems) for stem, path in sorted(targets.items())}
 
     pairs: list[Pair] = []
-    for stem in sorted(set(targets) & set(controls)):
-        target_size, control_size = sizes[targets[stem]], sizes[controls[stem]]
-        caption = captions[stem]
-        if isinstance(target_size, str) or isinstance(control_size, str) or caption is None:
+    stems = set(targets).intersection(*all_controls) if all_controls else set()
+    for stem in sorted(stems):
+        controls = [c[stem] for c in all_controls]
+        control_sizes = [sizes[c] for c in controls]
+        target_size, caption = sizes[targets[stem]], captions[stem]
+        if isinstance(target_size, str) or any(isinstance(s, str) for s in control_sizes) or caption is None:
             continue
-        pairs.append(Pair(targets[stem], controls[stem], caption, target_size, control_size, index))
+        pairs.append(Pair(targets[stem], controls[0], caption, target_size, control_sizes[0], index,
+                          tuple(controls[1:]), tuple(control_sizes[1:])))
     if folder:
         _log_warnings(pairs, cfg, folder)
     return pairs
@@ -224,14 +275,15 @@ def _log_warnings(pairs: Sequence[Pair], cfg: DatasetConfigLike, folder: Path) -
             "%s: %d of %d target images have fewer pixels than %dx%d; they train at their own size (no upscaling), "
             "e.g. %s", folder, len(small), len(pairs), smallest, smallest, small[0].target.name,
         )
+    target_aspect = {p.target: p.target_size[0] / p.target_size[1] for p in pairs}
     stretched = [
-        p for p in pairs
-        if abs((p.target_size[0] / p.target_size[1]) / (p.control_size[0] / p.control_size[1]) - 1) > _ASPECT_TOLERANCE
+        control for p in pairs for control, (w, h) in zip(p.controls, p.control_sizes)
+        if abs(target_aspect[p.target] / (w / h) - 1) > _ASPECT_TOLERANCE
     ]
     if stretched:
         logger.warning(
             "%s: %d control images have a different aspect ratio than their target; they are stretched to the "
-            "target's crop, e.g. %s", folder, len(stretched), stretched[0].control,
+            "target's crop, e.g. %s", folder, len(stretched), stretched[0],
         )
     empty = [p for p in pairs if not p.caption]
     if empty:
