@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, gather_object
 
 from toolkit.errors import UserError
 
@@ -86,6 +86,7 @@ class Runtime:
                              InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
         )
         self._check_world_size()
+        self._check_fsdp()
         if self.device.type == "cpu" and self.world_size > 1:
             self._share_cpu_threads()
 
@@ -120,6 +121,16 @@ class Runtime:
             raise UserError(f"WORLD_SIZE={launched_world_size()} but accelerate formed a group of "
                             f"{self.world_size} processes")
 
+    def _check_fsdp(self) -> None:
+        """An FSDP accelerate config on a machine without GPUs: accelerate 1.15 either refuses (sync_module_states:
+        true, "no available devices found") or silently sets up plain CPU data parallelism, unsharded. Refuse the
+        second too: the user asked for sharding."""
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not self.is_sharded:
+            raise UserError(f"launched with an FSDP accelerate config, but accelerate set up "
+                            f"{self.accelerator.distributed_type.value} on {self.device} without sharding: FSDP "
+                            "needs GPUs (see README, Full fine-tuning and stages); drop --config_file "
+                            "config/accelerate/fsdp.yaml to train unsharded")
+
     def _share_cpu_threads(self) -> None:
         """The launcher's choice (CPU_THREADS_ENV), else the cores this process may run on / local processes.
 
@@ -148,6 +159,8 @@ class Runtime:
         ignore = [n for n, p in module.named_parameters() if not p.requires_grad]
         ignore += [n for n, _ in module.named_buffers()]
         module._ddp_params_and_buffers_to_ignore = ignore
+        if self.is_sharded:
+            log.info("FSDP: parameters sharded over %d processes", self.world_size)
         return self.accelerator.prepare_model(module)
 
     def prepare(self, *objects: Any) -> Any:
@@ -157,6 +170,16 @@ class Runtime:
 
     def unwrap(self, module: torch.nn.Module) -> torch.nn.Module:
         return self.accelerator.unwrap_model(module)
+
+    @property
+    def is_sharded(self) -> bool:
+        """Parameters are sharded across processes (accelerate launched with an FSDP config)."""
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def full_state_dict(self, module: torch.nn.Module) -> dict:
+        """The wrapped module's whole state dict; a collective under FSDP (consolidated on the main process with
+        FULL_STATE_DICT, see config/accelerate/fsdp.yaml), a plain state_dict() otherwise."""
+        return self.accelerator.get_state_dict(module)
 
     # -- step -------------------------------------------------------------------------------------------------
     def no_sync(self, module: torch.nn.Module, skip: bool):

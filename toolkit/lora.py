@@ -61,9 +61,12 @@ def add_lora(transformer: torch.nn.Module, config: LoraConfig) -> list[torch.nn.
     return params
 
 
-def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """LoRA tensors keyed like diffusers files (`transformer.` prefix, no adapter name), detached on CPU."""
-    state = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)
+def lora_state_dict(transformer: torch.nn.Module, state_dict: Optional[Mapping[str, torch.Tensor]] = None
+                    ) -> dict[str, torch.Tensor]:
+    """LoRA tensors keyed like diffusers files (`transformer.` prefix, no adapter name), detached on CPU; taken from
+    `state_dict` (the transformer's, e.g. consolidated from FSDP shards) when given."""
+    state = get_peft_model_state_dict(transformer, state_dict=None if state_dict is None else dict(state_dict),
+                                      adapter_name=ADAPTER_NAME)
     return {f"{PREFIX}.{k}": v.detach().to("cpu") for k, v in state.items()}
 
 
@@ -130,3 +133,13 @@ def read_lora_metadata(path: Path) -> dict[str, str]:
     """The safetensors header metadata of a saved LoRA."""
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
+
+
+def check_only_lora_trains(module: torch.nn.Module, params: list) -> None:
+    """The frozen base must stay frozen: quanto's freeze() and state loads switch requires_grad back on (FACTS.md).
+    Call again after loading any state into the model."""
+    trainable = [name for name, p in module.named_parameters() if p.requires_grad]
+    base = [name for name in trainable if not is_adapter_name(name)]
+    if base or len(trainable) != len(params):
+        raise RuntimeError(f"only LoRA weights may train, but {len(base)} base parameters require grad (e.g. "
+                           f"{base[:3]}); {len(trainable)} trainable, {len(params)} given to the optimizer")

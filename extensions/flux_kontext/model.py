@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence, Union
 
 import torch
-from diffusers import FluxKontextPipeline
+from diffusers import FluxKontextPipeline, FluxTransformer2DModel
 from PIL import Image
 
 from extensions.flux_kontext import rope_cache
@@ -112,7 +112,12 @@ class FluxKontext(Architecture):
         if model_cfg.low_vram:
             # Block by block, quantized on the CPU: the device never holds the full-precision transformer.
             components["transformer"] = load_transformer_blockwise(source, dtype, device,
-                                                                   qtype if model_cfg.quantize else None)
+                                                                   qtype if model_cfg.quantize else None,
+                                                                   folder=model_cfg.transformer_path)
+        elif model_cfg.transformer_path:  # e.g. an earlier stage's full fine-tune (toolkit.stages)
+            log.info("transformer from %s", model_cfg.transformer_path)
+            components["transformer"] = FluxTransformer2DModel.from_pretrained(model_cfg.transformer_path,
+                                                                               dtype=dtype)
         pipe = FluxKontextPipeline.from_pretrained(source, dtype=dtype, **components)
         for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             module.requires_grad_(False)

@@ -146,14 +146,14 @@ def _read_unit(files: dict[str, Path], prefix: str, dtype: torch.dtype) -> dict[
 
 
 def load_transformer_blockwise(name_or_path: str, dtype: torch.dtype, device: torch.device,
-                               qtype: Optional[str]) -> torch.nn.Module:
+                               qtype: Optional[str], folder: Optional[str] = None) -> torch.nn.Module:
     """The FLUX transformer built block by block: read a block on the CPU, quantize it there (qtype set), move it to
     `device`. Peak device memory is the quantized model; peak CPU memory one full-precision block plus the rest."""
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
     from optimum import quanto
 
-    folder = transformer_folder(name_or_path)
+    folder = Path(folder) if folder else transformer_folder(name_or_path)  # folder: model.transformer_path
     config = FluxTransformer2DModel.load_config(str(folder))
     with init_empty_weights():
         model = FluxTransformer2DModel.from_config(config)

@@ -23,7 +23,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from jobs.process.outputs import RunOutputs
-from toolkit import kontext, train_state
+from toolkit import full_finetune, kontext, stages, train_state, transformer_folder
 from toolkit.arch import Architecture, get_architecture
 from toolkit.cache import CachingModel, cache_dataset, cache_folder_problems
 from toolkit.checkpoint import resolve_run_folder
@@ -35,9 +35,9 @@ from toolkit.data.sampler import BucketBatchSampler
 from toolkit.dist import Runtime
 from toolkit.ema import EMA, ema_weights
 from toolkit.errors import ConfigError
-from toolkit.adapter import check_pretrained_file, load_pretrained, make_adapter_config
+from toolkit.adapter import check_pretrained_file, load_pretrained
 from toolkit.hub import check_hub_access, retry_hint
-from toolkit.lora import add_lora, is_adapter_name
+from toolkit.lora import check_only_lora_trains  # noqa: F401  (re-exported: tests import it from here)
 from toolkit.lora_convert import find_conventions
 from toolkit.lr_schedule import planned_lrs, schedule_points
 from toolkit.metrics import TrainingMonitor
@@ -80,6 +80,9 @@ class BaseSDTrainProcess:
         self.arch_cls = get_architecture(cfg.model.arch)
         self.fresh = False  # run.py --fresh: start over in a new versioned run folder instead of resuming
         self.resume_state: Optional[Path] = None  # chosen by preflight
+        self.full_finetune = stages.is_full_finetune(cfg)  # train the transformer itself, no LoRA
+        self.index, self.upstream = 0, []  # set by the job: this process's index, earlier processes' results
+        self.model_cfg = cfg.model  # with model.transformer_path resolved by preflight (toolkit.stages)
 
     # -- before any model loads -------------------------------------------------------------------------------
     def preflight(self):
@@ -87,7 +90,9 @@ class BaseSDTrainProcess:
         problems = self.arch_cls.check_source(self.cfg.model.name_or_path)
         if problems:
             raise ConfigError("\n".join(problems))
-        check_pretrained_file(self.cfg.network.pretrained_lora, self.cfg.network.type)
+        if self.cfg.network is not None:
+            check_pretrained_file(self.cfg.network.pretrained_lora, self.cfg.network.type)
+        self.model_cfg = stages.resolve_model(self.cfg.model, self.upstream, self.index)
         pairs = discover_pairs(self.cfg.datasets)
         problems = cache_folder_problems(self.cfg.datasets)
         if problems:
@@ -100,7 +105,8 @@ class BaseSDTrainProcess:
                                       key_path="config.process[0].sample.prompts")
         if self.cfg.save.push_to_hub:  # token, network and write access, before hours of training
             check_hub_access(self.cfg.save.hf_repo_id)
-        outputs = RunOutputs(*resolve_run_folder(Path(self.cfg.training_folder), self.name, self.fresh))
+        outputs = RunOutputs(*resolve_run_folder(Path(self.cfg.training_folder), self.name, self.fresh),
+                             full_finetune=self.full_finetune)
         if self.fresh and self.train.resume_from == "latest":
             raise ConfigError("--fresh starts a new run but train.resume_from is 'latest': drop one of them")
         self.resume_state = train_state.plan_resume(outputs.folder, self.train.resume_from,
@@ -111,7 +117,7 @@ class BaseSDTrainProcess:
     # -- the run ----------------------------------------------------------------------------------------------
     def run(self) -> Path:
         pairs, requests, outputs = self.preflight()
-        if self.resume_state is not None and outputs.final_path.is_file() and \
+        if self.resume_state is not None and outputs.final_path.exists() and \
                 train_state.read_info(self.resume_state)["step"] >= self.train.steps:
             log.info("%s is already trained (%d steps, state %s); run with --fresh to train again%s",
                      outputs.final_path, self.train.steps, self.resume_state,
@@ -138,11 +144,10 @@ class BaseSDTrainProcess:
         dtype = compute_dtype(train.dtype, rt.device)
         if train.compile:
             check_compile(rt.device)  # before the model loads
-        model = self.arch_cls.load(self.cfg.model, rt.device, dtype)
-        net = self.cfg.network
-        lora_config = make_adapter_config(net, self.arch_cls.default_lora_targets)
-        params = add_lora(model.transformer, lora_config)
-        if net.pretrained_lora:  # every rank loads it; a resume then overwrites it with the trained weights
+        model = self.arch_cls.load(self.model_cfg, rt.device, dtype)
+        net = None if self.full_finetune else self.cfg.network
+        params, lora_config = full_finetune.add_trainable(model.transformer, net, self.arch_cls.default_lora_targets)
+        if net is not None and net.pretrained_lora:  # every rank loads it; a resume then overwrites it
             count = load_pretrained(model.transformer, net.pretrained_lora, lora_config,
                                     find_conventions(self.cfg.model.arch))
             log.info("started the %s from %s (%d tensors)", net.type, net.pretrained_lora, count)
@@ -169,14 +174,15 @@ class BaseSDTrainProcess:
             loader = rt.prepare(loader)
         optimizer, scheduler = rt.prepare(optimizer, scheduler)
         denoiser = rt.prepare_model(model.denoiser())
-        check_only_lora_trains(model.transformer, params)
+        full_finetune.check_trainable(model.transformer, params, self.full_finetune)
         ema = EMA.from_config(train.ema_config, model.transformer)
 
         log.info("world size %d | per-process batch %d x processes %d x accumulation %d = effective batch %d | "
-                 "%d pairs, %d items, %d batches/epoch | LoRA rank %d: %d trainable params",
+                 "%d pairs, %d items, %d batches/epoch | %s: %d trainable params",
                  rt.world_size, train.batch_size, rt.world_size, train.gradient_accumulation_steps,
                  train.batch_size * rt.world_size * train.gradient_accumulation_steps, len(pairs), len(dataset),
-                 len(sampler), net.linear, sum(p.numel() for p in params))
+                 len(sampler), "full fine-tune" if self.full_finetune else f"LoRA rank {net.linear}",
+                 sum(p.numel() for p in params))
         return TrainingRun(rt=rt, model=model, denoiser=denoiser, params=params, optimizer=optimizer,
                            scheduler=scheduler, batches=self._batches(loader, sampler, dataset), dataset=dataset,
                            sampler=sampler, outputs=outputs,
@@ -210,6 +216,7 @@ class BaseSDTrainProcess:
         if rt.is_main:
             outputs.prepare(self.job_config)
             train_state.remove_temporary(outputs.folder)
+            transformer_folder.remove_temporary(outputs.folder)
         ctx.monitor = monitor = TrainingMonitor(outputs.log_dir, train.steps, min(start, train.steps),
                                                 enabled=rt.is_main)
         for step, lr in schedule_points(planned_lrs(train.lr_scheduler, train.lr, train.lr_warmup_steps,
@@ -227,7 +234,8 @@ class BaseSDTrainProcess:
                     self._after_step(ctx, step, loss)
                 try:
                     with ema_weights(ctx.ema):  # every saved LoRA holds the EMA weights when EMA is on
-                        final = outputs.save_final(ctx.model.transformer, ctx.lora_config, self.cfg, train.steps, rt)
+                        final = outputs.save_final(ctx.model.transformer, ctx.lora_config, self.cfg, train.steps, rt,
+                                                   wrapped=ctx.denoiser)
                 except OSError as exc:
                     raise train_state.CheckpointSaveError(self._save_failure(outputs, train.steps, exc)) from exc
                 if start < train.steps:
@@ -319,7 +327,11 @@ class BaseSDTrainProcess:
         """The step LoRA, then the training state; every rank calls it (each rank's RNGs go to the main process,
         which writes). A failed write is raised on every rank, with the previous checkpoint intact."""
         rngs = ctx.rt.gather([train_state.capture_rng(ctx.generator)])
-        error = None
+        error, states = None, full_finetune.states_writable(ctx.rt)
+        with ema_weights(ctx.ema):  # the transformer's weights (EMA applied), gathered from every process (FSDP)
+            weights = transformer_folder.module_state_dict(ctx.rt, ctx.denoiser, ctx.model.transformer,
+                                                           copy=ctx.ema is not None) \
+                if (self.full_finetune or ctx.rt.is_sharded) and step_lora else None
         if ctx.rt.is_main:
             consumed = step * self.train.gradient_accumulation_steps
             hashed = train_state.training_config(self.cfg)
@@ -330,8 +342,8 @@ class BaseSDTrainProcess:
             try:
                 if step_lora:
                     with ema_weights(ctx.ema):
-                        ctx.outputs.save_step(ctx.model.transformer, ctx.lora_config, self.cfg, step, ctx.rt)
-                ctx.outputs.save_state(step, self.cfg.save.max_step_saves_to_keep, step_lora,
+                        ctx.outputs.save_step(ctx.model.transformer, ctx.lora_config, self.cfg, step, ctx.rt, weights)
+                ctx.outputs.save_state(step, self.cfg.save.max_step_saves_to_keep, step_lora, write_state=states,
                                        trainable=self._trainable(ctx), optimizer=ctx.optimizer.state_dict(),
                                        scheduler=ctx.scheduler.state_dict(), rng=rngs, info=info,
                                        extra_files=ctx.ema.state_files() if ctx.ema else None)
@@ -360,7 +372,7 @@ class BaseSDTrainProcess:
         ctx.scheduler.load_state_dict(state.scheduler)
         if train_state.rescale_lr(ctx.scheduler, ctx.optimizer, train.lr):
             log.warning("train.lr changed since the state was saved: continuing its lr schedule at lr %g", train.lr)
-        check_only_lora_trains(ctx.model.transformer, ctx.params)
+        full_finetune.check_trainable(ctx.model.transformer, ctx.params, self.full_finetune)
         step, consumed = int(info["step"]), int(info["consumed_batches"])
         if ctx.ema is not None:
             ctx.ema.restore(path, step)
@@ -428,16 +440,6 @@ def describe_batch(batch: dict) -> str:
     """Image paths and tensor shapes of a batch, for error reports."""
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in batch.items() if isinstance(v, torch.Tensor))
     return f"{shapes}; images: {', '.join(map(str, batch.get('path', [])))}"
-
-
-def check_only_lora_trains(module: torch.nn.Module, params: list) -> None:
-    """The frozen base must stay frozen: quanto's freeze() and state loads switch requires_grad back on (FACTS.md).
-    Call again after loading any state into the model."""
-    trainable = [name for name, p in module.named_parameters() if p.requires_grad]
-    base = [name for name in trainable if not is_adapter_name(name)]
-    if base or len(trainable) != len(params):
-        raise RuntimeError(f"only LoRA weights may train, but {len(base)} base parameters require grad (e.g. "
-                           f"{base[:3]}); {len(trainable)} trainable, {len(params)} given to the optimizer")
 
 
 __all__ = ["BaseSDTrainProcess", "TrainingRun", "check_only_lora_trains", "compute_dtype", "describe_batch",

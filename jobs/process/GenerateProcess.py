@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from jobs.process.BaseSDTrainProcess import compute_dtype
 from jobs.process.outputs import RunOutputs
+from toolkit import stages
 from toolkit.arch import get_architecture
 from toolkit.checkpoint import atomic_write_bytes
 from toolkit.config.schema import GenerateConfig, GenerateProcessConfig
@@ -144,11 +145,14 @@ class GenerateProcess:
         self.name = job_name
         self.arch_cls = get_architecture(cfg.model.arch)
         self.renderer_cls = get_renderer(cfg.model.arch)
+        self.index, self.upstream = 0, []  # set by the job, for model.transformer_path '[process:N]'
+        self.model_cfg = cfg.model
 
     def preflight(self) -> tuple[list[Item], list[Column], RunOutputs]:
         problems = self.arch_cls.check_source(self.cfg.model.name_or_path)
         if problems:
             raise ConfigError("\n".join(problems))
+        self.model_cfg = stages.resolve_model(self.cfg.model, self.upstream, self.index)
         columns = columns_of(self.cfg)
         items = build_items(self.cfg.generate)
         outputs = RunOutputs(Path(self.cfg.output_folder) / self.name, self.name)
@@ -158,7 +162,7 @@ class GenerateProcess:
     def run(self) -> Path:
         items, columns, outputs = self.preflight()
         device = torch.device(resolve_device(self.cfg.device))
-        renderer = self.renderer_cls.load(self.cfg.model, device, compute_dtype(self.cfg.dtype, device, key="dtype"))
+        renderer = self.renderer_cls.load(self.model_cfg, device, compute_dtype(self.cfg.dtype, device, key="dtype"))
         for column in columns:
             if column.lora is not None:
                 renderer.add_lora(column.lora, column.title)

@@ -1,4 +1,5 @@
-"""Everything a run writes under `<training_folder>/<name>/`: config copy, LoRA files, training states, samples, logs.
+"""Everything a run writes under `<training_folder>/<name>/`: config copy, LoRA files (a full fine-tune: transformer
+folders, toolkit.transformer_folder), training states, samples, logs.
 
 Only the main process writes (callers pass the Runtime and this class checks), and every file is written
 atomically so a crash never leaves a half-written LoRA where a finished one is expected.
@@ -15,7 +16,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from toolkit import train_state
+from toolkit import train_state, transformer_folder
 from toolkit.checkpoint import atomic_write_bytes, list_step_files, prune_step_files, step_file_name
 from toolkit.config.loader import write_resolved_config
 from toolkit.errors import UserError
@@ -29,9 +30,10 @@ log = logging.getLogger(__name__)
 
 
 class RunOutputs:
-    def __init__(self, folder: Path, name: str) -> None:
+    def __init__(self, folder: Path, name: str, full_finetune: bool = False) -> None:
         self.folder = Path(folder)
         self.name = name
+        self.full_finetune = full_finetune  # weights are transformer folders instead of LoRA files
         self.sample_dir = self.folder / "samples"
         self.log_dir = self.folder / "logs"
 
@@ -55,7 +57,7 @@ class RunOutputs:
                 "trigger_word": cfg.trigger_word or "",
                 "resolution": ",".join(str(r) for d in cfg.datasets for r in d.resolution)}
 
-    def _save(self, path: Path, transformer, lora_config, cfg, step: int) -> None:
+    def _save(self, path: Path, transformer, lora_config, cfg, step: int, weights=None) -> None:
         """One LoRA file in the layout save.format asks for, with ecosystem metadata when the architecture has it."""
         conventions = find_conventions(cfg.model.arch)
         extra = convert = None
@@ -73,40 +75,73 @@ class RunOutputs:
             if conventions is None:
                 raise UserError(f"save.format comfy: no ComfyUI key layout known for model.arch {cfg.model.arch!r}")
             convert = functools.partial(to_comfy, conventions=conventions)
-        save_lora(path, lora_state_dict(transformer), lora_config, cfg.save.dtype, self._metadata(cfg, step),
+        save_lora(path, lora_state_dict(transformer, weights), lora_config, cfg.save.dtype, self._metadata(cfg, step),
                   extra_metadata=extra, convert=convert)
 
     @property
     def final_path(self) -> Path:
+        if self.full_finetune:
+            return self.folder / transformer_folder.FINAL_NAME
         return self.folder / f"{self.name}.safetensors"
 
     def lora_files(self) -> list[Path]:
-        """LoRA files of this run already in the folder (step checkpoints and the final file)."""
-        files = [p for _, p in list_step_files(self.folder, self.name)]
-        return files + ([self.final_path] if self.final_path.is_file() else [])
+        """Weights of this run already in the folder (step checkpoints and the final file or folder)."""
+        if self.full_finetune:
+            files = [p for _, p in transformer_folder.list_step_folders(self.folder)]
+        else:
+            files = [p for _, p in list_step_files(self.folder, self.name)]
+        return files + ([self.final_path] if self.final_path.exists() else [])
 
-    def save_step(self, transformer, lora_config, cfg, step: int, rt) -> Path | None:
-        """The step LoRA; old ones are pruned by save_state, once the training state of this step is complete."""
+    def _save_folder(self, path: Path, transformer, weights, cfg, step: int) -> None:
+        info = {"step": step, "base_model": cfg.model.name_or_path, "arch": cfg.model.arch, "name": self.name,
+                "trigger_word": cfg.trigger_word or ""}
+        transformer_folder.save_transformer_folder(path, transformer, weights,
+                                                   transformer_folder.torch_dtype(cfg.save.dtype), info)
+        log.info("saved %s", path)
+
+    def save_step(self, transformer, lora_config, cfg, step: int, rt, weights=None) -> Path | None:
+        """The step LoRA (a full fine-tune: the step transformer folder of `weights`, the transformer's state dict
+        from module_state_dict); old ones are pruned by save_state, once the training state of this step is
+        complete."""
+        if self.full_finetune:
+            path = self.folder / transformer_folder.step_folder_name(step)
+            if rt.is_main:
+                self._save_folder(path, transformer, weights, cfg, step)
+            return path
         path = self.folder / step_file_name(self.name, step)
         if rt.is_main:
-            self._save(path, transformer, lora_config, cfg, step)
+            self._save(path, transformer, lora_config, cfg, step, weights)
             log.info("saved %s", path)
         return path
 
-    def save_state(self, step: int, keep: int, step_lora: bool, **state) -> Path:
-        """The training state of `step` (toolkit.train_state.save_state arguments), then rotation: old states and,
-        when this step wrote a step LoRA, old step LoRAs go only now that the new checkpoint is complete."""
-        path = train_state.save_state(self.folder, step, **state)
-        train_state.prune_states(self.folder, keep, protect=path)
-        if step_lora:
+    def save_state(self, step: int, keep: int, step_lora: bool, write_state: bool = True, **state) -> Path | None:
+        """The training state of `step` (toolkit.train_state.save_state arguments; none with write_state false), then
+        rotation: old states and, when this step wrote a step LoRA, old step LoRAs go only now that the new checkpoint
+        is complete."""
+        path = None
+        if write_state:
+            path = train_state.save_state(self.folder, step, **state)
+            train_state.prune_states(self.folder, keep, protect=path)
+        if step_lora and self.full_finetune:
+            transformer_folder.prune_step_folders(self.folder, keep,
+                                                  protect=self.folder / transformer_folder.step_folder_name(step))
+        elif step_lora:
             prune_step_files(self.folder, self.name, keep, protect=[self.folder / step_file_name(self.name, step)])
-        log.info("saved training state %s", path)
+        if path is not None:
+            log.info("saved training state %s", path)
         return path
 
-    def save_final(self, transformer, lora_config, cfg, step: int, rt) -> Path:
+    def save_final(self, transformer, lora_config, cfg, step: int, rt, wrapped=None) -> Path:
+        """Every process calls it; a full fine-tune, or any run under FSDP, gathers the transformer's weights from
+        `wrapped` (FSDP: a collective consolidating the shards on the main process)."""
         path = self.final_path
-        if rt.is_main:
-            self._save(path, transformer, lora_config, cfg, step)
+        weights = None
+        if self.full_finetune or rt.is_sharded:
+            weights = transformer_folder.module_state_dict(rt, wrapped, transformer)
+        if rt.is_main and self.full_finetune:
+            self._save_folder(path, transformer, weights, cfg, step)
+        elif rt.is_main:
+            self._save(path, transformer, lora_config, cfg, step, weights)
         rt.wait()
         return path
 

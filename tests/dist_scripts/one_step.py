@@ -6,7 +6,7 @@ same two items; the LoRA after the step must agree, which holds only if the grad
 The trainer is built by BaseSDTrainProcess.setup and stepped by optimizer_step (so the loss goes through whatever
 module setup wrapped); only the model's make_inputs is wrapped, to replace the per-rank random noise and timesteps
 by values derived from each item's dataset index, so the union of the ranks' micro-batches is the single-process
-batch. The main process saves the LoRA tensors to OUT (safetensors); every rank writes OUT.rank<R>.json with the
+batch. The main process saves the LoRA tensors (a full fine-tune: the transformer's) to OUT (safetensors); every rank writes OUT.rank<R>.json with the
 item indices it trained on.
 """
 
@@ -58,8 +58,10 @@ def main(config: str, out: Path) -> None:
         process.compute_loss = compute_loss
         ctx.model.make_inputs = fixed_inputs
         process.optimizer_step(ctx)
-        if rt.is_main:
-            save_file({k: v.contiguous() for k, v in lora_state_dict(ctx.model.transformer).items()}, str(out))
+        if rt.is_main:  # the trained tensors: the LoRA, or a full fine-tune's whole transformer
+            trained = (ctx.model.transformer.state_dict() if process.full_finetune
+                       else lora_state_dict(ctx.model.transformer))
+            save_file({k: v.detach().contiguous().clone() for k, v in trained.items()}, str(out))
         Path(f"{out}.rank{rt.rank}.json").write_text(
             json.dumps({"rank": rt.rank, "world_size": rt.world_size, "index": seen}), encoding="utf-8")
         rt.wait()

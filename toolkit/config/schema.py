@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 from toolkit.lr_schedule import schedule_problems
+from toolkit.stages import full_finetune_problems, stage_problems
 
 __all__ = [
     "Check", "DatasetConfig", "EMAConfig", "GenerateConfig", "GenerateProcessConfig", "JobConfig", "LoraFileConfig",
@@ -263,6 +264,10 @@ class TrainConfig:
         "Guidance embedding value fed to the transformer during training.", GE0))
     distributed_training: bool = field(default=False, metadata=_meta(
         "Train data-parallel across the processes started by accelerate launch."))
+    full_finetune: bool = field(default=False, metadata=_meta(
+        "Train the transformer's own weights instead of a LoRA (same as network: null); saves a diffusers "
+        "transformer folder <run folder>/transformer. Not with model.quantize.",
+        aliases=("full_fine_tune", "finetune", "full_ft")))
     disable_sampling: bool = field(default=False, metadata=_meta("Never generate sample images."))
     skip_first_sample: bool = field(default=False, metadata=_meta(
         "Skip the sample images made before the first step."))
@@ -301,6 +306,11 @@ class ModelConfig:
         "it to the device, so the device never holds the full-precision transformer; slower to load."))
     max_sequence_length: int = field(default=512, metadata=_meta(
         "T5 prompt length in tokens; shorter is faster.", T5_LENGTH))
+    transformer_path: Optional[str] = field(default=None, metadata=_meta(
+        "A diffusers transformer folder (config.json + safetensors) used instead of the base model's transformer, "
+        "e.g. a full fine-tune's <run folder>/transformer; '[process:N]' means the final transformer of the earlier "
+        "full fine-tune config.process[N] of this job (training stages).", NON_EMPTY, normalize=_expand_home,
+        aliases=("transformer", "transformer_folder", "resume_from_stage")))
 
 
 @dataclass(kw_only=True)
@@ -340,7 +350,11 @@ class TrainProcessConfig:
         "Log step timings every this many steps; 0 turns it off.", GE0))
     log_every: int = field(default=10, metadata=_meta(
         "Steps between logged scalars (loss, learning rate).", GT0))
-    network: NetworkConfig = field(default_factory=NetworkConfig, metadata=_meta("The adapter to train."))
+    name: Optional[str] = field(default=None, metadata=_meta(
+        "Run folder and file prefix of this process (<training_folder>/<name>); null uses config.name. Set it when "
+        "a job has several training processes (stages), e.g. '[name]_stage2'.", NON_EMPTY, FILE_NAME))
+    network: Optional[NetworkConfig] = field(default_factory=NetworkConfig, metadata=_meta(
+        "The adapter to train; null trains the transformer's own weights (full fine-tune, as train.full_finetune)."))
     save: SaveConfig = field(default_factory=SaveConfig, metadata=_meta("Checkpoint saving."))
     datasets: list[DatasetConfig] = field(metadata=_meta("Training data folders (at least one).", NON_EMPTY))
     train: TrainConfig = field(default_factory=TrainConfig, metadata=_meta("Optimisation settings."))
@@ -440,7 +454,7 @@ def validate_job(job: JobConfig) -> list[str]:
         path = f"config.process[{index}]"
         problems += (_generate_problems(process, path) if isinstance(process, GenerateProcessConfig)
                      else _process_problems(process, path))
-    return problems
+    return problems + stage_problems(job.config.name, job.config.process)
 
 
 def _generate_problems(process: GenerateProcessConfig, path: str) -> list[str]:
@@ -474,7 +488,7 @@ def _process_problems(process: TrainProcessConfig, path: str) -> list[str]:
     if train.train_text_encoder:
         problems.append(f"{path}.train.train_text_encoder: training the text encoder is not supported; "
                         "set it to false")
-    if not train.train_unet:
+    if not train.train_unet and process.network is not None:
         problems.append(f"{path}.train.train_unet: false would train nothing, because the LoRA is on the "
                         "transformer; set it to true")
     problems += schedule_problems(train.lr_scheduler, train.lr_scheduler_params, train.lr_warmup_steps,
@@ -482,7 +496,8 @@ def _process_problems(process: TrainProcessConfig, path: str) -> list[str]:
     problems += _network_problems(process.network, f"{path}.network")
     if save.push_to_hub and not save.hf_repo_id:
         problems.append(f"{path}.save.hf_repo_id: required when save.push_to_hub is true ('namespace/name')")
-    return problems + _dataset_problems(process.datasets, f"{path}.datasets") + _cache_problems(process, path)
+    return (problems + _dataset_problems(process.datasets, f"{path}.datasets") + _cache_problems(process, path)
+            + full_finetune_problems(process, path))
 
 
 def _network_problems(network: NetworkConfig, path: str) -> list[str]:
