@@ -19,7 +19,7 @@ from toolkit.config import (
     read_config_file,
     write_resolved_config,
 )
-from toolkit.config import schema
+from toolkit.config import checks, schema
 from toolkit.errors import ConfigError
 
 DATA = Path(__file__).parent / "data"
@@ -395,7 +395,7 @@ def test_cross_field_checks(tmp_path: Path, sections: dict, expected: list[str])
 def test_sampler_must_match_noise_scheduler() -> None:
     job = load_job_config(AI_TOOLKIT_EXAMPLE, environ={})
     job.config.process[0].sample.sampler = "other"  # type: ignore[assignment]
-    (problem,) = schema.validate_job(job)
+    (problem,) = checks.validate_job(job)
     assert problem.startswith("config.process[0].sample.sampler: must equal train.noise_scheduler")
 
 

@@ -16,6 +16,7 @@ Data parallelism is Hugging Face accelerate's. What this module adds on top, bec
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import datetime
 import logging
 import os
@@ -57,6 +58,12 @@ def available_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A per-rank seed for noise and timesteps: ranks differ, runs with the same seed and world size repeat."""
+    digest = hashlib.sha256(f"{seed}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def launched_world_size() -> int:

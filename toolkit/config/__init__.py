@@ -1,4 +1,5 @@
-"""Typed, strict job config: the dataclasses (``schema``) and the YAML/JSON loader (``loader``).
+"""Typed, strict job config: the dataclasses (``schema``, built from ``fields``), the YAML/JSON loader (``loader``,
+with ``convert``), the cross-field checks (``checks``) and ``--help-config`` (``help``).
 
 Typical use::
 
@@ -29,8 +30,8 @@ from toolkit.config.schema import (
     SaveConfig,
     TrainConfig,
     TrainProcessConfig,
-    validate_job,
 )
+from toolkit.config.checks import validate_job
 
 __all__ = [
     "DEFAULT_CONFIG_DIR", "ConfigProblems", "DatasetConfig", "EMAConfig", "JobConfig", "ModelConfig",
