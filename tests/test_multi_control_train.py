@@ -9,7 +9,6 @@ import shutil
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ from extensions.flux_kontext.generate import FluxKontextRenderer
 from extensions.flux_kontext.multi_control import render_multi_control
 from jobs.process.BaseSDTrainProcess import BaseSDTrainProcess
 from tests.helpers import REPO
+from toolkit.config.schema import ModelConfig
 from toolkit.demo_data import build_demo_dataset
 from toolkit.sampling import SampleRequest
 
@@ -51,8 +51,7 @@ def transformer_calls(monkeypatch) -> list[tuple[int, Counter]]:
 
 
 def test_sampler_loop_is_the_pipeline_for_one_control_and_appends_two(tiny_model_dir, transformer_calls, tmp_path):
-    cfg = SimpleNamespace(name_or_path=str(tiny_model_dir), max_sequence_length=16, low_vram=False, quantize=False,
-                          quantize_te=False, qtype="qint8")
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir), arch="flux_kontext", max_sequence_length=16)
     renderer = FluxKontextRenderer.load(cfg, torch.device("cpu"), torch.float32)
     model = renderer.model
     rng = np.random.default_rng(0)

@@ -27,10 +27,9 @@ NAME = "tiny_kontext_from_lora"
 
 
 def _model(cfg_dir):
-    from types import SimpleNamespace
+    from toolkit.config.schema import ModelConfig
 
-    model_cfg = SimpleNamespace(name_or_path=str(cfg_dir), quantize=False, qtype="qfloat8", quantize_te=False,
-                                low_vram=False, max_sequence_length=16)
+    model_cfg = ModelConfig(name_or_path=str(cfg_dir), arch="flux_kontext", max_sequence_length=16)
     return FluxKontext.load(model_cfg, torch.device("cpu"), torch.float32)
 
 
