@@ -143,11 +143,14 @@ def launcher_run(tmp_path_factory, tiny_model_dir, six_pairs):
 
 # -- gradients are synced -----------------------------------------------------------------------------------------
 @pytest.mark.distributed
-def test_two_processes_batch_1_equal_one_process_batch_2(tmp_path, tiny_model_dir, two_square_pairs):
-    """Same two samples, same per-sample noise and timesteps: one SGD step (lr 1, no clipping, so the LoRA B
-    update IS the gradient) gives the same LoRA. Without the all-reduce each rank would step on half the batch."""
+@pytest.mark.parametrize("adapter, zero_init", [("lora", ".lora_B."), ("lokr", ".lokr_w1")])
+def test_two_processes_batch_1_equal_one_process_batch_2(adapter, zero_init, tmp_path, tiny_model_dir,
+                                                         two_square_pairs):
+    """Same two samples, same per-sample noise and timesteps: one SGD step (lr 1, no clipping, so the update of the
+    zero-initialised factor (LoRA B, LoKr w1) IS the gradient) gives the same adapter. Without the all-reduce each
+    rank would step on half the batch."""
     common = {"sample.prompts": [], "train.optimizer": "sgd", "train.lr": 1.0, "train.max_grad_norm": 0.0,
-              "train.steps": 1}
+              "train.steps": 1, "network.type": adapter}
     single = write_config(tmp_path / "single.yaml", merge(
         tiny_config_dict(tmp_path / "out1", tiny_model_dir, two_square_pairs), {**common, "train.batch_size": 2}))
     ddp = ddp_config(tmp_path, tiny_model_dir, two_square_pairs, "ddp", **common)
@@ -167,7 +170,7 @@ def test_two_processes_batch_1_equal_one_process_batch_2(tmp_path, tiny_model_di
     assert one.keys() == two.keys() and one
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
     assert worst < 1e-6, worst
-    step = max(one[k].abs().max().item() for k in one if ".lora_B." in k)  # B starts at 0: this is the update
+    step = max(one[k].abs().max().item() for k in one if zero_init in k)  # starts at 0: this is the update
     assert step > 1e-3, "the step changed almost nothing: the comparison would prove nothing"
 
 
