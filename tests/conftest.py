@@ -34,3 +34,23 @@ def demo_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from toolkit.demo_data import build_demo_dataset
 
     return build_demo_dataset(tmp_path_factory.mktemp("data") / "demo", num_pairs=8, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """run.main installs log handlers on the root logger; drop them after each test so none leaks into the next."""
+    yield
+    import logging
+
+    logging.getLogger().handlers.clear()
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if anything tries to load a model (for errors that must come before any model loads)."""
+    from extensions.flux_kontext import FluxKontext
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded although the run should have stopped before that")
+
+    monkeypatch.setattr(FluxKontext, "load", classmethod(refuse))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -24,23 +23,6 @@ from safetensors.torch import load_file
 import run
 from tests.helpers import merge, tiny_config_dict, write_config
 from toolkit.train_state import check_state, list_states
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    yield
-    logging.getLogger().handlers.clear()
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if anything tries to load a model."""
-    from extensions.flux_kontext import FluxKontext
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded although the input was bad")
-
-    monkeypatch.setattr(FluxKontext, "load", classmethod(refuse))
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import logging
 import shutil
 
 import pytest
@@ -15,12 +14,6 @@ from jobs import get_job
 from jobs.compare import find_checkpoints, load_run
 from tests.helpers import merge, tiny_config_dict, write_config
 from toolkit.validation import ValidationSet
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    yield
-    logging.getLogger().handlers.clear()
 
 
 @pytest.fixture(scope="module")

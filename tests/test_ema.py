@@ -30,12 +30,6 @@ DECAY = 0.5
 NAME = "tiny_kontext_ema_demo"
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    yield
-    logging.getLogger().handlers.clear()
-
-
 def _file_key(param_name: str) -> str:
     """Parameter name -> key in a saved LoRA file (`transformer.` prefix, no peft adapter name)."""
     return "transformer." + param_name.replace(".default", "")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 
 import numpy as np
 import pytest
@@ -21,12 +20,6 @@ from toolkit.lora import add_lora, lora_state_dict, make_lora_config, save_lora
 from toolkit.lora_convert import convert_file
 from toolkit.pngmeta import A1111_KEY, read_png_params
 from toolkit.sampling import contact_sheet
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    yield
-    logging.getLogger().handlers.clear()
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ tiny run folder, the `run.py push` subcommand and the end-of-training failure me
 from __future__ import annotations
 
 import dataclasses
-import logging
 import shutil
 from pathlib import Path
 
@@ -22,22 +21,6 @@ from toolkit.hub import HubError, latest_samples, token_problem, upload_plan, up
 from toolkit.model_card import RunFacts, hub_base_model, model_card
 
 SECRET = "hf_PUSHsecretVALUE13579abcdef"
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    yield
-    logging.getLogger().handlers.clear()
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    from extensions.flux_kontext import FluxKontext
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded although the Hub check failed")
-
-    monkeypatch.setattr(FluxKontext, "load", classmethod(refuse))
 
 
 @pytest.fixture

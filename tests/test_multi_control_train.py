@@ -3,7 +3,6 @@ control folders (latent cache on), sampled with two --ctrl_img, and resumed exac
 
 from __future__ import annotations
 
-import logging
 import math
 import shutil
 from collections import Counter
@@ -28,12 +27,6 @@ from toolkit.demo_data import build_demo_dataset
 from toolkit.sampling import SampleRequest
 
 EXAMPLE = REPO / "config" / "examples" / "train_lora_flux_kontext_multi_control_tiny.yaml"
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    yield
-    logging.getLogger().handlers.clear()
 
 
 @pytest.fixture

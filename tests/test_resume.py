@@ -31,12 +31,6 @@ START_TIMEOUT_S = 180  # model load on a loaded CI runner; a healthy tiny run st
 _LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    yield
-    logging.getLogger().handlers.clear()
-
-
 def _config(folder: Path, model_dir: Path, data_dir: Path, name: str = "tiny", **overrides) -> Path:
     """12 steps of batch 1 over 8 pairs (so resumes land in epoch 0 and 1), a state every step, LoRA dropout (so
     the global RNG matters) and a sample every 5 steps (which must not disturb any RNG of training)."""

@@ -27,12 +27,6 @@ DOTENV_SECRET = "sk-DOTENVsecret-ABCDEF123456"
 LITERAL_SECRET = "literal-secret-in-config-42"
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    yield
-    logging.getLogger().handlers.clear()
-
-
 def test_no_secret_reaches_any_output_file(tmp_path, tiny_model_dir, demo_data_dir, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", ENV_TOKEN)
     monkeypatch.delenv(DOTENV_KEY, raising=False)

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -20,6 +19,7 @@ import yaml
 from toolkit.config.checks import validate_job
 from toolkit.config.convert import convert, describe_value, join_path
 from toolkit.config.help import config_help
+from toolkit.checkpoint import atomic_write_bytes
 from toolkit.config.schema import JobConfig
 from toolkit.errors import ConfigError
 from toolkit.redact import redact_mapping
@@ -239,18 +239,7 @@ def job_to_dict(job: JobConfig, redact: bool = True) -> dict:
 
 def write_resolved_config(job: JobConfig, path: Path) -> None:
     """Write the resolved config as YAML, secrets redacted, atomically (temporary file + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = "# Resolved config (defaults filled in, ${VAR}/[name]/[trigger] substituted, secrets redacted).\n"
     text += yaml.safe_dump(job_to_dict(job, redact=True), sort_keys=False, allow_unicode=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))
     logger.debug("wrote resolved config to %s", path)
