@@ -247,7 +247,7 @@ def _digest(tensors: dict) -> str:
 def test_two_processes_keep_the_same_average_and_resume_exactly(tmp_path, tiny_model_dir, demo_data_dir):
     """gloo, 2 ranks x batch 1, 2 prompts (each rank renders one with the average swapped in): every rank holds the
     same average at the final save, the main process's files hold it, and a 2-process resume ends the same."""
-    from tests.test_distributed import SCRIPTS, accelerate_launch, explain
+    from tests.launch import SCRIPTS, accelerate_launch, explain
 
     ctrl = demo_data_dir / "sample_control" / "sample_000.png"
     overrides = {"train.distributed_training": True, "save.save_every": 2,

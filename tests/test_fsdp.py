@@ -14,7 +14,7 @@ import yaml
 from diffusers import FluxTransformer2DModel
 
 from tests.helpers import REPO, merge, tiny_config_dict, write_config
-from tests.test_distributed import free_port
+from tests.launch import free_port
 
 FSDP_CONFIG = REPO / "config" / "accelerate" / "fsdp.yaml"
 # Measured with accelerate 1.15.0 / torch 2.13 CPU build (README, "Full fine-tuning and stages").

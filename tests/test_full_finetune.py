@@ -199,7 +199,7 @@ def test_two_processes_full_finetune_equals_one_process_and_saves_once(tmp_path,
     (same samples, noise and timesteps per sample); then a 2-process run writes one transformer folder and states."""
     import runpy
 
-    from tests.test_distributed import SCRIPTS, accelerate_launch, ddp_config, explain
+    from tests.launch import SCRIPTS, accelerate_launch, ddp_config, explain
 
     pairs = tmp_path / "pairs"  # two items of one bucket: the global batch of 2 is the same in both runs
     for sub in ("target", "control"):

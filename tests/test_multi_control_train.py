@@ -133,7 +133,7 @@ def test_example_trains_with_two_controls_samples_caches_and_resumes(tmp_path, t
 
 @pytest.mark.distributed
 def test_two_processes_train_and_sample_with_two_controls_and_a_shared_disk_cache(tmp_path, tiny_model_dir):
-    from tests.test_distributed import accelerate_launch, explain
+    from tests.launch import accelerate_launch, explain
 
     data = build_demo_dataset(tmp_path / "data", num_pairs=4, seed=0, num_controls=2)
     config = _example_config(tmp_path, tiny_model_dir, data)

@@ -15,7 +15,7 @@ from extensions.flux_kontext import FluxKontext
 from jobs import get_job
 from tests.example_configs import copy_run_back_to, example_config
 from tests.helpers import merge, tiny_config_dict, write_config
-from tests.test_distributed import accelerate_launch, explain
+from tests.launch import accelerate_launch, explain
 from toolkit.adapter import load_pretrained
 from toolkit.config import load_job_config
 from toolkit.errors import ConfigError, UserError

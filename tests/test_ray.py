@@ -19,7 +19,7 @@ import torch
 
 import run
 from tests.helpers import REPO, merge, tiny_config_dict, write_config
-from tests.test_distributed import SCRIPTS, accelerate_launch, explain, lora_tensors, read_probes
+from tests.launch import SCRIPTS, accelerate_launch, explain, lora_tensors, read_probes
 from toolkit.demo_data import build_demo_dataset
 
 STEPS = {"train.steps": 6, "save.save_every": 3, "sample.prompts": []}

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 import run
 from tests.helpers import REPO, merge, tiny_config_dict, write_config
+from tests.launch import accelerate_launch
 from toolkit import train_state
 from toolkit.train_state import check_state, find_latest_state, list_states, read_info
 
@@ -320,22 +321,11 @@ def test_gradient_accumulation_resumes_at_the_right_micro_batch(tmp_path, tiny_m
 
 
 # -- two processes ------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch_two(script: Path, config: Path, log: Path, **env: str) -> int:
-    """Real 2-process gloo data parallelism on CPU, as FACTS.md found it (`--cpu` would run ONE process)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(script), str(config)]
-    with log.open("w", encoding="utf-8") as handle:
-        return subprocess.run(cmd, cwd=REPO, env={**_env(), "ACCELERATE_USE_CPU": "1", **env}, stdout=handle,
-                              stderr=subprocess.STDOUT, timeout=600).returncode
+    """Real 2-process gloo data parallelism on CPU (tests/launch.py); the output goes to `log`."""
+    proc = accelerate_launch(script, config, env=env, timeout=600)
+    log.write_text(proc.stdout + proc.stderr, encoding="utf-8")
+    return proc.returncode
 
 
 @pytest.mark.distributed
