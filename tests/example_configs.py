@@ -39,6 +39,28 @@ def copy_run_back_to(run_dir: Path, copy_dir: Path, step: int) -> Path:
     return copy_dir
 
 
+def resume_from_copy(name: str, run_dir: Path, folder: Path, model_dir: Path, data_dir: Path, steps: int, step: int,
+                     **overrides: Any) -> Path:
+    """Put a copy of the finished `run_dir` back to the state of `step` under `folder`, run example `name` with the
+    same settings there (so it resumes) and return the copy's run folder."""
+    import run
+
+    resumed = copy_run_back_to(run_dir, folder / "output" / run_dir.name, step=step)
+    assert run.main([str(example_config(name, folder, model_dir, data_dir, steps=steps, **overrides))]) == 0
+    return resumed
+
+
+def assert_same_final_lora(run_dir: Path, other_dir: Path) -> dict:
+    """The final LoRA files of two run folders hold bit-identical tensors; returns the first one's."""
+    from safetensors.torch import load_file
+    import torch
+
+    first = load_file(str(run_dir / f"{run_dir.name}.safetensors"))
+    second = load_file(str(other_dir / f"{other_dir.name}.safetensors"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    return first
+
+
 def scalars(log_dir: Path, tag: str) -> dict[int, float]:
     """{step: value} of one TensorBoard scalar (the last value written for a step)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -54,3 +54,21 @@ def merge(base: dict, overrides: dict[str, Any]) -> dict:
 def write_config(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
+
+
+def first_bucket_batch(dataset):
+    """The first two items of the dataset's first bucket, collated: a fixed batch to measure a loss on."""
+    from toolkit.data.dataset import collate_batch
+
+    keys = dataset.bucket_keys
+    return collate_batch([dataset[i] for i, key in enumerate(keys) if key == keys[0]][:2])
+
+
+def fixed_inputs(model, batch: dict, seed: int = 0):
+    """Denoiser inputs and flow-matching target of a two-item `batch` at timesteps 0.3 and 0.7 with seeded noise."""
+    import torch
+
+    encoded = model.encode_batch(batch)
+    x0 = model.clean_latents(encoded)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    return model.make_inputs(encoded, noise, torch.tensor([0.3, 0.7]), 1.0)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import run
 from jobs import get_job
-from tests.example_configs import copy_run_back_to, example_config
+from tests.example_configs import assert_same_final_lora, example_config, resume_from_copy
 from tests.test_train_tiny import _fixed_batch, _loss_on
 from toolkit.adapter import load_pretrained, make_adapter_config
 from toolkit.config import load_job_config
@@ -131,10 +131,7 @@ def test_resume_from_a_pretrained_lokr_continues_the_trained_weights(trained, tm
     config = example_config(EXAMPLE, tmp_path / "a", tiny_model_dir, demo_data_dir, steps=4, **overrides)
     assert run.main([str(config)]) == 0
     run_dir = tmp_path / "a" / "output" / NAME
-    resumed = copy_run_back_to(run_dir, tmp_path / "b" / "output" / NAME, step=2)
-    assert run.main([str(example_config(EXAMPLE, tmp_path / "b", tiny_model_dir, demo_data_dir, steps=4,
-                                        **overrides))]) == 0
-    first, second = load_file(str(run_dir / f"{NAME}.safetensors")), load_file(str(resumed / f"{NAME}.safetensors"))
-    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    resumed = resume_from_copy(EXAMPLE, run_dir, tmp_path / "b", tiny_model_dir, demo_data_dir, 4, 2, **overrides)
+    first = assert_same_final_lora(run_dir, resumed)
     start = load_file(str(trained["final"]))
     assert any(not torch.equal(start[k], first[k]) for k in start), "4 more steps changed the weights"

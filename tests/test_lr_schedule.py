@@ -7,10 +7,9 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import run
-from tests.example_configs import copy_run_back_to, example_config, scalars
+from tests.example_configs import assert_same_final_lora, example_config, resume_from_copy, scalars
 from tests.helpers import merge, tiny_config_dict, write_config
 from toolkit.config import ConfigProblems, load_job_config
 from toolkit.errors import ConfigError
@@ -92,11 +91,7 @@ def test_example_logs_the_plan_and_resume_continues_it_exactly(tmp_path, tiny_mo
     assert logged_plan == {s: pytest.approx(lr) for s, lr in enumerate(plan, 1)}
     assert scalars(run_dir / "logs", "train/lr") == {s: pytest.approx(lr) for s, lr in enumerate(plan, 1)}
 
-    resumed_dir = copy_run_back_to(run_dir, tmp_path / "b" / "output" / "tiny_kontext_lr_schedule", step=4)
-    config_b = example_config(EXAMPLE, tmp_path / "b", tiny_model_dir, demo_data_dir, steps=8, **overrides)
-    assert run.main([str(config_b)]) == 0
+    resumed_dir = resume_from_copy(EXAMPLE, run_dir, tmp_path / "b", tiny_model_dir, demo_data_dir, 8, 4, **overrides)
     after = scalars(resumed_dir / "logs", "train/lr")
     assert sorted(after) == [5, 6, 7, 8] and after == {s: pytest.approx(plan[s - 1]) for s in range(5, 9)}
-    first, second = load_file(str(run_dir / f"{run_dir.name}.safetensors")), \
-        load_file(str(resumed_dir / f"{run_dir.name}.safetensors"))
-    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert_same_final_lora(run_dir, resumed_dir)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import run
 from extensions.flux_kontext import FluxKontext
 from jobs import get_job
-from tests.example_configs import copy_run_back_to, example_config
+from tests.example_configs import assert_same_final_lora, example_config, resume_from_copy
 from tests.helpers import merge, tiny_config_dict, write_config
 from tests.launch import accelerate_launch, explain
 from toolkit.adapter import load_pretrained
@@ -117,11 +117,8 @@ def test_example_starts_from_the_file_and_resume_keeps_the_trained_weights(lora_
     assert load_job_config(config).config.process[0].network.pretrained_lora == str(lora_files["paths"]["comfy"])
     assert run.main([str(config)]) == 0
     run_dir = tmp_path / "a" / "output" / NAME
-    resumed = copy_run_back_to(run_dir, tmp_path / "b" / "output" / NAME, step=2)
-    assert run.main([str(example_config(EXAMPLE, tmp_path / "b", tiny_model_dir, demo_data_dir, steps=4,
-                                        **overrides))]) == 0
-    first, second = load_file(str(run_dir / f"{NAME}.safetensors")), load_file(str(resumed / f"{NAME}.safetensors"))
-    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    resumed = resume_from_copy(EXAMPLE, run_dir, tmp_path / "b", tiny_model_dir, demo_data_dir, 4, 2, **overrides)
+    assert_same_final_lora(run_dir, resumed)
 
 
 @pytest.mark.distributed

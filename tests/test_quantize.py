@@ -16,10 +16,9 @@ from extensions.flux_kontext.quantize import (TRANSFORMER_EXCLUDE, load_transfor
                                               unsafe_qint8_layers, weight_bytes)
 from jobs import get_job
 from jobs.process.BaseSDTrainProcess import check_only_lora_trains
-from tests.helpers import merge, tiny_config_dict, write_config
+from tests.helpers import first_bucket_batch, fixed_inputs, merge, tiny_config_dict, write_config
 from toolkit import kontext
 from toolkit.config import load_job_config
-from toolkit.data.dataset import collate_batch
 from toolkit.dist import Runtime
 from toolkit.errors import ConfigError
 from toolkit.lora import add_lora, lora_state_dict, make_lora_config, save_lora
@@ -37,12 +36,7 @@ def _setup(process):
 
 def _fixed_loss(ctx) -> float:
     """Flow-matching loss on two items of one bucket with fixed timesteps and noise (no LoRA dropout)."""
-    keys = ctx.dataset.bucket_keys
-    batch = collate_batch([ctx.dataset[i] for i, key in enumerate(keys) if key == keys[0]][:2])
-    encoded = ctx.model.encode_batch(batch)
-    x0 = ctx.model.clean_latents(encoded)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-    inputs, target = ctx.model.make_inputs(encoded, noise, torch.tensor([0.3, 0.7]), 1.0)
+    inputs, target = fixed_inputs(ctx.model, first_bucket_batch(ctx.dataset))
     with torch.no_grad():
         return kontext.flow_matching_loss(ctx.model.denoiser()(**inputs), target, torch.ones(2)).item()
 

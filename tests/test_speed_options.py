@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from jobs import get_job
-from tests.helpers import merge, tiny_config_dict, write_config
+from tests.helpers import first_bucket_batch, fixed_inputs, merge, tiny_config_dict, write_config
 from toolkit import kontext
-from toolkit.data.dataset import collate_batch
 from toolkit.dist import Runtime
 from toolkit.lora import lora_state_dict
 
@@ -49,12 +48,7 @@ def test_workers_give_the_same_batches_as_the_main_process(tmp_path, tiny_model_
 
 
 def _loss_and_grads(ctx) -> tuple[float, dict[str, torch.Tensor]]:
-    keys = ctx.dataset.bucket_keys
-    batch = collate_batch([ctx.dataset[i] for i, key in enumerate(keys) if key == keys[0]][:2])
-    encoded = ctx.model.encode_batch(batch)
-    x0 = ctx.model.clean_latents(encoded)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-    inputs, target = ctx.model.make_inputs(encoded, noise, torch.tensor([0.3, 0.7]), 1.0)
+    inputs, target = fixed_inputs(ctx.model, first_bucket_batch(ctx.dataset))
     loss = kontext.flow_matching_loss(ctx.denoiser(**inputs), target, torch.ones(2))
     loss.backward()
     grads = {n: p.grad.clone() for n, p in ctx.model.transformer.named_parameters() if p.grad is not None}

@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from jobs import get_job
-from tests.helpers import merge, tiny_config_dict, write_config
+from tests.helpers import first_bucket_batch, fixed_inputs, merge, tiny_config_dict, write_config
 from toolkit import kontext
 from toolkit.lora import read_lora_metadata
 
@@ -48,23 +48,17 @@ def test_training_run_writes_lora_samples_config_and_logs(tmp_path, tiny_model_d
 
 def _fixed_batch(job):
     """A deterministic batch, timesteps and noise, to measure the loss before and after training."""
-    from toolkit.data.dataset import PairedDataset, collate_batch
+    from toolkit.data.dataset import PairedDataset
     from toolkit.data.pairs import discover_pairs
 
     process = job.processes[0]
     pairs = discover_pairs(process.cfg.datasets)
-    dataset = PairedDataset(pairs, process.cfg.datasets, trigger_word=process.cfg.trigger_word, seed=0)
-    same_bucket = [i for i, key in enumerate(dataset.bucket_keys) if key == dataset.bucket_keys[0]][:2]
-    return collate_batch([dataset[i] for i in same_bucket])
+    return first_bucket_batch(PairedDataset(pairs, process.cfg.datasets, trigger_word=process.cfg.trigger_word,
+                                            seed=0))
 
 
 def _loss_on(model, batch, seed=0):
-    encoded = model.encode_batch(batch)
-    x0 = model.clean_latents(encoded)
-    g = torch.Generator().manual_seed(seed)
-    t = torch.tensor([0.3, 0.7])
-    noise = torch.randn(x0.shape, generator=g)
-    inputs, target = model.make_inputs(encoded, noise, t, 1.0)
+    inputs, target = fixed_inputs(model, batch, seed)
     with torch.no_grad():
         return kontext.flow_matching_loss(model.denoiser()(**inputs), target, torch.ones(2)).item()
 
