@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from tests.helpers import REPO, merge, write_config
+from tests.helpers import REPO, assert_same_tensors, merge, write_config
 
 EXAMPLES = REPO / "config" / "examples"
 
@@ -52,13 +52,7 @@ def resume_from_copy(name: str, run_dir: Path, folder: Path, model_dir: Path, da
 
 def assert_same_final_lora(run_dir: Path, other_dir: Path) -> dict:
     """The final LoRA files of two run folders hold bit-identical tensors; returns the first one's."""
-    from safetensors.torch import load_file
-    import torch
-
-    first = load_file(str(run_dir / f"{run_dir.name}.safetensors"))
-    second = load_file(str(other_dir / f"{other_dir.name}.safetensors"))
-    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-    return first
+    return assert_same_tensors(run_dir / f"{run_dir.name}.safetensors", other_dir / f"{other_dir.name}.safetensors")
 
 
 def scalars(log_dir: Path, tag: str) -> dict[int, float]:

@@ -72,3 +72,15 @@ def fixed_inputs(model, batch: dict, seed: int = 0):
     x0 = model.clean_latents(encoded)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     return model.make_inputs(encoded, noise, torch.tensor([0.3, 0.7]), 1.0)
+
+
+def assert_same_tensors(a: Path, b: Path) -> dict:
+    """Two safetensors files hold the same keys and bit-identical tensors; returns the first file's tensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    first, second = load_file(str(a)), load_file(str(b))
+    assert first.keys() == second.keys()
+    different = [k for k in first if not torch.equal(first[k], second[k])]
+    assert different == [], f"{len(different)} tensors differ, e.g. {different[:2]}"
+    return first

@@ -23,13 +23,12 @@ import torch
 from safetensors.torch import load_file
 
 import run
-from tests.helpers import REPO, merge, tiny_config_dict, write_config
-from tests.launch import accelerate_launch
+from tests.helpers import REPO, assert_same_tensors, merge, tiny_config_dict, write_config
+from tests.launch import accelerate_launch, clean_env
 from toolkit import train_state
 from toolkit.train_state import check_state, find_latest_state, list_states, read_info
 
 START_TIMEOUT_S = 180  # model load on a loaded CI runner; a healthy tiny run starts in ~6 s
-_LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _config(folder: Path, model_dir: Path, data_dir: Path, name: str = "tiny", **overrides) -> Path:
@@ -42,18 +41,12 @@ def _config(folder: Path, model_dir: Path, data_dir: Path, name: str = "tiny", *
     return write_config(folder / f"{name}.yaml", cfg)
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith("ACCELERATE_")}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    return env
-
-
 def _start(config: Path, log: Path, *args: str) -> subprocess.Popen:
     # The same thread count as this process (conftest caps it), so runs here and there do the same float math.
     threads = str(torch.get_num_threads())
     handle = log.open("w", encoding="utf-8")
     return subprocess.Popen([sys.executable, str(REPO / "run.py"), str(config), *args], cwd=REPO,
-                            env={**_env(), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+                            env=clean_env(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads),
                             stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -91,13 +84,6 @@ def _assert_nothing_partial(run_dir: Path) -> None:
         assert check_state(path) is None, path
     for lora in run_dir.glob("*.safetensors"):
         assert load_file(str(lora)), lora
-
-
-def _same_tensors(a: Path, b: Path) -> None:
-    first, second = load_file(str(a)), load_file(str(b))
-    assert first.keys() == second.keys()
-    different = [k for k in first if not torch.equal(first[k], second[k])]
-    assert different == [], f"{len(different)} tensors differ, e.g. {different[:2]}"
 
 
 FINISHED = {"save.save_every": 2, "save.max_step_saves_to_keep": 10}
@@ -153,7 +139,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_same_lora(pristine_run, 
     text = log.read_text(encoding="utf-8")
     assert resumed_from is None or f"resuming from {resumed_from}:" in text, text[-3000:]
     assert not any(train_state.state_root(run_dir).glob(".*")), "leftovers of interrupted saves are cleaned up"
-    _same_tensors(pristine_run / "tiny.safetensors", run_dir / "tiny.safetensors")
+    assert_same_tensors(pristine_run / "tiny.safetensors", run_dir / "tiny.safetensors")
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_143(tmp_path, tiny_model_dir, demo_data_dir):
@@ -197,7 +183,7 @@ def test_sigint_during_training_stops_with_130_and_resumes_exactly(pristine_run,
     assert [step for step, _ in list_states(run_dir)] == [4, 5]
     monkeypatch.setattr(BaseSDTrainProcess, "optimizer_step", original)
     assert run.main([str(config)]) == 0
-    _same_tensors(pristine_run / "tiny.safetensors", run_dir / "tiny.safetensors")
+    assert_same_tensors(pristine_run / "tiny.safetensors", run_dir / "tiny.safetensors")
 
 
 def test_second_signal_exits_at_once(tmp_path):
@@ -230,7 +216,7 @@ def test_damaged_newest_state_is_skipped_with_a_warning(finished_run, tmp_path, 
     assert f"training state {run_dir / 'state' / '000000010'} is unusable" in err
     assert f"resuming from {run_dir / 'state' / '000000008'}:" in err
     assert not leftover.exists()
-    _same_tensors(reference, run_dir / "tiny.safetensors")
+    assert_same_tensors(reference, run_dir / "tiny.safetensors")
 
 
 def test_prepared_loader_resumes_mid_epoch_1(finished_run, pristine_run, tmp_path, tiny_model_dir, demo_data_dir):
@@ -242,7 +228,7 @@ def test_prepared_loader_resumes_mid_epoch_1(finished_run, pristine_run, tmp_pat
     shutil.rmtree(finished_run / "state" / "000000012")
     assert read_info(finished_run / "state" / "000000010")["epoch"] == 1
     assert run.main([str(config)]) == 0
-    _same_tensors(pristine_run / "tiny.safetensors", finished_run / "tiny.safetensors")
+    assert_same_tensors(pristine_run / "tiny.safetensors", finished_run / "tiny.safetensors")
 
 
 def test_resume_from_a_state_folder(finished_run, tmp_path, tiny_model_dir, demo_data_dir, capsys):
@@ -251,7 +237,7 @@ def test_resume_from_a_state_folder(finished_run, tmp_path, tiny_model_dir, demo
                      **{"save.save_every": 2, "train.resume_from": str(state)})
     assert run.main([str(config)]) == 0
     assert f"resuming from {state}: step 4 of 12" in capsys.readouterr().err
-    _same_tensors(finished_run / "tiny.safetensors", tmp_path / "other" / "out" / "other" / "other.safetensors")
+    assert_same_tensors(finished_run / "tiny.safetensors", tmp_path / "other" / "out" / "other" / "other.safetensors")
     # Once the run has states of its own, the same command continues them (here: it is finished) instead of
     # starting from resume_from again.
     assert run.main([str(config)]) == 0
@@ -316,7 +302,7 @@ def test_gradient_accumulation_resumes_at_the_right_micro_batch(tmp_path, tiny_m
     assert (info["consumed_batches"], info["epoch"], info["batches_done"]) == (9, 1, 1)
     config = _config(tmp_path / "acc", tiny_model_dir, demo_data_dir, **overrides, **{"train.resume_from": str(state)})
     assert run.main([str(config)]) == 0
-    _same_tensors(tmp_path / "ref" / "out" / "tiny" / "tiny.safetensors",
+    assert_same_tensors(tmp_path / "ref" / "out" / "tiny" / "tiny.safetensors",
                   tmp_path / "acc" / "out" / "tiny" / "tiny.safetensors")
 
 
@@ -355,7 +341,7 @@ def test_two_processes_stop_together_and_resume_to_the_same_lora(tmp_path, tiny_
     log = tmp_path / "resume.log"
     assert _launch_two(REPO / "run.py", config, log) == 0, log.read_text()
     assert f"resuming from {state}: step 3 of 8" in log.read_text(encoding="utf-8")
-    _same_tensors(tmp_path / "ref" / "out" / "tiny" / "tiny.safetensors", run_dir / "tiny.safetensors")
+    assert_same_tensors(tmp_path / "ref" / "out" / "tiny" / "tiny.safetensors", run_dir / "tiny.safetensors")
 
     assert run.main([str(world_one)]) == 0  # 1 process (distributed_training is not part of the config hash)
     assert "data order and noise differ" in capsys.readouterr().err
