@@ -15,8 +15,8 @@ $(VENV)/.installed: requirements.txt
 setup: $(VENV)/.installed
 
 demo-assets: setup
-	$(PYTHON) -m toolkit.tiny_model --out models/tiny-flux-kontext
-	$(PYTHON) -m toolkit.demo_data --out data/demo
+	$(PYTHON) -m tools.tiny_model --out models/tiny-flux-kontext
+	$(PYTHON) -m tools.demo_data --out data/demo
 
 demo: demo-assets
 	$(PYTHON) run.py config/examples/train_lora_flux_kontext_tiny.yaml

@@ -21,7 +21,7 @@ from dotenv import load_dotenv  # noqa: E402
 
 from toolkit.errors import UserError  # noqa: E402
 from toolkit.redact import install_log_redaction  # noqa: E402
-from toolkit.signals import TrainingInterrupted  # noqa: E402
+from toolkit.train.signals import TrainingInterrupted  # noqa: E402
 
 log = logging.getLogger("run")
 SUBCOMMANDS = ("generate", "compare", "convert-lora", "push")  # checked before CONFIG names, so they win over config files
@@ -69,7 +69,7 @@ def run_job(job, args) -> None:
     if args.launcher != "ray":
         job.run()
         return
-    from toolkit.ray_launcher import RayOptions, launch
+    from jobs.ray_launcher import RayOptions, launch
 
     launch(job, RayOptions(num_workers=args.num_workers, use_gpu=args.use_gpu, address=args.address,
                            storage_path=args.storage_path, max_failures=args.max_failures), fresh=args.fresh)
@@ -135,10 +135,7 @@ def main(argv=None) -> int:
     status = 0
     for config in args.config_file_list:
         try:
-            job = get_job(config, name_override=args.name)
-            for process in job.processes:
-                if hasattr(process, "fresh"):
-                    process.fresh = args.fresh
+            job = get_job(config, name_override=args.name, fresh=args.fresh)
             run_job(job, args)
             continue
         except TrainingInterrupted as exc:  # a stop signal: stop everything, whatever --recover says

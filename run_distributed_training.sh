@@ -63,7 +63,7 @@ if [[ -z "$PYTHON" ]]; then
 fi
 
 # Check the whole config once, before any process starts (strict keys, dataset paths come later per run).
-CONFIG_PATH="$("$PYTHON" -m toolkit.launch_check "$CONFIG")"
+CONFIG_PATH="$("$PYTHON" -m tools.launch_check "$CONFIG")"
 
 arg_value() {  # value of --flag in EXTRA, or the default
   local flag="$1" default="$2" i

@@ -17,20 +17,21 @@ PROCESS_TYPES = {"sd_trainer": BaseSDTrainProcess, "generate": GenerateProcess}
 
 
 class ExtensionJob:
-    def __init__(self, job_config: JobConfig, config_file: Optional[Path] = None) -> None:
+    def __init__(self, job_config: JobConfig, config_file: Optional[Path] = None, fresh: bool = False) -> None:
+        """`fresh` (run.py --fresh): training processes start over in a new run folder instead of resuming."""
         load_extensions()
         self.config = job_config
         self.name = job_config.config.name
         # Building every process first checks every architecture name before anything runs.
         # A training process may name its own run folder (process.name), so stages of one job do not collide.
-        self.processes = [PROCESS_TYPES[p.type](p, getattr(p, "name", None) or self.name, job_config, config_file)
-                          for p in job_config.config.process]
+        self.processes = [PROCESS_TYPES[p.type](p, getattr(p, "name", None) or self.name, job_config, config_file,
+                                                index=i, fresh=fresh)
+                          for i, p in enumerate(job_config.config.process)]
 
     def run(self) -> list[Path]:
         results = []
         for i, process in enumerate(self.processes):
             log.info("job %s: process %d/%d (%s)", self.name, i + 1, len(self.processes), process.cfg.type)
-            # A later stage starts from an earlier one's output: model.transformer_path '[process:N]' (toolkit.stages).
-            process.index, process.upstream = i, list(results)
-            results.append(process.run())
+            # A later stage starts from an earlier one's output: model.transformer_path '[process:N]' (toolkit.train.stages).
+            results.append(process.run(upstream=list(results)))
         return results

@@ -8,9 +8,9 @@ from typing import Optional
 from toolkit.config.loader import find_config_file, load_job_config
 
 
-def get_job(config: str | Path, name_override: Optional[str] = None):
+def get_job(config: str | Path, name_override: Optional[str] = None, fresh: bool = False):
     """Find and strictly load a config file, and build its job (no model is loaded here)."""
     from jobs.ExtensionJob import ExtensionJob
 
     path = find_config_file(str(config))
-    return ExtensionJob(load_job_config(path, name_override=name_override), config_file=path)
+    return ExtensionJob(load_job_config(path, name_override=name_override), config_file=path, fresh=fresh)

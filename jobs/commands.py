@@ -109,7 +109,7 @@ def convert_main(argv: Sequence[str]) -> int:
     p.add_argument("--arch", default="flux_kontext", help="model architecture (default flux_kontext)")
     args = p.parse_args(argv)
     from jobs.extensions import load_extensions
-    from toolkit.lora_convert import convert_file, get_conventions
+    from toolkit.adapters.lora_convert import convert_file, get_conventions
 
     load_extensions()
     convert_file(Path(args.src), Path(args.dst), args.to, get_conventions(args.arch))

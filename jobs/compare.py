@@ -5,7 +5,7 @@ Writes to RUN_FOLDER/compare/ (or --out):
 - grid.png: rows = the run's sample prompts, columns = control | base (step 0) | each checkpoint by step;
   every cell also as samples/step_<step:09d>_<prompt:02d>.png with its parameters in PNG text chunks;
 - val_loss.csv and val_loss.png when the dataset has held-out pairs (val_folder_path / val_control_path):
-  the flow-matching loss at fixed timesteps and noise (toolkit.validation), the same problem for every checkpoint.
+  the flow-matching loss at fixed timesteps and noise (toolkit.train.validation), the same problem for every checkpoint.
 """
 
 from __future__ import annotations
@@ -20,18 +20,19 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from jobs.process.BaseSDTrainProcess import compute_dtype
+from toolkit.dtypes import compute_dtype
 from jobs.process.GenerateProcess import thumbnail, write_png
-from toolkit.checkpoint import atomic_write_bytes, atomic_write_text, list_step_files
+from toolkit.state.atomic import atomic_write_bytes, atomic_write_text
+from toolkit.state.checkpoint import list_step_files
 from toolkit.config.loader import load_job_config
 from toolkit.config.schema import TrainProcessConfig
 from toolkit.dist import resolve_device
 from toolkit.errors import UserError
-from toolkit.inference import LoraRenderer, batch_key, get_renderer, plan_batches
-from toolkit.lora import read_lora_metadata
-from toolkit.plot import line_plot
-from toolkit.sampling import build_requests, contact_sheet, load_control
-from toolkit.validation import ValidationSet
+from toolkit.render.inference import LoraRenderer, batch_key, get_renderer, plan_batches
+from toolkit.adapters.lora import read_lora_metadata
+from toolkit.render.plot import line_plot
+from toolkit.render.sampling import build_requests, contact_sheet, load_control
+from toolkit.train.validation import ValidationSet
 
 log = logging.getLogger(__name__)
 

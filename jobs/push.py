@@ -2,7 +2,7 @@
 `python run.py push RUN_FOLDER` (a retry, or a run trained without push_to_hub).
 
 RUN_FOLDER/config.yaml (the resolved, redacted config the run saved) gives the settings; the model card is written
-to RUN_FOLDER/README.md, then toolkit.hub.upload_plan's files go up in one commit.
+to RUN_FOLDER/README.md, then toolkit.publish.hub.upload_plan's files go up in one commit.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Optional
 
 from jobs.compare import load_run
-from toolkit import train_state
-from toolkit.checkpoint import atomic_write_text
+from toolkit.state import train_state
+from toolkit.state.atomic import atomic_write_text
 from toolkit.config.schema import TrainProcessConfig
 from toolkit.errors import UserError
-from toolkit.hub import (CARD_FILE, HubError, check_hub_access, latest_samples, retry_hint, upload, upload_plan,
+from toolkit.publish.hub import (CARD_FILE, HubError, check_hub_access, latest_samples, retry_hint, upload, upload_plan,
                          uploads_sample_images)
-from toolkit.model_card import RunFacts, hub_base_model, model_card
+from toolkit.publish.model_card import RunFacts, hub_base_model, model_card
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Shared by the whole session: treat it as read-only and copy it if a test must change files.
     """
-    from toolkit.tiny_model import build_tiny_pipeline
+    from tools.tiny_model import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux-kontext", preset="tiny", seed=0)
 
@@ -31,7 +31,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic invert-colors dataset (8 pairs, 3 aspect ratios), read-only for the whole session."""
-    from toolkit.demo_data import build_demo_dataset
+    from tools.demo_data import build_demo_dataset
 
     return build_demo_dataset(tmp_path_factory.mktemp("data") / "demo", num_pairs=8, seed=0)
 

@@ -68,10 +68,12 @@ def fixed_inputs(model, batch: dict, seed: int = 0):
     """Denoiser inputs and flow-matching target of a two-item `batch` at timesteps 0.3 and 0.7 with seeded noise."""
     import torch
 
+    from toolkit.train import flow_matching
+
     encoded = model.encode_batch(batch)
     x0 = model.clean_latents(encoded)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    return model.make_inputs(encoded, noise, torch.tensor([0.3, 0.7]), 1.0)
+    return flow_matching.inputs_and_target(model, encoded, noise, torch.tensor([0.3, 0.7]), 1.0)
 
 
 def assert_same_tensors(a: Path, b: Path) -> dict:

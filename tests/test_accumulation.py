@@ -7,10 +7,10 @@ import torch
 
 from jobs import get_job
 from tests.helpers import merge, tiny_config_dict, write_config
-from toolkit import kontext
+from toolkit.train import flow_matching
 from toolkit.data.dataset import collate_batch
 from toolkit.dist import Runtime
-from toolkit.lora import lora_state_dict
+from toolkit.adapters.lora import lora_state_dict
 
 
 def per_sample_loss(process, ctx, batch):
@@ -20,8 +20,8 @@ def per_sample_loss(process, ctx, batch):
     noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(int(i)))
                          for i in batch["index"]])
     t = torch.tensor([0.15 + 0.1 * (int(i) % 7) for i in batch["index"]])
-    inputs, target = ctx.model.make_inputs(encoded, noise, t, 1.0)
-    return kontext.flow_matching_loss(ctx.denoiser(**inputs), target, torch.ones(len(t)))
+    inputs, target = flow_matching.inputs_and_target(ctx.model, encoded, noise, t, 1.0)
+    return flow_matching.flow_matching_loss(ctx.denoiser(**inputs), target, torch.ones(len(t)))
 
 
 def one_step(tmp_path, model_dir, data_dir, batch_size, accumulation, monkeypatch):

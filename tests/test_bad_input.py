@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 import run
 from tests.helpers import merge, tiny_config_dict, write_config
-from toolkit.train_state import check_state, list_states
+from toolkit.state.train_state import check_state, list_states
 
 
 @dataclass
@@ -160,9 +160,10 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(fail_on, tmp_path
                                                                monkeypatch, capsys):
     """ENOSPC on the second save (while writing the step LoRA, or in the middle of the training state): exit 2 with
     a message; the first checkpoint is intact and complete and nothing half-written is left."""
-    from toolkit import checkpoint, lora
+    from toolkit.state import atomic
+    from toolkit.adapters import lora
 
-    original = checkpoint.atomic_write_bytes
+    original = atomic.atomic_write_bytes
 
     def filling_disk(path, data):
         path = Path(path)
@@ -172,7 +173,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(fail_on, tmp_path
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return original(path, data)
 
-    monkeypatch.setattr(checkpoint, "atomic_write_bytes", filling_disk)
+    monkeypatch.setattr(atomic, "atomic_write_bytes", filling_disk)
     monkeypatch.setattr(lora, "atomic_write_bytes", filling_disk)
     cfg = merge(tiny_config_dict(tmp_path / "out", tiny_model_dir, demo_data_dir),
                 {"train.steps": 4, "save.save_every": 1, "save.max_step_saves_to_keep": 1, "sample.prompts": []})

@@ -1,4 +1,4 @@
-"""toolkit.bench on the tiny model: every JSON field is there and sane (no timing assertions)."""
+"""tools.bench on the tiny model: every JSON field is there and sane (no timing assertions)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 
 from tests.helpers import merge, tiny_config_dict, write_config
-from toolkit import bench
-from toolkit.bench_report import PHASES, contention_warning, peak_tflops
+from tools import bench
+from tools.bench_report import PHASES, contention_warning, peak_tflops
 
 PHASE_KEYS = set(PHASES)
 FIELDS = {
@@ -86,7 +86,7 @@ def test_bench_json_only_and_cached_inputs(tmp_path, tiny_model_dir, demo_data_d
 def test_missing_model_names_the_build_command(tmp_path, demo_data_dir, capsys, caplog):
     config = _config(tmp_path, tmp_path / "models" / "medium-flux-kontext", demo_data_dir)
     assert bench.main([str(config), "--steps", "1"]) == 2
-    assert f"python -m toolkit.tiny_model --out {tmp_path / 'models' / 'medium-flux-kontext'} --preset medium" \
+    assert f"python -m tools.tiny_model --out {tmp_path / 'models' / 'medium-flux-kontext'} --preset medium" \
         in caplog.text
 
 
@@ -105,7 +105,7 @@ def test_contention_warning_only_when_the_load_exceeds_the_cores(monkeypatch):
 
 
 def test_bench_quant_rows_say_what_they_are_compared_to_and_merge_repeats():
-    from toolkit.bench_quant import COMPARED_TO, VARIANTS, format_table, merge_repeats
+    from tools.bench_quant import COMPARED_TO, VARIANTS, format_table, merge_repeats
 
     assert set(COMPARED_TO) == set(VARIANTS)
     assert all(base is None or base in VARIANTS for base in COMPARED_TO.values())

@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 from extensions.flux_kontext import FluxKontext
 from jobs import get_job
 from tests.helpers import merge, tiny_config_dict, write_config
-from toolkit.cache import Encoder, Job, TensorStore, fill, module_fingerprint
+from toolkit.data.cache import Encoder, Job, TensorStore, fill, module_fingerprint
 from toolkit.config import load_job_config
 from toolkit.data import dataset as dataset_module
 from toolkit.data.dataset import PairedDataset, collate_batch

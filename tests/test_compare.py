@@ -13,7 +13,7 @@ import run
 from jobs import get_job
 from jobs.compare import find_checkpoints, load_run
 from tests.helpers import merge, tiny_config_dict, write_config
-from toolkit.validation import ValidationSet
+from toolkit.train.validation import ValidationSet
 
 
 @pytest.fixture(scope="module")

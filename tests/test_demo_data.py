@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from toolkit.demo_data import build_demo_dataset
+from tools.demo_data import build_demo_dataset
 from toolkit.errors import UserError
 
 

@@ -20,7 +20,7 @@ import torch
 
 from tests.helpers import REPO, merge, tiny_config_dict, write_config
 from tests.launch import SCRIPTS, LAUNCHER, FAILURE_BOUND_S, accelerate_launch, run_launcher, explain, ddp_config, read_probes, lora_tensors
-from toolkit.demo_data import build_demo_dataset
+from tools.demo_data import build_demo_dataset
 
 # -- data sets ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -217,7 +217,7 @@ def test_launcher_dry_run_reads_env_file_and_warns_without_the_flag(tmp_path, ti
     """A copy of the launcher next to a .env (the launcher reads the .env beside itself): the environment wins over
     .env, .env over the defaults; a config path is relative to the caller's folder; a config without
     distributed_training gets a warning before anything starts."""
-    for name in ("toolkit", "run.py"):
+    for name in ("toolkit", "tools", "run.py"):
         (tmp_path / name).symlink_to(REPO / name)
     shutil.copy(LAUNCHER, tmp_path / LAUNCHER.name)
     (tmp_path / ".env").write_text(
@@ -307,7 +307,7 @@ def test_flag_on_with_one_process_trains_exactly_like_flag_off(tmp_path, tiny_mo
 
 
 def test_rank_seed_differs_per_rank_and_repeats():
-    from jobs.process.BaseSDTrainProcess import rank_seed
+    from toolkit.dist import rank_seed
 
     seeds = [rank_seed(42, rank) for rank in range(8)]
     assert len(set(seeds)) == 8
@@ -332,8 +332,8 @@ def test_available_cores_respects_affinity():
 
 
 def test_bench_config_is_a_valid_quiet_distributed_run(tmp_path, tiny_model_dir, demo_data_dir):
-    """toolkit.bench_scaling's config copy passes the strict loader and trains without samples or step saves."""
-    from toolkit.bench_scaling import bench_config
+    """tools.bench_scaling's config copy passes the strict loader and trains without samples or step saves."""
+    from tools.bench_scaling import bench_config
     from toolkit.config.loader import load_job_dict
 
     raw = tiny_config_dict(tmp_path / "out", tiny_model_dir, demo_data_dir)

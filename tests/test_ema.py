@@ -1,4 +1,4 @@
-"""EMA of the LoRA weights (train.ema_config, toolkit.ema): the math, the swap, saves, samples, resume, 2 processes.
+"""EMA of the LoRA weights (train.ema_config, toolkit.train.ema): the math, the swap, saves, samples, resume, 2 processes.
 
 The training runs start from config/examples/train_lora_flux_kontext_ema_tiny.yaml (pointed at the test model and
 data, 4 steps) with ema_decay 0.5 and an update every 2 steps, so the average visibly differs from the weights and a
@@ -22,8 +22,8 @@ import run
 from extensions.flux_kontext.model import FluxKontext
 from tests.helpers import REPO, merge, write_config
 from toolkit.config.loader import ConfigProblems, load_job_config
-from toolkit.ema import EMA, EMA_FILE, ema_decay_at, ema_update, load_ema_state
-from toolkit.lora import lora_state_dict
+from toolkit.train.ema import EMA, EMA_FILE, ema_decay_at, ema_update, load_ema_state
+from toolkit.adapters.lora import lora_state_dict
 
 EXAMPLE = REPO / "config" / "examples" / "train_lora_flux_kontext_ema_tiny.yaml"
 DECAY = 0.5
@@ -151,7 +151,7 @@ def test_average_on_the_cpu_beside_device_weights():
 
 
 def test_config_hash_ignores_only_where_the_average_lives(tmp_path, tiny_model_dir, demo_data_dir):
-    from toolkit import train_state
+    from toolkit.state import train_state
     from toolkit.config.loader import load_job_dict
 
     def digest(**overrides):

@@ -18,7 +18,7 @@ from jobs import get_job
 from tests.helpers import REPO, merge, tiny_config_dict, write_config
 from toolkit.config.loader import load_job_dict
 from toolkit.errors import ConfigError
-from toolkit.train_state import list_states
+from toolkit.state.train_state import list_states
 
 FULL = {"network": None, "train.steps": 4, "save.save_every": 2, "save.max_step_saves_to_keep": 10,
         "train.lr": 1e-3, "sample.prompts": []}
@@ -102,7 +102,7 @@ def test_train_full_finetune_key_equals_network_null(tmp_path, tiny_model_dir, d
     cfg = merge(tiny_config_dict(tmp_path, tiny_model_dir, demo_data_dir), {"train.full_finetune": True})
     del cfg["config"]["process"][0]["network"]
     job = load_job_dict(cfg, "test")
-    from toolkit.stages import is_full_finetune
+    from toolkit.train.stages import is_full_finetune
     assert is_full_finetune(job.config.process[0])
     assert not is_full_finetune(load_job_dict(tiny_config_dict(tmp_path, tiny_model_dir, demo_data_dir),
                                               "t").config.process[0])
@@ -186,7 +186,7 @@ def test_training_processes_must_not_share_a_run_folder(tmp_path):
 
 def test_lora_state_dict_from_a_consolidated_state_dict_equals_the_live_one(tiny_model_dir):
     """Under FSDP the LoRA is cut from the consolidated transformer state dict; it must be the same tensors."""
-    from toolkit.lora import add_lora, lora_state_dict, make_lora_config
+    from toolkit.adapters.lora import add_lora, lora_state_dict, make_lora_config
 
     transformer = FluxTransformer2DModel.from_pretrained(str(tiny_model_dir / "transformer"))
     add_lora(transformer, make_lora_config(4, 4, ["to_q", "to_k"], 0.0))

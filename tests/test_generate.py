@@ -16,10 +16,10 @@ from extensions.flux_kontext.model import LORA_TARGETS
 from toolkit.config import load_job_config
 from toolkit.config.schema import GenerateProcessConfig
 from toolkit.errors import ConfigError
-from toolkit.lora import add_lora, lora_state_dict, make_lora_config, save_lora
-from toolkit.lora_convert import convert_file
-from toolkit.pngmeta import A1111_KEY, read_png_params
-from toolkit.sampling import contact_sheet
+from toolkit.adapters.lora import add_lora, lora_state_dict, make_lora_config, save_lora
+from toolkit.adapters.lora_convert import convert_file
+from toolkit.render.pngmeta import A1111_KEY, read_png_params
+from toolkit.render.sampling import contact_sheet
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from jobs.compare import load_run
 from jobs.push import write_card
 from tests.helpers import REPO, merge, tiny_config_dict, write_config
 from toolkit.config import load_job_config
-from toolkit.hub import HubError, latest_samples, token_problem, upload_plan, uploads_sample_images
-from toolkit.model_card import RunFacts, hub_base_model, model_card
+from toolkit.publish.hub import HubError, latest_samples, token_problem, upload_plan, uploads_sample_images
+from toolkit.publish.model_card import RunFacts, hub_base_model, model_card
 
 SECRET = "hf_PUSHsecretVALUE13579abcdef"
 

@@ -13,11 +13,11 @@ import run
 from jobs import get_job
 from tests.example_configs import assert_same_final_lora, example_config, resume_from_copy
 from tests.test_train_tiny import _fixed_batch, _loss_on
-from toolkit.adapter import load_pretrained, make_adapter_config
+from toolkit.adapters.network import load_pretrained, make_adapter_config
 from toolkit.config import load_job_config
 from toolkit.errors import UserError
-from toolkit.lokr import FULL_RANK, make_lokr_config, to_file
-from toolkit.lora import add_lora
+from toolkit.adapters.lokr import FULL_RANK, make_lokr_config, to_file
+from toolkit.adapters.lora import add_lora
 
 EXAMPLE = "train_lora_flux_kontext_lokr_tiny"
 NAME = "tiny_kontext_lokr"

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 import run
 from extensions.flux_kontext.lora_keys import FLUX_CONVENTIONS
 from extensions.flux_kontext.model import LORA_TARGETS
-from toolkit.lora import add_lora, lora_state_dict, make_lora_config, read_lora_metadata, save_lora
-from toolkit.lora_convert import convert_file, detect_format, peft_metadata, read_lora, to_comfy, to_diffusers
+from toolkit.adapters.lora import add_lora, lora_state_dict, make_lora_config, read_lora_metadata, save_lora
+from toolkit.adapters.lora_convert import convert_file, detect_format, peft_metadata, read_lora, to_comfy, to_diffusers
 
 RANK, ALPHA = 4, 8  # alpha != rank: a wrong scale anywhere shows
 
@@ -113,7 +113,7 @@ def test_comfy_file_loads_into_the_pipeline_and_renders_like_the_diffusers_file(
                                                                                   tiny_model_dir, demo_data_dir):
     from extensions.flux_kontext.generate import FluxKontextRenderer
     from toolkit.config.schema import ModelConfig
-    from toolkit.sampling import SampleRequest
+    from toolkit.render.sampling import SampleRequest
 
     comfy_path = convert_file(lora_file, tmp_path / "comfy.safetensors", "comfy", FLUX_CONVENTIONS)
     renderer = FluxKontextRenderer.load(ModelConfig(name_or_path=str(tiny_model_dir), arch="flux_kontext",

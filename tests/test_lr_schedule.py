@@ -13,7 +13,7 @@ from tests.example_configs import assert_same_final_lora, example_config, resume
 from tests.helpers import merge, tiny_config_dict, write_config
 from toolkit.config import ConfigProblems, load_job_config
 from toolkit.errors import ConfigError
-from toolkit.lr_schedule import make_lr_scheduler, planned_lrs, schedule_points
+from toolkit.train.lr_schedule import make_lr_scheduler, planned_lrs, schedule_points
 
 EXAMPLE = "train_lora_flux_kontext_lr_schedule_tiny"
 

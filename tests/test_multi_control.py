@@ -11,13 +11,13 @@ import torch
 from diffusers import FluxKontextPipeline
 from PIL import Image
 
-from toolkit import kontext
+from extensions.flux_kontext import packing
 from toolkit.config.loader import load_job_dict
 from toolkit.data.dataset import PairedDataset, collate_batch, control_key, control_names
 from toolkit.data.pairs import discover_pairs
-from toolkit.demo_data import build_demo_dataset
+from tools.demo_data import build_demo_dataset
 from toolkit.errors import ConfigError, DatasetError
-from toolkit.sampling import build_requests, parse_prompt_flags
+from toolkit.render.sampling import build_requests, parse_prompt_flags
 
 MINIMAL = {"config": {"name": "run", "process": [{
     "device": "cpu",
@@ -131,18 +131,18 @@ def test_items_hold_every_control_at_the_target_bucket(multi_data):
 
 # -- position ids --------------------------------------------------------------------------------------------------
 def test_two_control_position_ids_have_frames_0_1_2():
-    ids = kontext.kontext_position_ids((6, 10), (4, 4), (2, 6))
+    ids = packing.kontext_position_ids((6, 10), (4, 4), (2, 6))
     assert ids.shape == (15 + 4 + 3, 3)
     assert ids[:, 0].tolist() == [0.0] * 15 + [1.0] * 4 + [2.0] * 3
-    assert torch.equal(ids[19:, 1:], kontext.position_ids(2, 6, frame=0)[:, 1:])  # rows/cols restart per image
+    assert torch.equal(ids[19:, 1:], packing.position_ids(2, 6, frame=0)[:, 1:])  # rows/cols restart per image
     # One control: exactly the pipeline's ids (target ids, then image ids with frame 1).
-    single = kontext.kontext_position_ids((6, 10), (4, 4))
+    single = packing.kontext_position_ids((6, 10), (4, 4))
     target = FluxKontextPipeline._prepare_latent_image_ids(1, 3, 5, "cpu", torch.float32)
     control = FluxKontextPipeline._prepare_latent_image_ids(1, 2, 2, "cpu", torch.float32)
     control[:, 0] = 1
     assert torch.equal(single, torch.cat([target, control])) and torch.equal(ids[:19], single)
     with pytest.raises(ValueError):
-        kontext.kontext_position_ids((6, 10))
+        packing.kontext_position_ids((6, 10))
 
 
 # -- sample prompts ------------------------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def test_generate_prompts_take_several_ctrl_img_files(multi_data):
 
 def test_held_out_pairs_take_a_list_of_control_folders(multi_data):
     from toolkit.config.schema import DatasetConfig
-    from toolkit.validation import ValidationSet
+    from toolkit.train.validation import ValidationSet
 
     cfg = DatasetConfig(folder_path="/unused", control_path=["/unused_1", "/unused_2"], resolution=[64],
                         val_folder_path=str(multi_data / "target"), val_control_path=two_controls(multi_data))

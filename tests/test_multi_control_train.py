@@ -23,8 +23,8 @@ from extensions.flux_kontext.multi_control import render_multi_control
 from jobs.process.BaseSDTrainProcess import BaseSDTrainProcess
 from tests.helpers import REPO
 from toolkit.config.schema import ModelConfig
-from toolkit.demo_data import build_demo_dataset
-from toolkit.sampling import SampleRequest
+from tools.demo_data import build_demo_dataset
+from toolkit.render.sampling import SampleRequest
 
 EXAMPLE = REPO / "config" / "examples" / "train_lora_flux_kontext_multi_control_tiny.yaml"
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from toolkit.errors import ConfigError
-from toolkit.optim import make_lr_scheduler, make_optimizer
+from toolkit.train.lr_schedule import make_lr_scheduler
+from toolkit.train.optim import make_optimizer
 
 
 @pytest.mark.parametrize("name,lr", [("adamw", 1e-2), ("adamw8bit", 1e-2), ("prodigy", 1.0), ("sgd", 1e-1)])

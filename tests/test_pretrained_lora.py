@@ -16,11 +16,11 @@ from jobs import get_job
 from tests.example_configs import assert_same_final_lora, example_config, resume_from_copy
 from tests.helpers import merge, tiny_config_dict, write_config
 from tests.launch import accelerate_launch, explain
-from toolkit.adapter import load_pretrained
+from toolkit.adapters.network import load_pretrained
 from toolkit.config import load_job_config
 from toolkit.errors import ConfigError, UserError
-from toolkit.lora import add_lora, lora_state_dict, make_lora_config, save_lora
-from toolkit.lora_convert import find_conventions, to_comfy
+from toolkit.adapters.lora import add_lora, lora_state_dict, make_lora_config, save_lora
+from toolkit.adapters.lora_convert import find_conventions, to_comfy
 
 EXAMPLE = "train_lora_flux_kontext_pretrained_tiny"
 NAME = "tiny_kontext_from_lora"

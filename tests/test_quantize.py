@@ -15,13 +15,13 @@ from extensions.flux_kontext import FluxKontext
 from extensions.flux_kontext.quantize import (TRANSFORMER_EXCLUDE, load_transformer_blockwise, safe_exclude,
                                               unsafe_qint8_layers, weight_bytes)
 from jobs import get_job
-from jobs.process.BaseSDTrainProcess import check_only_lora_trains
+from toolkit.adapters.lora import check_only_lora_trains
 from tests.helpers import first_bucket_batch, fixed_inputs, merge, tiny_config_dict, write_config
-from toolkit import kontext
+from toolkit.train import flow_matching
 from toolkit.config import load_job_config
 from toolkit.dist import Runtime
 from toolkit.errors import ConfigError
-from toolkit.lora import add_lora, lora_state_dict, make_lora_config, save_lora
+from toolkit.adapters.lora import add_lora, lora_state_dict, make_lora_config, save_lora
 
 
 def _process(tmp_path, model_dir, data_dir, **overrides):
@@ -38,7 +38,7 @@ def _fixed_loss(ctx) -> float:
     """Flow-matching loss on two items of one bucket with fixed timesteps and noise (no LoRA dropout)."""
     inputs, target = fixed_inputs(ctx.model, first_bucket_batch(ctx.dataset))
     with torch.no_grad():
-        return kontext.flow_matching_loss(ctx.model.denoiser()(**inputs), target, torch.ones(2)).item()
+        return flow_matching.flow_matching_loss(ctx.model.denoiser()(**inputs), target, torch.ones(2)).item()
 
 
 def _base_state(transformer) -> dict[str, torch.Tensor]:
@@ -167,7 +167,7 @@ def test_qtype_is_checked_by_the_config(tmp_path, tiny_model_dir, demo_data_dir)
 
 
 def test_quantization_benchmark_runs_a_variant_on_the_tiny_model(tmp_path, tiny_model_dir, demo_data_dir):
-    from toolkit.bench_quant import format_table, run_variant
+    from tools.bench_quant import format_table, run_variant
 
     config = write_config(tmp_path / "cfg.yaml", tiny_config_dict(tmp_path / "out", tiny_model_dir, demo_data_dir))
     row = run_variant("+ low_vram loading", steps=1, warmup=0, device="cpu", config=str(config))

@@ -20,7 +20,7 @@ import torch
 import run
 from tests.helpers import REPO, merge, tiny_config_dict, write_config
 from tests.launch import SCRIPTS, accelerate_launch, explain, lora_tensors, read_probes
-from toolkit.demo_data import build_demo_dataset
+from tools.demo_data import build_demo_dataset
 
 STEPS = {"train.steps": 6, "save.save_every": 3, "sample.prompts": []}
 RAY_ARGS = ["--launcher", "ray", "--num-workers", "2", "--max-failures", "1"]
@@ -49,7 +49,7 @@ def ray_session(tmp_path_factory):
     pytest.importorskip("ray", reason="ray is not installed: pip install -r requirements-ray.txt")
     import ray
 
-    from toolkit.ray_launcher import connect
+    from jobs.ray_launcher import connect
 
     probes = tmp_path_factory.mktemp("ray_probes")
     env = {"KONTEXT_TEST_PROBE_DIR": str(probes), "KONTEXT_TEST_FAIL": "0:4:lose_states", "HF_HUB_OFFLINE": "1",
@@ -132,7 +132,7 @@ def test_ray_lora_equals_the_accelerate_two_process_run(ray_run, accelerate_run)
 @pytest.mark.ray
 def test_a_ray_checkpoint_is_adopted_only_by_the_config_that_saved_it(ray_run, tmp_path, tiny_model_dir, six_pairs):
     from jobs import get_job
-    from toolkit.ray_launcher import adopt_state
+    from jobs.ray_launcher import adopt_state
 
     state = reported_checkpoints(ray_run["storage"])[-1]
     same = get_job(ray_run["config"])

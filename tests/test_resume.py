@@ -25,8 +25,8 @@ from safetensors.torch import load_file
 import run
 from tests.helpers import REPO, assert_same_tensors, merge, tiny_config_dict, write_config
 from tests.launch import accelerate_launch, clean_env
-from toolkit import train_state
-from toolkit.train_state import check_state, find_latest_state, list_states, read_info
+from toolkit.state import train_state
+from toolkit.state.train_state import check_state, find_latest_state, list_states, read_info
 
 START_TIMEOUT_S = 180  # model load on a loaded CI runner; a healthy tiny run starts in ~6 s
 
@@ -188,7 +188,7 @@ def test_sigint_during_training_stops_with_130_and_resumes_exactly(pristine_run,
 
 def test_second_signal_exits_at_once(tmp_path):
     """A repeat within a second (a launcher forwarding the same Ctrl-C) is the same request; a later one exits."""
-    script = ("import os, signal, time\nfrom toolkit.signals import GracefulStop\nwith GracefulStop() as stop:\n"
+    script = ("import os, signal, time\nfrom toolkit.train.signals import GracefulStop\nwith GracefulStop() as stop:\n"
               "    os.kill(os.getpid(), signal.SIGINT)\n    assert stop.requested\n"
               "    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(1.2)\n"
               "    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(30)\n")

@@ -61,7 +61,7 @@ def test_no_secret_reaches_any_output_file(tmp_path, tiny_model_dir, demo_data_d
 
 
 # -- nothing executes code from data -------------------------------------------------------------------------------
-SOURCE_DIRS = ("run.py", "jobs", "toolkit", "extensions", "tests")
+SOURCE_DIRS = ("run.py", "jobs", "toolkit", "extensions", "tools", "tests")
 SAFE_YAML_LOADERS = {"SafeLoader", "CSafeLoader", "_StrictYamlLoader"}
 PICKLING_MODULES = {"pickle", "cPickle", "_pickle", "dill", "marshal", "shelve", "joblib"}
 
@@ -150,7 +150,7 @@ def test_a_state_file_with_a_pickled_object_is_refused(tmp_path):
 
     import torch
 
-    from toolkit.train_state import StateError, load_state
+    from toolkit.state.train_state import StateError, load_state
 
     class Evil:
         def __reduce__(self):

@@ -10,9 +10,9 @@ import torch
 
 from jobs import get_job
 from tests.helpers import first_bucket_batch, fixed_inputs, merge, tiny_config_dict, write_config
-from toolkit import kontext
+from toolkit.train import flow_matching
 from toolkit.dist import Runtime
-from toolkit.lora import lora_state_dict
+from toolkit.adapters.lora import lora_state_dict
 
 
 def _ctx(tmp_path, model_dir, data_dir, **overrides):
@@ -49,7 +49,7 @@ def test_workers_give_the_same_batches_as_the_main_process(tmp_path, tiny_model_
 
 def _loss_and_grads(ctx) -> tuple[float, dict[str, torch.Tensor]]:
     inputs, target = fixed_inputs(ctx.model, first_bucket_batch(ctx.dataset))
-    loss = kontext.flow_matching_loss(ctx.denoiser(**inputs), target, torch.ones(2))
+    loss = flow_matching.flow_matching_loss(ctx.denoiser(**inputs), target, torch.ones(2))
     loss.backward()
     grads = {n: p.grad.clone() for n, p in ctx.model.transformer.named_parameters() if p.grad is not None}
     ctx.optimizer.zero_grad(set_to_none=True)
@@ -77,7 +77,7 @@ def _check_compiled_matches_eager(tmp_path, model_dir, data_dir) -> None:
 def test_compiled_blocks_match_eager_through_dynamo_and_autograd(tmp_path, tiny_model_dir, demo_data_dir,
                                                                   monkeypatch):
     """The wiring (in-place regional compile, LoRA inside, keys) with the aot_eager backend: seconds, no C++."""
-    monkeypatch.setattr("toolkit.compile.COMPILE_OPTIONS", {"backend": "aot_eager"})
+    monkeypatch.setattr("toolkit.train.compile.COMPILE_OPTIONS", {"backend": "aot_eager"})
     _check_compiled_matches_eager(tmp_path, tiny_model_dir, demo_data_dir)
 
 

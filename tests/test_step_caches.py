@@ -9,7 +9,7 @@ from diffusers import FluxTransformer2DModel
 
 from extensions.flux_kontext.model import KontextDenoiser
 from extensions.flux_kontext.rope_cache import CachedPosEmbed, IdTables
-from toolkit import kontext
+from extensions.flux_kontext import packing
 
 CPU = torch.device("cpu")
 
@@ -18,9 +18,9 @@ def test_id_tables_give_the_same_tensor_per_bucket_and_the_right_ids():
     tables = IdTables(entries=2)
     a = tables.image_ids((4, 8), [(4, 8)], CPU)
     assert tables.image_ids((4, 8), [(4, 8)], "cpu") is a
-    assert torch.equal(a, kontext.kontext_position_ids((4, 8), (4, 8)))
+    assert torch.equal(a, packing.kontext_position_ids((4, 8), (4, 8)))
     b = tables.image_ids((8, 4), [(4, 8)], CPU)  # same token count, other grid: other ids
-    assert b is not a and torch.equal(b, kontext.kontext_position_ids((8, 4), (4, 8)))
+    assert b is not a and torch.equal(b, packing.kontext_position_ids((8, 4), (4, 8)))
     txt = tables.text_ids(16, CPU, torch.float32)
     assert tables.text_ids(16, CPU, torch.float32) is txt and torch.equal(txt, torch.zeros(16, 3))
     assert tables.text_ids(16, CPU, torch.float64) is not txt

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from toolkit.errors import UserError
-from toolkit.tiny_model import MARKER_NAME, PRESETS, build_tiny_pipeline
+from tools.tiny_model import MARKER_NAME, PRESETS, build_tiny_pipeline
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from jobs import get_job
 from tests.helpers import first_bucket_batch, fixed_inputs, merge, tiny_config_dict, write_config
-from toolkit import kontext
-from toolkit.lora import read_lora_metadata
+from toolkit.train import flow_matching
+from toolkit.adapters.lora import read_lora_metadata
 
 
 def _job(tmp_path, model_dir, data_dir, **overrides):
@@ -60,7 +60,7 @@ def _fixed_batch(job):
 def _loss_on(model, batch, seed=0):
     inputs, target = fixed_inputs(model, batch, seed)
     with torch.no_grad():
-        return kontext.flow_matching_loss(model.denoiser()(**inputs), target, torch.ones(2)).item()
+        return flow_matching.flow_matching_loss(model.denoiser()(**inputs), target, torch.ones(2)).item()
 
 
 def test_loss_falls_and_only_lora_changes(tmp_path, tiny_model_dir, demo_data_dir, monkeypatch):
@@ -133,7 +133,7 @@ def test_saved_lora_loads_in_diffusers_and_matches_trainer_sampler(tmp_path, tin
 
     # The trainer's own sampler with the trained adapter in place gives the same image.
     from extensions.flux_kontext import FluxKontext
-    from toolkit.lora import add_lora, load_lora_state_dict, make_lora_config
+    from toolkit.adapters.lora import add_lora, load_lora_state_dict, make_lora_config
 
     ours = FluxKontext.load(process.cfg.model, torch.device("cpu"), torch.float32)
     add_lora(ours.transformer, make_lora_config(4, 8, FluxKontext.default_lora_targets))

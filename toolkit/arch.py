@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from toolkit.errors import ArchitectureError
-from toolkit.sampling import SampleRequest
+from toolkit.registry import Registry
+from toolkit.render.sampling import SampleRequest
 
 
 class Architecture(ABC):
@@ -44,13 +45,15 @@ class Architecture(ABC):
         """Frozen encoders on a collated batch (images, captions) -> an encoded batch (no grad)."""
 
     @abstractmethod
-    def make_inputs(self, encoded: Any, noise: torch.Tensor, t: torch.Tensor, guidance: float
-                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Denoiser inputs for noise level t and the regression target."""
+    def clean_latents(self, encoded: Any) -> torch.Tensor:
+        """The clean target latents x0 of an encoded batch, (B, ...) with the batch first; the trainer draws noise
+        of this shape and forms x_t and the flow-matching target from it (toolkit.train.flow_matching)."""
 
     @abstractmethod
-    def clean_latents(self, encoded: Any) -> torch.Tensor:
-        """The clean target tokens x0 of an encoded batch (noise is drawn with this shape)."""
+    def denoiser_inputs(self, encoded: Any, x_t: torch.Tensor, t: torch.Tensor, guidance: float
+                        ) -> dict[str, torch.Tensor]:
+        """Keyword arguments of denoiser() for the noisy latents x_t (shaped as clean_latents) at times t (B,):
+        conditioning tokens, position ids, text embeddings. The denoiser returns a prediction shaped as x_t."""
 
     @abstractmethod
     def sample(self, requests: Sequence[SampleRequest], controls: Sequence[Image.Image]) -> list[Image.Image]:
@@ -58,26 +61,18 @@ class Architecture(ABC):
 
 
 A = TypeVar("A", bound=type)
-_REGISTRY: dict[str, type] = {}
+_ARCHITECTURES: Registry[type] = Registry(
+    lambda name, known: ArchitectureError(f"model.arch: unknown architecture {name!r}; known: {known}"))
 
 
 def register_architecture(cls: A) -> A:
     """Class decorator: make `cls` available as `model.arch: <cls.name>`."""
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"architecture {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return _ARCHITECTURES.add(cls.name, cls)
 
 
 def get_architecture(name: str) -> type:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY)) or "none registered"
-        raise ArchitectureError(f"model.arch: unknown architecture {name!r}; known: {known}") from None
+    return _ARCHITECTURES.get(name)
 
 
 def known_architectures() -> list[str]:
-    return sorted(_REGISTRY)
-
-
+    return _ARCHITECTURES.names()

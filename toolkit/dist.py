@@ -9,7 +9,7 @@ Data parallelism is Hugging Face accelerate's. What this module adds on top, bec
   different world size here is an error (accelerate's `--cpu` alone silently runs one process; `--multi_gpu`
   without GPUs runs independent copies);
 - on CPU, each rank gets cores / local processes threads;
-- under Ray Train (toolkit.ray_launcher) the process group is Ray's: accelerate joins it, the end of training
+- under Ray Train (jobs.ray_launcher) the process group is Ray's: accelerate joins it, the end of training
   leaves it to Ray, and every saved training state is reported to Ray as a checkpoint.
 """
 
@@ -35,7 +35,7 @@ EXPECTED_WORLD_SIZE_ENV = "KONTEXT_EXPECTED_WORLD_SIZE"
 # CPU threads per rank chosen by the launcher (run_distributed_training.sh), so what it prints is what torch uses.
 CPU_THREADS_ENV = "KONTEXT_CPU_THREADS"
 # A rank stuck in a collective because another rank died gives up after this long instead of hanging forever.
-# "ray" in a Ray Train worker (set by toolkit.ray_launcher); unset under accelerate launch or a single process.
+# "ray" in a Ray Train worker (set by jobs.ray_launcher); unset under accelerate launch or a single process.
 LAUNCHER_ENV = "KONTEXT_LAUNCHER"
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("KONTEXT_COLLECTIVE_TIMEOUT_MIN", "30")))
 
@@ -224,9 +224,11 @@ class Runtime:
         """Every rank calls it once the training state of `step` is complete; under Ray the main process's state
         folder becomes a Ray checkpoint (ray.train.report is a barrier, so the other ranks report nothing)."""
         if self.under_ray:
-            from toolkit.ray_launcher import report_state
+            import ray.train  # only under Ray, where it is installed
 
-            report_state(step, state_dir if self.is_main else None)
+            state = state_dir if self.is_main else None
+            checkpoint = ray.train.Checkpoint.from_directory(str(state)) if state is not None else None
+            ray.train.report({"step": step}, checkpoint=checkpoint)
 
     # -- coordination -----------------------------------------------------------------------------------------
     def wait(self) -> None:

@@ -1,4 +1,4 @@
-"""FLUX Kontext inference with named LoRA adapters, for `generate` and `compare` (toolkit.inference.LoraRenderer)."""
+"""FLUX Kontext inference with named LoRA adapters, for `generate` and `compare` (toolkit.render.inference.LoraRenderer)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from PIL import Image
 from extensions.flux_kontext.lora_keys import FLUX_CONVENTIONS
 from extensions.flux_kontext.model import FluxKontext
 from toolkit.errors import UserError
-from toolkit.inference import LoraRenderer, register_renderer
-from toolkit.lora_convert import detect_format, peft_metadata, read_lora, to_diffusers
-from toolkit.sampling import SampleRequest, load_controls
+from toolkit.render.inference import LoraRenderer, register_renderer
+from toolkit.adapters.lora_convert import detect_format, peft_metadata, read_lora, to_diffusers
+from toolkit.render.sampling import SampleRequest, load_controls
 
 log = logging.getLogger(__name__)
 

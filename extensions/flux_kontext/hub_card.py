@@ -1,6 +1,6 @@
 """What a pushed FLUX.1 Kontext LoRA's model card says: Hub tags, the base models' licenses, a diffusers snippet."""
 
-from toolkit.model_card import CardInfo, register_card_info
+from toolkit.publish.model_card import CardInfo, register_card_info
 
 KONTEXT_DEV = "black-forest-labs/FLUX.1-Kontext-dev"
 _DEV_LICENSE = {"license": "other", "license_name": "flux-1-dev-non-commercial-license",

@@ -7,7 +7,7 @@ q/k/v of each double-block stream into one `qkv` linear, and q/k/v plus the MLP 
 
 from __future__ import annotations
 
-from toolkit.lora_convert import FusedModule, LoraConventions, register_conventions
+from toolkit.adapters.lora_convert import FusedModule, LoraConventions, register_conventions
 
 _D, _S = "transformer_blocks.{i}", "single_transformer_blocks.{i}"
 

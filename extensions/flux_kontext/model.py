@@ -14,15 +14,15 @@ import torch
 from diffusers import FluxKontextPipeline, FluxTransformer2DModel
 from PIL import Image
 
-from extensions.flux_kontext import rope_cache
+from extensions.flux_kontext import rope_cache  # a sibling module, not the package API
 from extensions.flux_kontext.multi_control import render_multi_control
 from extensions.flux_kontext.quantize import (TRANSFORMER_EXCLUDE, keep_base_frozen, load_transformer_blockwise,
                                               quantize_frozen, safe_exclude)
-from toolkit import kontext
+from extensions.flux_kontext.packing import pack_latents
 from toolkit.arch import Architecture, register_architecture
-from toolkit.cache import Encoder, make_key, module_fingerprint
+from toolkit.data.cache import Encoder, make_key, module_fingerprint
 from toolkit.data.dataset import control_names
-from toolkit.sampling import SampleRequest
+from toolkit.render.sampling import SampleRequest
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class FluxKontext(Architecture):
             components["transformer"] = load_transformer_blockwise(source, dtype, device,
                                                                    qtype if model_cfg.quantize else None,
                                                                    folder=model_cfg.transformer_path)
-        elif model_cfg.transformer_path:  # e.g. an earlier stage's full fine-tune (toolkit.stages)
+        elif model_cfg.transformer_path:  # e.g. an earlier stage's full fine-tune (toolkit.train.stages)
             log.info("transformer from %s", model_cfg.transformer_path)
             components["transformer"] = FluxTransformer2DModel.from_pretrained(model_cfg.transformer_path,
                                                                                dtype=dtype)
@@ -188,8 +188,8 @@ class FluxKontext(Architecture):
             text_ids = self._ids.text_ids(embeds.shape[1], self.device, self.dtype)
         else:
             embeds, pooled, text_ids = self.encode_captions(batch["caption"])
-        return EncodedBatch(x0=kontext.pack_latents(target).to(self.dtype),
-                            control=torch.cat([kontext.pack_latents(c) for c in controls], dim=1).to(self.dtype),
+        return EncodedBatch(x0=pack_latents(target).to(self.dtype),
+                            control=torch.cat([pack_latents(c) for c in controls], dim=1).to(self.dtype),
                             target_hw=tuple(target.shape[-2:]),
                             control_hws=tuple(tuple(c.shape[-2:]) for c in controls),
                             prompt_embeds=embeds.to(self.dtype), pooled=pooled.to(self.dtype), text_ids=text_ids)
@@ -197,12 +197,11 @@ class FluxKontext(Architecture):
     def clean_latents(self, encoded: EncodedBatch) -> torch.Tensor:
         return encoded.x0
 
-    def make_inputs(self, encoded: EncodedBatch, noise: torch.Tensor, t: torch.Tensor, guidance: float
-                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def denoiser_inputs(self, encoded: EncodedBatch, x_t: torch.Tensor, t: torch.Tensor, guidance: float
+                        ) -> dict[str, torch.Tensor]:
         b = encoded.x0.shape[0]
-        noise = noise.to(self.device, encoded.x0.dtype)
-        inputs = {
-            "hidden_states": kontext.noisy_latents(encoded.x0, noise, t.to(self.device)),
+        return {
+            "hidden_states": x_t,
             "control_tokens": encoded.control,
             "encoder_hidden_states": encoded.prompt_embeds,
             "pooled_projections": encoded.pooled,
@@ -212,9 +211,8 @@ class FluxKontext(Architecture):
             "img_ids": self._ids.image_ids(encoded.target_hw, encoded.control_hws, self.device),
             "txt_ids": encoded.text_ids,
         }
-        return inputs, kontext.flow_target(encoded.x0, noise)
 
-    # -- caching (toolkit.cache) ------------------------------------------------------------------------------
+    # -- caching (toolkit.data.cache) ------------------------------------------------------------------------------
     def latent_encoder(self) -> Encoder:
         """{"target", "control"[, "control_2", ...]} pixels -> {"target_latents", "control_latents"[, ...]}: (16, h, w)
         each."""

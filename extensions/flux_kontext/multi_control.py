@@ -24,7 +24,7 @@ import torch
 from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift, retrieve_timesteps
 from PIL import Image
 
-from toolkit import kontext
+from extensions.flux_kontext.packing import kontext_position_ids, pack_latents
 
 
 def encode_controls(pipe, controls: Sequence[Image.Image], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -50,12 +50,12 @@ def render_multi_control(pipe, controls: Sequence[Image.Image], prompt_embeds: t
     device, dtype = pipe._execution_device, prompt_embeds.dtype
     transformer = pipe.transformer
     control_latents = encode_controls(pipe, controls, dtype)
-    control_tokens = torch.cat([kontext.pack_latents(c) for c in control_latents], dim=1)
+    control_tokens = torch.cat([pack_latents(c) for c in control_latents], dim=1)
     channels = transformer.config.in_channels // 4
     # The pipeline's noise: same shape, same generator call, so the same seed gives the same start.
     latents, _, _, _ = pipe.prepare_latents(None, 1, channels, height, width, dtype, device, generator)
     latent_hw = (2 * (height // (pipe.vae_scale_factor * 2)), 2 * (width // (pipe.vae_scale_factor * 2)))
-    img_ids = kontext.kontext_position_ids(latent_hw, *(tuple(c.shape[-2:]) for c in control_latents),
+    img_ids = kontext_position_ids(latent_hw, *(tuple(c.shape[-2:]) for c in control_latents),
                                            device=device).to(dtype)
     txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype)
     timesteps = _timesteps(pipe, steps, latents.shape[1], device)

@@ -25,7 +25,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from toolkit.lora import is_adapter_name
+from toolkit.adapters.lora import is_adapter_name
 
 log = logging.getLogger(__name__)
 

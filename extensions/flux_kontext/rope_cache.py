@@ -23,7 +23,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from toolkit import kontext
+from extensions.flux_kontext.packing import kontext_position_ids
 
 ENTRIES = 32  # distinct (text length, bucket) pairs kept; a run has one per bucket and resolution
 
@@ -51,7 +51,7 @@ class IdTables:
         """Ids of [target ; control 1 ; control 2 ...] (frames 0, 1, 2, ...), one tensor per distinct layout."""
         control_hws = tuple(tuple(hw) for hw in control_hws)
         key = (tuple(target_hw), control_hws, torch.device(device))
-        return self._get(self._img, key, lambda: kontext.kontext_position_ids(target_hw, *control_hws, device=device))
+        return self._get(self._img, key, lambda: kontext_position_ids(target_hw, *control_hws, device=device))
 
     def text_ids(self, length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = (int(length), torch.device(device), dtype)

@@ -2,90 +2,82 @@
 
 Order of work: check everything the user gave (config, dataset, sample prompts, output folder) before any model
 loads; then load, add the LoRA, wrap for data parallelism, train `steps` optimizer steps, save and sample on
-schedule. Rank questions go to toolkit.dist.Runtime; the math lives in toolkit.kontext.
+schedule. Rank questions go to toolkit.dist.Runtime; the objective is `compute_loss` (math in
+toolkit.train.flow_matching); the architecture only encodes, packs and runs its transformer.
 
-Resume (toolkit.train_state): every save writes the step LoRA and a training state; a run starts from the newest
-complete state of its folder (or train.resume_from) and continues bit-identically. SIGTERM/SIGINT finish the step,
-save and stop (toolkit.signals).
+Resume (jobs/process/checkpointer.py, toolkit.state.train_state): every save writes the step LoRA and a training
+state; a run starts from the newest complete state of its folder (or train.resume_from) and continues
+bit-identically. SIGTERM/SIGINT finish the step, save and stop (toolkit.train.signals).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-from jobs.process.checkpointing import CheckpointMixin
+from jobs.process.checkpointer import Checkpointer
 from jobs.process.outputs import RunOutputs
-from toolkit import full_finetune, kontext, stages, train_state, transformer_folder
+from jobs.process.training_run import StepResult, TrainingRun, describe_batch
+from toolkit.adapters import full_finetune
+from toolkit.adapters.lora_convert import find_conventions
+from toolkit.adapters.network import check_pretrained_file, load_pretrained
 from toolkit.arch import Architecture, get_architecture
-from toolkit.cache import CachingModel, cache_dataset, cache_folder_problems
-from toolkit.checkpoint import resolve_run_folder
-from toolkit.compile import check_compile, compile_blocks
 from toolkit.config.schema import TrainProcessConfig
+from toolkit.data.cache import CachingModel, cache_dataset, cache_folder_problems
 from toolkit.data.dataset import PairedDataset, collate_batch
 from toolkit.data.pairs import discover_pairs
 from toolkit.data.sampler import BucketBatchSampler
 from toolkit.dist import Runtime, rank_seed
-from toolkit.ema import EMA, ema_weights
+from toolkit.dtypes import compute_dtype
 from toolkit.errors import ConfigError
-from toolkit.adapter import check_pretrained_file, load_pretrained
-from toolkit.hub import check_hub_access, retry_hint
-from toolkit.lora import check_only_lora_trains  # noqa: F401  (re-exported: tests import it from here)
-from toolkit.lora_convert import find_conventions
-from toolkit.lr_schedule import planned_lrs, schedule_points
-from toolkit.metrics import TrainingMonitor
-from toolkit.optim import make_lr_scheduler, make_optimizer
-from toolkit.sampling import build_requests, load_controls
-from toolkit.signals import GracefulStop
-from toolkit.validation import ValidationSet
+from toolkit.publish.hub import check_hub_access, retry_hint
+from toolkit.render.sampling import build_requests, load_controls
+from toolkit.state import train_state, transformer_folder
+from toolkit.state.checkpoint import resolve_run_folder
+from toolkit.train import flow_matching, stages
+from toolkit.train.compile import check_compile, compile_blocks
+from toolkit.train.ema import EMA, ema_weights
+from toolkit.train.metrics import TrainingMonitor
+from toolkit.train.lr_schedule import make_lr_scheduler, planned_lrs, schedule_points
+from toolkit.train.optim import make_optimizer
+from toolkit.train.signals import GracefulStop
+from toolkit.train.validation import ValidationSet
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "fp32": torch.float32, "float32": torch.float32}
 
-
-def compute_dtype(name: str, device: torch.device, key: str = "train.dtype") -> torch.dtype:
-    """The frozen base's dtype: as configured on GPU; fp32 on CPU, where bf16/fp16 matmuls are several times slower.
-    `key` names the config key in the log line."""
-    dtype = _DTYPES[name]
-    if device.type == "cpu" and dtype != torch.float32:
-        log.info("%s %s on CPU: using float32 (CPU half-precision is slow)", key, name)
-        return torch.float32
-    return dtype
-
-
-class BaseSDTrainProcess(CheckpointMixin):
+class BaseSDTrainProcess:
     """One `sd_trainer` entry of `config.process`."""
 
-    def __init__(self, cfg: TrainProcessConfig, job_name: str, job_config, config_file: Optional[Path] = None):
+    def __init__(self, cfg: TrainProcessConfig, job_name: str, job_config, config_file: Optional[Path] = None, *,
+                 index: int = 0, fresh: bool = False):
         self.cfg = cfg
         self.name = job_name
         self.job_config = job_config
         self.config_file = config_file
         self.train = cfg.train
         self.arch_cls = get_architecture(cfg.model.arch)
-        self.fresh = False  # run.py --fresh: start over in a new versioned run folder instead of resuming
+        self.fresh = fresh  # run.py --fresh: start over in a new versioned run folder instead of resuming
         self.resume_state: Optional[Path] = None  # chosen by preflight
         self.full_finetune = stages.is_full_finetune(cfg)  # train the transformer itself, no LoRA
-        self.index, self.upstream = 0, []  # set by the job: this process's index, earlier processes' results
-        self.model_cfg = cfg.model  # with model.transformer_path resolved by preflight (toolkit.stages)
+        self.index = index  # this process's place in config.process
+        self.model_cfg = cfg.model  # with model.transformer_path resolved by preflight (toolkit.train.stages)
 
     # -- before any model loads -------------------------------------------------------------------------------
-    def preflight(self):
-        """Check model location, dataset and sample prompts; raises a UserError naming what is wrong."""
+    def preflight(self, upstream: Sequence[Path] = ()):
+        """Check model location, dataset and sample prompts; raises a UserError naming what is wrong.
+        `upstream`: the results of the job's earlier processes (model.transformer_path '[process:N]')."""
         problems = self.arch_cls.check_source(self.cfg.model.name_or_path)
         if problems:
             raise ConfigError("\n".join(problems))
         if self.cfg.network is not None:
             check_pretrained_file(self.cfg.network.pretrained_lora, self.cfg.network.type)
-        self.model_cfg = stages.resolve_model(self.cfg.model, self.upstream, self.index)
+        self.model_cfg = stages.resolve_model(self.cfg.model, list(upstream), self.index)
         pairs = discover_pairs(self.cfg.datasets)
         problems = cache_folder_problems(self.cfg.datasets)
         if problems:
@@ -108,8 +100,8 @@ class BaseSDTrainProcess(CheckpointMixin):
         return pairs, requests, outputs
 
     # -- the run ----------------------------------------------------------------------------------------------
-    def run(self) -> Path:
-        pairs, requests, outputs = self.preflight()
+    def run(self, upstream: Sequence[Path] = ()) -> Path:
+        pairs, requests, outputs = self.preflight(upstream)
         if self.resume_state is not None and outputs.final_path.exists() and \
                 train_state.read_info(self.resume_state)["step"] >= self.train.steps:
             log.info("%s is already trained (%d steps, state %s); run with --fresh to train again%s",
@@ -123,12 +115,12 @@ class BaseSDTrainProcess(CheckpointMixin):
         finally:
             rt.end()
         if push:  # after the process group is gone: a long upload keeps no other rank waiting
-            from jobs.push import push_after_training  # jobs.push imports this module (via jobs.compare)
+            from jobs.push import push_after_training  # Hub libraries load only when a push is asked for
 
             push_after_training(outputs.folder, final, dataset_size=len(pairs))
         return final
 
-    def setup(self, rt: Runtime, pairs, requests, outputs: RunOutputs) -> "TrainingRun":
+    def setup(self, rt: Runtime, pairs, requests, outputs: RunOutputs) -> TrainingRun:
         """Load the model, add the LoRA, build data and optimizer, wrap for data parallelism."""
         train = self.train
         # Held-out pairs (dataset val_folder_path) are checked here, before the model loads.
@@ -176,15 +168,26 @@ class BaseSDTrainProcess(CheckpointMixin):
                  train.batch_size * rt.world_size * train.gradient_accumulation_steps, len(pairs), len(dataset),
                  len(sampler), "full fine-tune" if self.full_finetune else f"LoRA rank {net.linear}",
                  sum(p.numel() for p in params))
+        generator = torch.Generator(device=rt.device).manual_seed(rank_seed(train.seed, rt.rank))
+        checkpointer = Checkpointer(cfg=self.cfg, rt=rt, outputs=outputs, full_finetune=self.full_finetune,
+                                    transformer=model.transformer, denoiser=denoiser, params=params,
+                                    optimizer=optimizer, scheduler=scheduler, sampler=sampler, generator=generator,
+                                    lora_config=lora_config, ema=ema)
+        start = checkpointer.restore(self.resume_state) if self.resume_state is not None else 0
+        if rt.is_main:
+            outputs.prepare(self.job_config)
+            train_state.remove_temporary(outputs.folder)
+            transformer_folder.remove_temporary(outputs.folder)
+        monitor = TrainingMonitor(outputs.log_dir, train.steps, min(start, train.steps), enabled=rt.is_main)
         return TrainingRun(rt=rt, model=model, denoiser=denoiser, params=params, optimizer=optimizer,
                            scheduler=scheduler, batches=self._batches(loader, sampler, dataset), dataset=dataset,
-                           sampler=sampler, outputs=outputs,
-                           requests=requests, lora_config=lora_config, validation=validation, ema=ema,
-                           generator=torch.Generator(device=rt.device).manual_seed(rank_seed(train.seed, rt.rank)))
+                           sampler=sampler, outputs=outputs, requests=requests, lora_config=lora_config,
+                           generator=generator, checkpointer=checkpointer, monitor=monitor, start_step=start,
+                           validation=validation, ema=ema)
 
     def _attach_caches(self, rt: Runtime, model: Architecture, dataset: PairedDataset, requests,
                        validation: Optional[ValidationSet]) -> None:
-        """Encode latents / caption embeddings once (toolkit.cache); with captions cached, free the text encoders
+        """Encode latents / caption embeddings once (toolkit.data.cache); with captions cached, free the text encoders
         after encoding what sampling and validation will still ask for."""
         latents = any(d.cache_latents or d.cache_latents_to_disk for d in self.cfg.datasets)
         text = self.train.cache_text_embeddings
@@ -204,37 +207,26 @@ class BaseSDTrainProcess(CheckpointMixin):
 
     def _train(self, rt: Runtime, pairs, requests, outputs: RunOutputs) -> Path:
         train = self.train
-        ctx = self.setup(rt, pairs, requests, outputs)
-        start = self._restore(ctx, self.resume_state) if self.resume_state is not None else 0
-        if rt.is_main:
-            outputs.prepare(self.job_config)
-            train_state.remove_temporary(outputs.folder)
-            transformer_folder.remove_temporary(outputs.folder)
-        ctx.monitor = monitor = TrainingMonitor(outputs.log_dir, train.steps, min(start, train.steps),
-                                                enabled=rt.is_main)
+        run = self.setup(rt, pairs, requests, outputs)
+        start, monitor, checkpointer = run.start_step, run.monitor, run.checkpointer
         for step, lr in schedule_points(planned_lrs(train.lr_scheduler, train.lr, train.lr_warmup_steps,
                                                     train.steps, train.lr_scheduler_params)):
             monitor.scalars(step, {"train/lr_schedule": lr})  # the plan, from a copy: the real one is untouched
         try:
             with GracefulStop() as stop:
                 if requests and not train.skip_first_sample and start == 0:
-                    self._sample(ctx, step=0)
+                    self._sample(run, step=0)
                 for step in range(start + 1, train.steps + 1):
-                    loss = self.optimizer_step(ctx)
+                    result = self.optimizer_step(run)
                     monitor.step_done()
                     if step < train.steps and rt.any_rank(stop.requested):  # every rank stops after the same step
-                        self._stop(ctx, step, stop.signum)
-                    self._after_step(ctx, step, loss)
-                try:
-                    with ema_weights(ctx.ema):  # every saved LoRA holds the EMA weights when EMA is on
-                        final = outputs.save_final(ctx.model.transformer, ctx.lora_config, self.cfg, train.steps, rt,
-                                                   wrapped=ctx.denoiser)
-                except OSError as exc:
-                    raise train_state.CheckpointSaveError(self._save_failure(outputs, train.steps, exc)) from exc
+                        checkpointer.stop(step, stop.signum)
+                    self._after_step(run, step, result)
+                final = checkpointer.save_final()
                 if start < train.steps:
-                    self._save_checkpoint(ctx, train.steps, step_lora=False)
+                    checkpointer.save(train.steps, step_lora=False)
                 if requests and train.steps % self.cfg.sample.sample_every and start < train.steps:
-                    self._sample(ctx, step=train.steps)
+                    self._sample(run, step=train.steps)
         finally:
             monitor.close()
         if rt.is_main:
@@ -254,104 +246,76 @@ class BaseSDTrainProcess(CheckpointMixin):
             yield from loader
             epoch += 1
 
-    def optimizer_step(self, ctx: "TrainingRun") -> torch.Tensor:
+    def optimizer_step(self, run: TrainingRun) -> StepResult:
         """gradient_accumulation_steps micro-batches, one all-reduce (on the last), one optimizer step.
-
-        Returns the step's loss as a device tensor (no host sync; callers read it at log intervals)."""
+        Loss and gradient norm stay on the device (no host sync; read at log intervals)."""
         accum = self.train.gradient_accumulation_steps
-        total = torch.zeros((), device=ctx.rt.device)
+        total = torch.zeros((), device=run.rt.device)
         for micro in range(accum):
-            batch = next(ctx.batches)
-            with ctx.rt.no_sync(ctx.denoiser, skip=micro < accum - 1):
+            batch = next(run.batches)
+            with run.rt.no_sync(run.denoiser, skip=micro < accum - 1):
                 try:
-                    loss = self.compute_loss(ctx, batch) / accum
-                    ctx.rt.backward(loss)
+                    loss = self.compute_loss(run, batch) / accum
+                    run.rt.backward(loss)
                 except torch.OutOfMemoryError:
                     log.error("out of memory on a micro-batch of %s; lower train.batch_size or the resolution, or "
                               "turn on model.quantize / train.gradient_checkpointing", describe_batch(batch))
                     raise
             total += loss.detach()
-        ctx.grad_norm = ctx.rt.clip_grad_norm(ctx.params, self.train.max_grad_norm)
-        ctx.lr = ctx.scheduler.get_last_lr()[0]  # the lr this step uses (train/lr_schedule's value at this step)
-        ctx.optimizer.step()
-        ctx.scheduler.step()
-        ctx.optimizer.zero_grad(set_to_none=True)
-        if ctx.ema is not None:
-            ctx.ema.step()
-        return total
+        grad_norm = run.rt.clip_grad_norm(run.params, self.train.max_grad_norm)
+        lr = run.scheduler.get_last_lr()[0]  # the lr this step uses (train/lr_schedule's value at this step)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.ema is not None:
+            run.ema.step()
+        return StepResult(loss=total, grad_norm=grad_norm, lr=lr)
 
-    def compute_loss(self, ctx: "TrainingRun", batch: dict) -> torch.Tensor:
-        """Flow-matching loss of one micro-batch, through the WRAPPED denoiser so DDP syncs the gradients."""
-        encoded = ctx.model.encode_batch(batch)
-        x0 = ctx.model.clean_latents(encoded)
-        t, weights = kontext.sample_timesteps(self.train.timestep_type, x0.shape[0], ctx.generator, x0.shape[1],
-                                              device=ctx.rt.device)
-        noise = torch.randn(x0.shape, generator=ctx.generator, device=ctx.generator.device, dtype=torch.float32)
-        inputs, target = ctx.model.make_inputs(encoded, noise, t, self.train.guidance)
-        return kontext.flow_matching_loss(ctx.denoiser(**inputs), target, weights)
+    def compute_loss(self, run: TrainingRun, batch: dict) -> torch.Tensor:
+        """Flow-matching loss of one micro-batch, through the WRAPPED denoiser so DDP syncs the gradients:
+        x_t = (1 - t) x0 + t noise, target = noise - x0, loss = weighted mean (pred - target)^2."""
+        model = run.model
+        encoded = model.encode_batch(batch)
+        x0 = model.clean_latents(encoded)
+        t, weights = flow_matching.sample_timesteps(self.train.timestep_type, x0.shape[0], run.generator,
+                                                    x0.shape[1], device=run.rt.device)
+        noise = torch.randn(x0.shape, generator=run.generator, device=run.generator.device, dtype=torch.float32)
+        noise = noise.to(x0.device, x0.dtype)
+        x_t = flow_matching.noisy_latents(x0, noise, t)
+        target = flow_matching.flow_target(x0, noise)
+        pred = run.denoiser(**model.denoiser_inputs(encoded, x_t, t, self.train.guidance))
+        return flow_matching.flow_matching_loss(pred, target, weights)
 
-    def _after_step(self, ctx: "TrainingRun", step: int, loss: torch.Tensor) -> None:
+    def _after_step(self, run: TrainingRun, step: int, result: StepResult) -> None:
         cfg = self.cfg
         if step % cfg.log_every == 0 or step == self.train.steps:
-            seconds, _ = ctx.monitor.window()
-            mean_loss = ctx.rt.mean(loss)  # collective: every rank reaches it at the same step
-            samples = self.train.batch_size * ctx.rt.world_size * self.train.gradient_accumulation_steps
-            ctx.monitor.scalars(step, {"train/loss": mean_loss, "train/lr": ctx.lr,
-                                       "train/grad_norm": float(ctx.grad_norm), "perf/step_seconds": seconds,
+            seconds, _ = run.monitor.window()
+            mean_loss = run.rt.mean(result.loss)  # collective: every rank reaches it at the same step
+            samples = self.train.batch_size * run.rt.world_size * self.train.gradient_accumulation_steps
+            run.monitor.scalars(step, {"train/loss": mean_loss, "train/lr": result.lr,
+                                       "train/grad_norm": float(result.grad_norm), "perf/step_seconds": seconds,
                                        "perf/samples_per_second": samples / max(seconds, 1e-9)})
-            if cfg.performance_log_every and step % cfg.performance_log_every == 0 and ctx.rt.is_main:
+            if cfg.performance_log_every and step % cfg.performance_log_every == 0 and run.rt.is_main:
                 log.info("step %d: %.3f s/step, %.2f samples/s", step, seconds, samples / max(seconds, 1e-9))
-        if step % cfg.save.save_every == 0 and step != self.train.steps:
-            self._save_checkpoint(ctx, step)
-        if ctx.requests and step % cfg.sample.sample_every == 0:
-            self._sample(ctx, step)
-        if ctx.validation is not None and step % cfg.sample.sample_every == 0:
-            with ema_weights(ctx.ema):  # every rank: same weights, same value, no collective
-                val_loss = ctx.validation.loss(ctx.model)
-            ctx.monitor.scalars(step, {"val/loss": val_loss})
+        run.checkpointer.maybe_save(step)
+        if run.requests and step % cfg.sample.sample_every == 0:
+            self._sample(run, step)
+        if run.validation is not None and step % cfg.sample.sample_every == 0:
+            with ema_weights(run.ema):  # every rank: same weights, same value, no collective
+                val_loss = run.validation.loss(run.model)
+            run.monitor.scalars(step, {"val/loss": val_loss})
             log.info("step %d: val/loss %.5f", step, val_loss)
 
-    def _sample(self, ctx: "TrainingRun", step: int) -> None:
+    def _sample(self, run: TrainingRun, step: int) -> None:
         """Each rank renders its share of the prompts; the main process writes the images and the contact sheet."""
-        mine = [ctx.requests[i] for i in ctx.rt.my_share(len(ctx.requests))]
+        mine = [run.requests[i] for i in run.rt.my_share(len(run.requests))]
         controls = [load_controls(r) for r in mine]  # one image per --ctrl_img
-        with ema_weights(ctx.ema):
-            images = ctx.model.sample(mine, controls)
-        rendered = ctx.rt.gather([(r.index, img) for r, img in zip(mine, images)])
-        if ctx.rt.is_main:
+        with ema_weights(run.ema):
+            images = run.model.sample(mine, controls)
+        rendered = run.rt.gather([(r.index, img) for r, img in zip(mine, images)])
+        if run.rt.is_main:
             by_index = dict(rendered)
-            ctx.outputs.write_samples(step, [(r, by_index[r.index]) for r in ctx.requests])
+            run.outputs.write_samples(step, [(r, by_index[r.index]) for r in run.requests])
 
 
-@dataclass
-class TrainingRun:
-    """What one training run holds while it runs (kept out of the process object so it never outlives the run)."""
-
-    rt: Runtime
-    model: Architecture
-    denoiser: torch.nn.Module  # the wrapped (DDP) module: the loss must go through it
-    params: list
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    batches: Iterator[dict]  # micro-batches, epoch after epoch
-    dataset: PairedDataset
-    sampler: BucketBatchSampler
-    outputs: RunOutputs
-    requests: list
-    lora_config: object
-    generator: torch.Generator  # per-rank noise and timesteps
-    monitor: Optional[TrainingMonitor] = None
-    validation: Optional[ValidationSet] = None  # held-out pairs, None when no dataset has val_folder_path
-    ema: Optional[EMA] = None  # train.ema_config: averaged LoRA weights for samples, validation and saves
-    grad_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
-    lr: float = 0.0  # the lr of the last optimizer step
-
-
-def describe_batch(batch: dict) -> str:
-    """Image paths and tensor shapes of a batch, for error reports."""
-    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in batch.items() if isinstance(v, torch.Tensor))
-    return f"{shapes}; images: {', '.join(map(str, batch.get('path', [])))}"
-
-
-__all__ = ["BaseSDTrainProcess", "TrainingRun", "check_only_lora_trains", "compute_dtype", "describe_batch",
-           "rank_seed"]
+__all__ = ["BaseSDTrainProcess"]

@@ -10,24 +10,24 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from jobs.process.BaseSDTrainProcess import compute_dtype
+from toolkit.dtypes import compute_dtype
 from jobs.process.outputs import RunOutputs
-from toolkit import stages
+from toolkit.train import stages
 from toolkit.arch import get_architecture
-from toolkit.checkpoint import atomic_write_bytes
+from toolkit.state.atomic import atomic_write_bytes
 from toolkit.config.schema import GenerateConfig, GenerateProcessConfig
 from toolkit.data.images import is_image_file, read_image_size
 from toolkit.dist import resolve_device
 from toolkit.errors import ConfigError, UserError
-from toolkit.inference import LoraRenderer, batch_key, get_renderer, plan_batches
-from toolkit.pngmeta import png_bytes
-from toolkit.sampling import SampleRequest, contact_sheet, fit_to_area, load_control, parse_prompt_flag_lists
+from toolkit.render.inference import LoraRenderer, batch_key, get_renderer, plan_batches
+from toolkit.render.pngmeta import png_bytes
+from toolkit.render.sampling import SampleRequest, contact_sheet, fit_to_area, load_control, parse_prompt_flag_lists
 
 log = logging.getLogger(__name__)
 
@@ -140,27 +140,29 @@ def write_sheets(folder: Path, rows: list[tuple], titles: list[str], stem: str =
 class GenerateProcess:
     """One `generate` entry of `config.process`."""
 
-    def __init__(self, cfg: GenerateProcessConfig, job_name: str, job_config=None, config_file=None) -> None:
+    def __init__(self, cfg: GenerateProcessConfig, job_name: str, job_config=None, config_file=None, *,
+                 index: int = 0, fresh: bool = False) -> None:
         self.cfg = cfg
         self.name = job_name
         self.arch_cls = get_architecture(cfg.model.arch)
         self.renderer_cls = get_renderer(cfg.model.arch)
-        self.index, self.upstream = 0, []  # set by the job, for model.transformer_path '[process:N]'
+        self.index = index  # this process's place in config.process, for model.transformer_path '[process:N]'
+        # `fresh` (run.py --fresh) is for training runs; a generate process always writes into its output folder
         self.model_cfg = cfg.model
 
-    def preflight(self) -> tuple[list[Item], list[Column], RunOutputs]:
+    def preflight(self, upstream: Sequence[Path] = ()) -> tuple[list[Item], list[Column], RunOutputs]:
         problems = self.arch_cls.check_source(self.cfg.model.name_or_path)
         if problems:
             raise ConfigError("\n".join(problems))
-        self.model_cfg = stages.resolve_model(self.cfg.model, self.upstream, self.index)
+        self.model_cfg = stages.resolve_model(self.cfg.model, list(upstream), self.index)
         columns = columns_of(self.cfg)
         items = build_items(self.cfg.generate)
         outputs = RunOutputs(Path(self.cfg.output_folder) / self.name, self.name)
         outputs.check_writable()
         return items, columns, outputs
 
-    def run(self) -> Path:
-        items, columns, outputs = self.preflight()
+    def run(self, upstream: Sequence[Path] = ()) -> Path:
+        items, columns, outputs = self.preflight(upstream)
         device = torch.device(resolve_device(self.cfg.device))
         renderer = self.renderer_cls.load(self.model_cfg, device, compute_dtype(self.cfg.dtype, device, key="dtype"))
         for column in columns:

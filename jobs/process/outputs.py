@@ -1,5 +1,5 @@
 """Everything a run writes under `<training_folder>/<name>/`: config copy, LoRA files (a full fine-tune: transformer
-folders, toolkit.transformer_folder), training states, samples, logs.
+folders, toolkit.state.transformer_folder), training states, samples, logs.
 
 Only the main process writes (callers pass the Runtime and this class checks), and every file is written
 atomically so a crash never leaves a half-written LoRA where a finished one is expected.
@@ -16,15 +16,18 @@ from typing import Sequence
 
 from PIL import Image
 
-from toolkit import train_state, transformer_folder
-from toolkit.checkpoint import atomic_write_bytes, list_step_files, prune_step_files, step_file_name
+from toolkit.state import train_state
+from toolkit.state import transformer_folder
+from toolkit.state.atomic import atomic_write_bytes
+from toolkit.state.checkpoint import list_step_files, prune_step_files, step_file_name
 from toolkit.config.loader import write_resolved_config
+from toolkit.dtypes import torch_dtype
 from toolkit.errors import UserError
-from toolkit import lokr
-from toolkit.adapter import lokr_converter
-from toolkit.lora import ecosystem_metadata, lora_state_dict, save_lora
-from toolkit.lora_convert import find_conventions, to_comfy
-from toolkit.sampling import SampleRequest, contact_sheet, load_controls, sample_file_name
+from toolkit.adapters import lokr
+from toolkit.adapters.network import lokr_converter
+from toolkit.adapters.lora import ecosystem_metadata, lora_state_dict, save_lora
+from toolkit.adapters.lora_convert import find_conventions, to_comfy
+from toolkit.render.sampling import SampleRequest, contact_sheet, load_controls, sample_file_name
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,7 @@ class RunOutputs:
         info = {"step": step, "base_model": cfg.model.name_or_path, "arch": cfg.model.arch, "name": self.name,
                 "trigger_word": cfg.trigger_word or ""}
         transformer_folder.save_transformer_folder(path, transformer, weights,
-                                                   transformer_folder.torch_dtype(cfg.save.dtype), info)
+                                                   torch_dtype(cfg.save.dtype), info)
         log.info("saved %s", path)
 
     def save_step(self, transformer, lora_config, cfg, step: int, rt, weights=None) -> Path | None:
@@ -114,22 +117,25 @@ class RunOutputs:
             log.info("saved %s", path)
         return path
 
-    def save_state(self, step: int, keep: int, step_lora: bool, write_state: bool = True, **state) -> Path | None:
-        """The training state of `step` (toolkit.train_state.save_state arguments; none with write_state false), then
-        rotation: old states and, when this step wrote a step LoRA, old step LoRAs go only now that the new checkpoint
-        is complete."""
-        path = None
-        if write_state:
-            path = train_state.save_state(self.folder, step, **state)
-            train_state.prune_states(self.folder, keep, protect=path)
+    def save_state(self, step: int, write_state: bool = True, **state) -> Path | None:
+        """The training state of `step` (toolkit.state.train_state.save_state arguments); none with write_state
+        false (multi-process FSDP)."""
+        if not write_state:
+            return None
+        path = train_state.save_state(self.folder, step, **state)
+        log.info("saved training state %s", path)
+        return path
+
+    def prune(self, step: int, keep: int, step_lora: bool, states: bool = True) -> None:
+        """Rotation, once the checkpoint of `step` is complete: old training states (when this run writes them) and,
+        when this step wrote a step LoRA (or transformer folder), old ones beyond `keep`; the newest always stays."""
+        if states:
+            train_state.prune_states(self.folder, keep, protect=train_state.state_root(self.folder) / f"{step:09d}")
         if step_lora and self.full_finetune:
             transformer_folder.prune_step_folders(self.folder, keep,
                                                   protect=self.folder / transformer_folder.step_folder_name(step))
         elif step_lora:
             prune_step_files(self.folder, self.name, keep, protect=[self.folder / step_file_name(self.name, step)])
-        if path is not None:
-            log.info("saved training state %s", path)
-        return path
 
     def save_final(self, transformer, lora_config, cfg, step: int, rt, wrapped=None) -> Path:
         """Every process calls it; a full fine-tune, or any run under FSDP, gathers the transformer's weights from

@@ -4,10 +4,10 @@ For tests/test_distributed.py: run it as 1 process x batch 2 and as 2 processes 
 same two items; the LoRA after the step must agree, which holds only if the gradient all-reduce really happens.
 
 The trainer is built by BaseSDTrainProcess.setup and stepped by optimizer_step (so the loss goes through whatever
-module setup wrapped); only the model's make_inputs is wrapped, to replace the per-rank random noise and timesteps
-by values derived from each item's dataset index, so the union of the ranks' micro-batches is the single-process
-batch. The main process saves the LoRA tensors (a full fine-tune: the transformer's) to OUT (safetensors); every rank writes OUT.rank<R>.json with the
-item indices it trained on.
+module setup wrapped); only compute_loss is replaced, by the same objective with the per-rank random noise and
+timesteps replaced by values derived from each item's dataset index, so the union of the ranks' micro-batches is the
+single-process batch. The main process saves the LoRA tensors (a full fine-tune: the transformer's) to OUT
+(safetensors); every rank writes OUT.rank<R>.json with the item indices it trained on.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from safetensors.torch import save_file  # noqa: E402
 
 from jobs import get_job  # noqa: E402
 from toolkit.dist import Runtime  # noqa: E402
-from toolkit.lora import lora_state_dict  # noqa: E402
+from toolkit.adapters.lora import lora_state_dict  # noqa: E402
+from toolkit.train import flow_matching  # noqa: E402
 
 
 def per_sample(indices: list[int], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,19 +45,16 @@ def main(config: str, out: Path) -> None:
     try:
         ctx = process.setup(rt, pairs, requests, outputs)
         seen: list[int] = []
-        make_inputs = ctx.model.make_inputs
-        original_loss = process.compute_loss
+        guidance = process.train.guidance
 
-        def compute_loss(run, batch):
+        def compute_loss(run, batch):  # the trainer's objective, with noise and t fixed per item
             seen[:] = [int(i) for i in batch["index"]]
-            return original_loss(run, batch)
-
-        def fixed_inputs(encoded, noise, t, guidance):
-            noise, t = per_sample(seen, tuple(noise.shape[1:]))
-            return make_inputs(encoded, noise, t, guidance)
+            encoded = run.model.encode_batch(batch)
+            noise, t = per_sample(seen, tuple(run.model.clean_latents(encoded).shape[1:]))
+            inputs, target = flow_matching.inputs_and_target(run.model, encoded, noise, t, guidance)
+            return flow_matching.flow_matching_loss(run.denoiser(**inputs), target, torch.ones(len(seen)))
 
         process.compute_loss = compute_loss
-        ctx.model.make_inputs = fixed_inputs
         process.optimizer_step(ctx)
         if rt.is_main:  # the trained tensors: the LoRA, or a full fine-tune's whole transformer
             trained = (ctx.model.transformer.state_dict() if process.full_finetune

@@ -1,7 +1,7 @@
 """A Ray `worker_process_setup_hook` for tests/test_ray.py: Ray Train workers install run_with_probes' probes and
 faults (from KONTEXT_TEST_* variables) before the job runs; every other Ray process stays light.
 
-It wraps toolkit.ray_launcher._worker_main in the worker process only: the driver pickles the train function by
+It wraps jobs.ray_launcher._worker_main in the worker process only: the driver pickles the train function by
 reference, so a worker that unpickles it gets the wrapper.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 
 def install() -> None:
-    import toolkit.ray_launcher as launcher
+    import jobs.ray_launcher as launcher
 
     original = launcher._worker_main
 

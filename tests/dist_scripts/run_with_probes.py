@@ -30,9 +30,9 @@ import run  # noqa: E402
 from extensions.flux_kontext.model import FluxKontext  # noqa: E402
 from jobs.process import BaseSDTrainProcess as trainer_module  # noqa: E402
 from jobs.process.outputs import RunOutputs  # noqa: E402
-from toolkit import kontext  # noqa: E402
-from toolkit.lora import lora_state_dict  # noqa: E402
-from toolkit.train_state import state_root  # noqa: E402
+from toolkit.train import flow_matching  # noqa: E402
+from toolkit.adapters.lora import lora_state_dict  # noqa: E402
+from toolkit.state.train_state import state_root  # noqa: E402
 
 Trainer = trainer_module.BaseSDTrainProcess
 
@@ -58,7 +58,7 @@ def install_probes(probe_dir: Path) -> None:
         (probe_dir / f"probe_rank{rank()}.json").write_text(json.dumps(record), encoding="utf-8")
 
     original_loss = Trainer.compute_loss
-    original_timesteps = kontext.sample_timesteps
+    original_timesteps = flow_matching.sample_timesteps
     original_final = RunOutputs.save_final
     original_step = Trainer.optimizer_step
     original_save = RunOutputs._save
@@ -84,9 +84,9 @@ def install_probes(probe_dir: Path) -> None:
         return t, weights
 
     def optimizer_step(self, ctx):
-        loss = original_step(self, ctx)
-        record["losses"].append(float(loss))
-        return loss
+        result = original_step(self, ctx)
+        record["losses"].append(float(result.loss))
+        return result
 
     def save(self, path, *args, **kwargs):
         record["writes"].append(f"lora:{Path(path).name}")
@@ -115,7 +115,7 @@ def install_probes(probe_dir: Path) -> None:
         return result
 
     Trainer.compute_loss = compute_loss
-    kontext.sample_timesteps = sample_timesteps
+    flow_matching.sample_timesteps = sample_timesteps
     RunOutputs.save_final = save_final
     Trainer.optimizer_step = optimizer_step
     RunOutputs._save = save

@@ -7,8 +7,8 @@ import os
 
 from toolkit.config.schema import (DatasetConfig, GenerateProcessConfig, JobConfig, NetworkConfig, TrainProcessConfig,
                                    folder_list)
-from toolkit.lr_schedule import schedule_problems
-from toolkit.stages import full_finetune_problems, stage_problems
+from toolkit.train.lr_schedule import schedule_problems
+from toolkit.train.stages import full_finetune_problems, stage_problems
 
 __all__ = ["validate_job"]
 

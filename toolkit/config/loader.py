@@ -19,7 +19,7 @@ import yaml
 from toolkit.config.checks import validate_job
 from toolkit.config.convert import convert, describe_value, join_path
 from toolkit.config.help import config_help
-from toolkit.checkpoint import atomic_write_bytes
+from toolkit.state.atomic import atomic_write_bytes
 from toolkit.config.schema import JobConfig
 from toolkit.errors import ConfigError
 from toolkit.redact import redact_mapping

@@ -8,7 +8,7 @@ so it is the same on every rank, in every DataLoader worker and after a resume. 
 ``set_epoch``; with DataLoader workers, call it before creating the iterator and do not use
 ``persistent_workers=True`` (persistent workers keep the epoch they were started with).
 
-With a cache attached (``attach_cache``, filled by toolkit.cache), items carry the cached tensors (e.g. latents, text
+With a cache attached (``attach_cache``, filled by toolkit.data.cache), items carry the cached tensors (e.g. latents, text
 embeddings) instead of pixels, so cached runs never decode nor resize images.
 """
 
@@ -100,7 +100,7 @@ def render(path: Path, expected_size: tuple[int, int], box: Box, bucket: tuple[i
 
 
 class ItemCache(Protocol):
-    """Cached tensors of items (toolkit.cache.DatasetCache)."""
+    """Cached tensors of items (toolkit.data.cache.DatasetCache)."""
 
     covers_images: bool  # True: items get cached tensors in place of "target" / "control" pixels
 
