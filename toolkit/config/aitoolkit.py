@@ -1,0 +1,769 @@
+"""ai-toolkit's config keys and what each one means here, applied to a raw training process before type conversion.
+
+ai-toolkit reads its YAML with ``kwargs.get``, so its configs carry many keys this trainer does not have. Strict
+loading must still reject typos, so every key ai-toolkit defines that is not one of our own gets one disposition in
+``TABLE`` (our own keys are the fields of ``schema.py`` and need no entry):
+
+- ``Mapped``: written as one of our keys (``target``), its value converted when the spelling differs;
+- ``NoEffect``: cannot change a FLUX Kontext LoRA here, whatever its value; dropped and named in one log line;
+- ``Unsupported``: at its "off" value (ai-toolkit's default) it changes nothing and is dropped like ``NoEffect``;
+  any other value would change training in a way not implemented here, so loading fails, naming key and value.
+
+``VALUES`` covers ai-toolkit's spellings of values of our own keys (``type: diffusion_trainer``, ``optimizer:
+prodigyopt``) and the values we refuse by name. ``translate_process`` applies both tables to one process.
+
+Implementing an ``Unsupported`` key: add the field to ``schema.py`` and delete its line here (a test checks that the
+table and the schema never share a key, and that every key of ai-toolkit's config classes is covered:
+tests/data/aitoolkit/keys.txt, written by tools/extract_aitoolkit_keys.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+__all__ = ["DROP", "EMPTY", "Mapped", "NoEffect", "Refused", "TABLE", "Translation", "Unsupported", "VALUES",
+           "ai_toolkit_help", "translate_job", "translate_process"]
+
+
+def _is_empty(value: Any) -> bool:
+    """None, '', False, 0, or a list/dict holding only such values: the "nothing set" of ai-toolkit's optional keys."""
+    if isinstance(value, dict):
+        return all(_is_empty(item) for item in value.values())
+    if isinstance(value, list):
+        return all(_is_empty(item) for item in value)
+    return value is None or value == "" or value is False or (type(value) in (int, float) and value == 0)
+
+
+def _same(value: Any, off: Any) -> bool:
+    """YAML-value equality that keeps booleans apart from numbers (``1 == True`` in Python)."""
+    if isinstance(value, bool) or isinstance(off, bool):
+        return type(value) is type(off) and value == off
+    return value == off
+
+
+@dataclass(frozen=True)
+class Mapped:
+    """Written as our key ``target`` (a key path from the process; in ``datasets[]`` from the dataset), through
+    ``convert`` when the value is spelled differently. ``unless_set``: ai-toolkit lets ``target`` win when both are
+    given (``network.alpha`` vs ``linear_alpha``), so the key then has no effect instead of conflicting."""
+
+    target: str
+    why: str = ""
+    convert: Optional[Callable[[Any], Any]] = None
+    unless_set: bool = False
+
+
+@dataclass(frozen=True)
+class NoEffect:
+    """Cannot change a Kontext LoRA run here, whatever its value."""
+
+    why: str
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """Changes training unless it is "off": one of the values in the tuple ``off``, or ``off(value, section)`` is
+    true (``section``: the mapping holding the key, for offs that depend on a sibling key)."""
+
+    off: Union[tuple, Callable[[Any, dict], bool]]
+    why: str
+
+    def is_off(self, value: Any, section: dict) -> bool:
+        return self.off(value, section) if callable(self.off) else any(_same(value, off) for off in self.off)
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A value of one of our keys that ai-toolkit accepts and this trainer does not implement."""
+
+    why: str
+
+
+Rule = Union[Mapped, NoEffect, Unsupported]
+EMPTY = lambda value, section: _is_empty(value)  # noqa: E731 - null, '', [] or {} (ai-toolkit's "not set")
+DROP = object()  # a VALUES replacement: remove the key, our default means the same
+
+_VIDEO = "video only; images train with num_frames 1"
+_AUDIO = "audio models only"
+_SPEED = "changes speed or memory, not the trained weights"
+_NO_CONV = "the FLUX transformer has no convolution layers"
+_UI = "bookkeeping of ai-toolkit's web UI"
+_ONLY_WITH = "only used together with {}, which is refused unless off"
+_FLOW = "FLUX Kontext trains with flow matching; a different target or weighting is not implemented here"
+_NOISE = "noise tricks are not implemented here"
+_ADAPTERS = "only for adapters, embeddings, refiners or text encoders, none of which are trained here"
+_OTHER_ARCH = "for other architectures; model.arch selects the architecture here"
+
+
+def _same_te_qtype(value: Any, model: dict) -> bool:
+    """qtype_te changes nothing when the text encoder is not quantized or gets the same type as the transformer."""
+    return model.get("quantize_te", model.get("quantize")) is not True or _same(value, model.get("qtype", "qfloat8"))
+
+
+def _base_model(value: Any, model: dict) -> bool:
+    """extras_name_or_path defaults to name_or_path in ai-toolkit."""
+    return _is_empty(value) or _same(value, model.get("name_or_path"))
+
+
+def _with(key: str) -> NoEffect:
+    return NoEffect(_ONLY_WITH.format(key))
+
+
+def _samples_rule(why: str) -> Mapped:
+    return Mapped("sample.prompts", why)
+
+
+# Keys by section; sections are key paths inside a training process ("process" is the process itself).
+TABLE: dict[str, dict[str, Rule]] = {
+    "config": {
+        "device": NoEffect("each process has its own device"),
+    },
+    "process": {
+        "sqlite_db_path": NoEffect(_UI),
+        "training_seed": Mapped("train.seed", "seeds noise, timesteps and data order"),
+        "log_dir": NoEffect("TensorBoard logs are written inside the run folder here"),
+        "torch_profiler": NoEffect("profiling does not change training"),
+        "first_sample": Unsupported(EMPTY, "a separate sample section for the first samples is not implemented"),
+        "guidance": Unsupported(EMPTY, "guidance (slider) training is not implemented"),
+        "embedding": Unsupported(EMPTY, "textual-inversion embeddings are not implemented"),
+        "decorator": Unsupported(EMPTY, "decorator training is not implemented"),
+        "adapter": Unsupported(EMPTY, "adapter training is not implemented; this trainer trains a LoRA or LoKr"),
+        "do_lorm": Unsupported((False,), "LoRM is not implemented"),
+        "lorm_extract_mode": _with("do_lorm"),
+        "lorm_extract_mode_param": _with("do_lorm"),
+    },
+    "logging": {
+        "log_every": Mapped("log_every", "steps between logged scalars"),
+        "use_ui_logger": NoEffect(_UI),
+        "verbose": NoEffect("console verbosity"),
+        "use_wandb": Unsupported((False,), "Weights & Biases logging is not implemented; metrics go to TensorBoard"),
+        "project_name": _with("use_wandb"),
+        "run_name": _with("use_wandb"),
+    },
+    "save": {
+        "save_format": Mapped("save.format", "ai-toolkit always saves FLUX LoRAs with diffusers keys",
+                              convert=lambda value: "diffusers" if value in ("safetensors", "diffusers") else value),
+    },
+    "network": {
+        "rank": Mapped("network.linear", "older spelling of linear"),
+        "alpha": Mapped("network.linear_alpha", "linear_alpha's default", unless_set=True),
+        "pretrained_lora_path": Mapped("network.pretrained_lora", "start from this adapter file"),
+        "conv": NoEffect(_NO_CONV),
+        "conv_alpha": NoEffect(_NO_CONV),
+        "split_multistage_loras": NoEffect("two-stage video models only"),
+        "network_kwargs": Unsupported(EMPTY, "module filters are not implemented; use network.target_modules"),
+        "lorm": Unsupported(EMPTY, "LoRM is not implemented"),
+        "transformer_only": Unsupported((True,), "adapters on the text encoders are not implemented"),
+        "old_lokr_format": Unsupported((False,), "LoKr files are saved with ComfyUI's lokr keys only"),
+        "layer_offloading": Unsupported((False,), "layer offloading is not implemented"),
+        "all_layers": Unsupported((False,), "adapters on layers other than linear ones are not implemented"),
+    },
+    "model": {
+        "compile": Mapped("train.compile", "torch.compile of the transformer, here block by block"),
+        "dtype": NoEffect("ai-toolkit replaces model.dtype by train.dtype"),
+        "block_compile": NoEffect(_SPEED),
+        "compile_mode": NoEffect(_SPEED),
+        "compile_fullgraph": NoEffect(_SPEED),
+        "compile_dynamic": NoEffect(_SPEED),
+        "cache_size_limit": NoEffect(_SPEED),
+        "vae_device": NoEffect(_SPEED),
+        "te_device": NoEffect(_SPEED),
+        "layer_offloading_transformer_percent": _with("layer_offloading"),
+        "layer_offloading_text_encoder_percent": _with("layer_offloading"),
+        "split_model_other_module_param_count_scale": _with("split_model_over_gpus"),
+        "refiner_start_at": _with("refiner_name_or_path"),
+        "experimental_xl": NoEffect(_OTHER_ARCH),
+        "use_text_encoder_1": NoEffect(_OTHER_ARCH),
+        "use_text_encoder_2": NoEffect(_OTHER_ARCH),
+        "text_encoder_bits": NoEffect(_OTHER_ARCH),
+        "unet_sample_size": NoEffect(_OTHER_ARCH),
+        "is_v2": Unsupported((False,), _OTHER_ARCH),
+        "is_v3": Unsupported((False,), _OTHER_ARCH),
+        "is_xl": Unsupported((False,), _OTHER_ARCH),
+        "is_ssd": Unsupported((False,), _OTHER_ARCH),
+        "is_vega": Unsupported((False,), _OTHER_ARCH),
+        "is_pixart": Unsupported((False,), _OTHER_ARCH),
+        "is_pixart_sigma": Unsupported((False,), _OTHER_ARCH),
+        "is_auraflow": Unsupported((False,), _OTHER_ARCH),
+        "is_lumina2": Unsupported((False,), _OTHER_ARCH),
+        "is_flux": Unsupported((False,), _OTHER_ARCH),
+        "is_v_pred": Unsupported((False,), "v-prediction is not implemented; FLUX predicts flow"),
+        "use_flux_cfg": Unsupported((False,), "training without the guidance embedding is not implemented"),
+        "qtype_te": Unsupported(_same_te_qtype, "a text-encoder quantization type other than qtype is not "
+                                               "implemented; quantize_te uses qtype"),
+        "quantize_kwargs": Unsupported(EMPTY, "extra quantization options are not implemented"),
+        "accuracy_recovery_adapter": Unsupported(EMPTY, "accuracy recovery adapters are not implemented"),
+        "layer_offloading": Unsupported((False,), "layer offloading is not implemented"),
+        "auto_memory": Unsupported((False,), "layer offloading is not implemented"),
+        "split_model_over_gpus": Unsupported((False,), "splitting the model over GPUs is not implemented"),
+        "attn_masking": Unsupported((False,), "attention masking of padded prompt tokens is not implemented"),
+        "model_kwargs": Unsupported(EMPTY, "extra model options are not implemented"),
+        "model_paths": Unsupported(EMPTY, "per-component model paths are not implemented"),
+        "in_context": Unsupported((False,), "in-context training is not implemented"),
+        "vae_path": Unsupported(EMPTY, "a separate VAE is not implemented"),
+        "vae_dtype": Unsupported(EMPTY, "a separate VAE dtype is not implemented; train.dtype is used"),
+        "te_dtype": Unsupported(EMPTY, "a separate text-encoder dtype is not implemented; train.dtype is used"),
+        "te_name_or_path": Unsupported(EMPTY, "separate text encoders are not implemented"),
+        "extras_name_or_path": Unsupported(_base_model, "a separate model for the VAE and text encoders is not "
+                                                  "implemented"),
+        "unet_path": Unsupported(EMPTY, "use model.transformer_path for another transformer"),
+        "refiner_name_or_path": Unsupported(EMPTY, "refiner models are not implemented"),
+        "lora_path": Unsupported(EMPTY, "loading a LoRA into the base model is not implemented"),
+        "assistant_lora_path": Unsupported(EMPTY, "assistant LoRAs are not implemented"),
+        "inference_lora_path": Unsupported(EMPTY, "inference LoRAs are not implemented"),
+        "unconditional_lora_path": Unsupported(EMPTY, "unconditional LoRAs are not implemented"),
+        "latent_space_version": Unsupported(EMPTY, _OTHER_ARCH),
+        "ignore_if_contains": Unsupported(EMPTY, "module filters are not implemented; use network.target_modules"),
+        "only_if_contains": Unsupported(EMPTY, "module filters are not implemented; use network.target_modules"),
+    },
+    "train": {
+        "gradient_accumulation": Mapped("train.gradient_accumulation_steps", "micro-batches per optimizer step"),
+        "unet_lr": NoEffect("ai-toolkit trains a LoRA with train.lr"),
+        "text_encoder_lr": NoEffect(_ADAPTERS),
+        "refiner_lr": NoEffect(_ADAPTERS),
+        "embedding_lr": NoEffect(_ADAPTERS),
+        "adapter_lr": NoEffect(_ADAPTERS),
+        "train_refiner": NoEffect(_ADAPTERS),
+        "attention_backend": NoEffect(_SPEED),
+        "xformers": NoEffect(_SPEED),
+        "sdp": NoEffect(_SPEED),
+        "max_loss_debug": NoEffect("debug output only"),
+        "show_turbo_outputs": NoEffect("debug output only"),
+        "switch_boundary_every": NoEffect("two-stage video models only"),
+        "audio_loss_multiplier": NoEffect(_AUDIO),
+        "reg_weight": _with("datasets[].is_reg"),
+        "next_sample_timesteps": _with("timestep_type next_sample"),
+        "adapter_assist_type": _with("adapter_assist_name_or_path"),
+        "batch_noise_correction_scale": _with("do_batch_noise_correction"),
+        "signal_amplification_strength": _with("do_signal_amplification"),
+        "signal_correction_noise_scale": _with("do_signal_correction_noise"),
+        "blank_prompt_preservation_multiplier": _with("blank_prompt_preservation"),
+        "diff_output_preservation_multiplier": _with("diff_output_preservation"),
+        "diff_output_preservation_class": _with("diff_output_preservation"),
+        "inverted_mask_prior_multiplier": _with("inverted_mask_prior"),
+        "correct_pred_norm_multiplier": _with("correct_pred_norm"),
+        "merge_network_on_save_strength": _with("merge_network_on_save"),
+        "paramiter_swapping_factor": _with("do_paramiter_swapping"),
+        "differential_guidance_scale": _with("do_differential_guidance"),
+        "target_norm_std_value": _with("target_norm_std"),
+        "latent_feature_loss_weight": _with("latent_feature_extractor_path"),
+        "diffusion_feature_extractor_weight": _with("diffusion_feature_extractor_path"),
+        "cfg_scale": _with("do_cfg"),
+        "max_cfg_scale": _with("do_random_cfg"),
+        "cfg_rescale": _with("do_cfg"),
+        "max_negative_prompts": _with("negative_prompt"),
+        "do_guidance_loss_cfg_zero": _with("do_guidance_loss"),
+        "guidance_loss_target": _with("do_guidance_loss"),
+        "guidance_loss_schedule": _with("do_guidance_loss"),
+        "unconditional_prompt": _with("do_guidance_loss"),
+        "loss_type": Unsupported(("mse",), "only the mean squared error loss is implemented"),
+        "loss_target": Unsupported(("noise",), _FLOW),
+        "content_or_style": Unsupported(("balanced",), "timestep sampling is set by train.timestep_type here"),
+        "min_snr_gamma": Unsupported(EMPTY, "min-SNR loss weighting is not implemented"),
+        "snr_gamma": Unsupported(EMPTY, "SNR loss weighting is not implemented"),
+        "learnable_snr_gos": Unsupported((False,), "learnable SNR weighting is not implemented"),
+        "noise_offset": Unsupported(EMPTY, _NOISE),
+        "dynamic_noise_offset": Unsupported((False,), _NOISE),
+        "noise_multiplier": Unsupported((1, 1.0), _NOISE),
+        "target_noise_multiplier": Unsupported((1, 1.0), _NOISE),
+        "random_noise_multiplier": Unsupported(EMPTY, _NOISE),
+        "random_noise_shift": Unsupported(EMPTY, _NOISE),
+        "do_signal_correction_noise": Unsupported((False,), _NOISE),
+        "do_batch_noise_correction": Unsupported((False,), _NOISE),
+        "do_signal_amplification": Unsupported((False,), _NOISE),
+        "force_consistent_noise": Unsupported((False,), _NOISE),
+        "blended_blur_noise": Unsupported((False,), _NOISE),
+        "optimal_noise_pairing_samples": Unsupported((1,), _NOISE),
+        "img_multiplier": Unsupported((1, 1.0), "input scaling is not implemented"),
+        "latent_multiplier": Unsupported((1, 1.0), "input scaling is not implemented"),
+        "noisy_latent_multiplier": Unsupported((1, 1.0), "input scaling is not implemented"),
+        "pred_scaler": Unsupported((1, 1.0), "prediction scaling is not implemented"),
+        "standardize_images": Unsupported((False,), "input standardization is not implemented"),
+        "standardize_latents": Unsupported((False,), "input standardization is not implemented"),
+        "adaptive_scaling_factor": Unsupported((False,), "an adaptive VAE scaling factor is not implemented"),
+        "match_noise_norm": Unsupported((False,), _FLOW),
+        "correct_pred_norm": Unsupported((False,), _FLOW),
+        "t0_loss_target": Unsupported((False,), _FLOW),
+        "t0_velocity_equiv_weight": Unsupported((False,), _FLOW),
+        "do_fft_loss": Unsupported((False,), "extra losses are not implemented"),
+        "do_fft_velocity_equiv_weight": Unsupported((False,), "extra losses are not implemented"),
+        "do_prior_divergence": Unsupported((False,), "extra losses are not implemented"),
+        "do_blank_stabilization": Unsupported((False,), "extra losses are not implemented"),
+        "do_guidance_loss": Unsupported((False,), "extra losses are not implemented"),
+        "do_differential_guidance": Unsupported((False,), "extra losses are not implemented"),
+        "target_norm_std": Unsupported(EMPTY, "extra losses are not implemented"),
+        "latent_feature_extractor_path": Unsupported(EMPTY, "feature-extractor losses are not implemented"),
+        "diffusion_feature_extractor_path": Unsupported(EMPTY, "feature-extractor losses are not implemented"),
+        "max_loss": Unsupported(EMPTY, "loss clipping is not implemented"),
+        "inverted_mask_prior": Unsupported((False,), "masked training is not implemented"),
+        "diff_output_preservation": Unsupported((False,), "differential output preservation is not implemented"),
+        "blank_prompt_preservation": Unsupported((False,), "blank prompt preservation is not implemented"),
+        "do_cfg": Unsupported((False,), "training with classifier-free guidance is not implemented"),
+        "do_random_cfg": Unsupported((False,), "training with classifier-free guidance is not implemented"),
+        "negative_prompt": Unsupported(EMPTY, "training with classifier-free guidance is not implemented"),
+        "bypass_guidance_embedding": Unsupported((False,), "training without the guidance embedding is not "
+                                                           "implemented"),
+        "linear_timesteps": Unsupported((False,), "use train.timestep_type"),
+        "linear_timesteps2": Unsupported((False,), "use train.timestep_type"),
+        "min_denoising_steps": Unsupported((0,), "a timestep range is not implemented"),
+        "max_denoising_steps": Unsupported((999,), "a timestep range is not implemented"),
+        "num_train_timesteps": Unsupported((1000,), "the flow-matching schedule has 1000 steps here"),
+        "prompt_dropout_prob": Unsupported(EMPTY, "use datasets[].caption_dropout_rate"),
+        "prompt_saturation_chance": Unsupported(EMPTY, "prompt repetition is not implemented"),
+        "short_and_long_captions": Unsupported((False,), "JSON caption files are not implemented"),
+        "short_and_long_captions_encoder_split": Unsupported((False,), "JSON caption files are not implemented"),
+        "single_item_batching": Unsupported((False,), "use train.gradient_accumulation_steps"),
+        "start_step": Unsupported(EMPTY, "starting at a given step is not implemented; resume from a state"),
+        "force_first_sample": Unsupported((False,), "sampling before the first step of a resumed run is not "
+                                                    "implemented"),
+        "unload_text_encoder": Unsupported((False,), "use train.cache_text_embeddings"),
+        "weight_jitter": Unsupported(EMPTY, "weight jitter is not implemented"),
+        "merge_network_on_save": Unsupported((False,), "merging the LoRA into saved model weights is not "
+                                                       "implemented"),
+        "do_paramiter_swapping": Unsupported((False,), "parameter swapping is not implemented"),
+        "free_u": Unsupported((False,), "FreeU is not implemented"),
+        "train_turbo": Unsupported((False,), "turbo training is not implemented"),
+        "adapter_assist_name_or_path": Unsupported(EMPTY, "assistant adapters are not implemented"),
+        "match_adapter_assist": Unsupported((False,), "assistant adapters are not implemented"),
+        "match_adapter_chance": Unsupported(EMPTY, "assistant adapters are not implemented"),
+        "validation_config": Unsupported(EMPTY, "use datasets[].val_folder_path for held-out validation loss"),
+    },
+    "train.ema_config": {
+        "use_feedback": Unsupported((False,), "EMA feedback is not implemented"),
+        "param_multiplier": Unsupported((1, 1.0), "EMA parameter scaling is not implemented"),
+    },
+    "datasets[]": {
+        "caption_type": Mapped("caption_ext", "older spelling of caption_ext"),
+        "control_path_1": Mapped("control_path", "first of several control folders (a control_path list here)"),
+        "control_path_2": Mapped("control_path", "second of several control folders (a control_path list here)"),
+        "control_path_3": Mapped("control_path", "third of several control folders (a control_path list here)"),
+        "cache_text_embeddings": Mapped("train.cache_text_embeddings", "all datasets or none, as in ai-toolkit"),
+        "num_workers": NoEffect(_SPEED + "; see train.num_workers"),
+        "prefetch_factor": NoEffect(_SPEED),
+        "cache_latents_num_workers": NoEffect(_SPEED),
+        "load_image_when_caching_latents": NoEffect(_SPEED),
+        "cache_tensors_to_disk": NoEffect(_SPEED),
+        "cache_clip_vision_to_disk": NoEffect(_ADAPTERS),
+        "fast_image_size": NoEffect(_SPEED),
+        "debug": NoEffect("debug output only"),
+        "guidance_type": NoEffect("guidance (slider) datasets only"),
+        "clip_image_path": NoEffect(_ADAPTERS),
+        "clip_image_from_same_folder": NoEffect(_ADAPTERS),
+        "clip_image_augmentations": NoEffect(_ADAPTERS),
+        "clip_image_shuffle_augmentations": NoEffect(_ADAPTERS),
+        "fps": NoEffect(_VIDEO),
+        "shrink_video_to_frames": NoEffect(_VIDEO),
+        "trim_auto_frame_count_tail": NoEffect(_VIDEO),
+        "audio_normalize": NoEffect(_AUDIO),
+        "audio_preserve_pitch": NoEffect(_AUDIO),
+        "mask_min_value": _with("mask_path"),
+        "invert_mask": _with("mask_path"),
+        "num_controls_from_same_folder": _with("control_from_same_folder"),
+        "random_triggers_max": _with("random_triggers"),
+        "shuffle_augmentations": _with("augmentations"),
+        "replay_transforms": _with("augmentations"),
+        "diff_output_preservation_class": _with("train.diff_output_preservation"),
+        "num_frames": Unsupported((1,), "video training is not implemented"),
+        "auto_frame_count": Unsupported((False,), "video training is not implemented"),
+        "do_i2v": Unsupported((False,), "video training is not implemented"),
+        "do_audio": Unsupported((False,), "audio training is not implemented"),
+        "diff_output_preservation": Unsupported((False,), "differential output preservation is not implemented"),
+        "type": Unsupported(("image",), "only image datasets are implemented"),
+        "dataset_path": Unsupported(EMPTY, "use folder_path"),
+        "batch_size": Unsupported(EMPTY, "use train.batch_size"),
+        "mask_path": Unsupported(EMPTY, "masked loss is not implemented"),
+        "alpha_mask": Unsupported((False,), "masked loss is not implemented"),
+        "unconditional_path": Unsupported(EMPTY, "unconditional images are not implemented"),
+        "inpaint_path": Unsupported(EMPTY, "inpainting is not implemented"),
+        "controls": Unsupported(EMPTY, "generated control images (depth, line, pose...) are not implemented"),
+        "control_from_same_folder": Unsupported((False,), "controls are paired by file name here"),
+        "control_transparent_color": Unsupported(([0, 0, 0],), "another fill color for transparent control "
+                                                               "images is not implemented"),
+        "full_size_control_images": Unsupported((True,), "control images are always resized to the target here"),
+        "is_reg": Unsupported((False,), "regularization datasets are not implemented"),
+        "prior_reg": Unsupported((False,), "regularization datasets are not implemented"),
+        "network_weight": Unsupported((1, 1.0), "per-dataset LoRA strength is not implemented"),
+        "loss_multiplier": Unsupported((1, 1.0), "per-dataset loss weights are not implemented"),
+        "trigger_word": Unsupported(EMPTY, "a trigger word per dataset is not implemented; use the process's "
+                                           "trigger_word"),
+        "random_triggers": Unsupported(EMPTY, "random trigger words are not implemented"),
+        "replacements": Unsupported(EMPTY, "caption replacements are not implemented"),
+        "keep_tokens": Unsupported((0,), "keeping the first caption tokens is not implemented"),
+        "token_dropout_rate": Unsupported(EMPTY, "caption token dropout is not implemented"),
+        "use_short_captions": Unsupported((False,), "JSON caption files are not implemented"),
+        "flip_x": Unsupported((False,), "flip augmentation is not implemented"),
+        "flip_y": Unsupported((False,), "flip augmentation is not implemented"),
+        "augments": Unsupported(EMPTY, "augmentations are not implemented"),
+        "augmentations": Unsupported(EMPTY, "augmentations are not implemented"),
+        "random_crop": Unsupported((False,), "random crops are not implemented"),
+        "random_scale": Unsupported((False,), "random scaling is not implemented"),
+        "scale": Unsupported((1, 1.0), "image scaling is not implemented"),
+        "square_crop": Unsupported((False,), "square crops are not implemented; images are bucketed"),
+        "buckets": Unsupported((True,), "images are always bucketed here"),
+        "bucket_tolerance": Unsupported((64,), "another bucket tolerance is not implemented"),
+        "extra_values": Unsupported(EMPTY, "extra conditioning values are not implemented"),
+        "standardize_images": Unsupported((False,), "input standardization is not implemented"),
+        "poi": Unsupported(EMPTY, "ai-toolkit itself no longer supports it"),
+    },
+    "sample": {
+        "samples": _samples_rule("each item becomes one prompt with --ctrl_img/--w/--h/--seed/--cfg/--steps flags"),
+        "fps": NoEffect(_VIDEO),
+        "format": NoEffect("sample images are written as PNG here"),
+        "guidance_rescale": NoEffect("ai-toolkit's Kontext sampler does not use it"),
+        "adapter_conditioning_scale": NoEffect(_ADAPTERS),
+        "refiner_start_at": NoEffect(_ADAPTERS),
+        "extra_values": NoEffect("ai-toolkit's Kontext sampler does not use them"),
+        "do_cfg_norm": NoEffect("other architectures only"),
+        "sample_start_step": Unsupported((0,), "samples start at step 0 (see train.skip_first_sample)"),
+        "network_multiplier": Unsupported((1, 1.0), "samples use the LoRA at strength 1"),
+        "num_frames": Unsupported((1,), "video sampling is not implemented"),
+    },
+    "sample.samples[]": {
+        "prompt": _samples_rule("the prompt text"),
+        "ctrl_img": _samples_rule("--ctrl_img"),
+        "ctrl_img_1": _samples_rule("--ctrl_img (the first control image)"),
+        "ctrl_img_2": _samples_rule("a second --ctrl_img"),
+        "ctrl_img_3": _samples_rule("a third --ctrl_img"),
+        "width": _samples_rule("--w"),
+        "height": _samples_rule("--h"),
+        "seed": _samples_rule("--seed"),
+        "guidance_scale": _samples_rule("--cfg"),
+        "sample_steps": _samples_rule("--steps"),
+        "neg": NoEffect("Kontext samples use no negative prompt, here or in ai-toolkit"),
+        "fps": NoEffect(_VIDEO),
+        "ctrl_idx": NoEffect("other architectures only"),
+        "do_cfg_norm": NoEffect("other architectures only"),
+        "network_multiplier": Unsupported((1, 1.0), "samples use the LoRA at strength 1"),
+        "num_frames": Unsupported((1,), "video sampling is not implemented"),
+    },
+}
+
+# ai-toolkit's spellings of values of our own keys: value -> our value (DROP: remove the key), or Refused.
+_OPTIMIZER_REFUSED = Refused("implemented optimizers: adamw, adamw8bit, prodigy, sgd")
+_SCHEDULE_REFUSED = Refused("implemented schedules: constant, cosine, linear, cosine_with_restarts "
+                            "(with train.lr_warmup_steps)")
+_TIMESTEPS_REFUSED = Refused("implemented timestep types: sigmoid, linear, weighted, shift")
+VALUES: dict[str, dict[Any, Any]] = {
+    "process.type": {"diffusion_trainer": "sd_trainer", "ui_trainer": "sd_trainer"},
+    "train.optimizer": {"prodigyopt": "prodigy", "adam": _OPTIMIZER_REFUSED, "adam8bit": _OPTIMIZER_REFUSED,
+                        "adam8": _OPTIMIZER_REFUSED, "adamw8": _OPTIMIZER_REFUSED, "adafactor": _OPTIMIZER_REFUSED,
+                        "lion": _OPTIMIZER_REFUSED, "lion8bit": _OPTIMIZER_REFUSED, "adagrad": _OPTIMIZER_REFUSED,
+                        "prodigy8bit": _OPTIMIZER_REFUSED, "ademamix8bit": _OPTIMIZER_REFUSED,
+                        "dadaptation": _OPTIMIZER_REFUSED, "dadaptationadam": _OPTIMIZER_REFUSED,
+                        "dadaptationlion": _OPTIMIZER_REFUSED, "automagic": _OPTIMIZER_REFUSED,
+                        "automagic2": _OPTIMIZER_REFUSED, "automagic3": _OPTIMIZER_REFUSED},
+    "train.lr_scheduler": {"constant_with_warmup": _SCHEDULE_REFUSED, "step": _SCHEDULE_REFUSED},
+    "train.timestep_type": {"flux_shift": _TIMESTEPS_REFUSED, "lognorm_blend": _TIMESTEPS_REFUSED,
+                            "next_sample": _TIMESTEPS_REFUSED, "one_step": _TIMESTEPS_REFUSED},
+    "model.qtype": {"float8": Refused("implemented 8-bit types: qfloat8, qint8"),
+                    "qint4": Refused("implemented 8-bit types: qfloat8, qint8"),
+                    "uint4": Refused("implemented 8-bit types: qfloat8, qint8")},
+    "network.type": {"locon": "lora", "lorm": Refused("implemented adapters: lora, lokr")},
+    "network.dropout": {None: DROP},
+    "sample.neg": {False: "", None: ""},
+    "datasets[].control_path": {"": DROP},
+}
+# Values ai-toolkit explains itself: qtype "uint3|repo" means quantization plus an accuracy recovery adapter.
+_VALUE_PATTERNS: dict[str, Callable[[Any], Optional[Refused]]] = {
+    "model.qtype": lambda v: Refused("accuracy recovery adapters are not implemented")
+    if isinstance(v, str) and "|" in v else None,
+}
+
+
+@dataclass
+class Translation:
+    """What a translation did: the rewritten ``data`` (a process or a whole job), the key paths dropped as having no
+    effect here, and the problems (refused values, conflicts, unknown keys in ai-toolkit-only sections)."""
+
+    data: dict
+    no_effect: list[str]
+    problems: list[str]
+
+
+def translate_job(raw: dict) -> Translation:
+    """``translate_process`` on every training process of a raw job (``job: generate`` processes and processes of
+    type generate are left alone), plus ai-toolkit's keys of the ``config`` section. The input is not changed."""
+    out = Translation(copy.deepcopy(raw), [], [])
+    root = out.data.get("config")
+    if not isinstance(root, dict):
+        return out
+    for key, rule in TABLE["config"].items():
+        if key in root:
+            _apply(root, key, rule, root, f"config.{key}", out)
+    processes = root.get("process")
+    for index, process in enumerate(processes if isinstance(processes, list) else []):
+        kind = process.get("type", "generate" if raw.get("job") == "generate" else "sd_trainer") \
+            if isinstance(process, dict) else None
+        if kind is not None and kind != "generate":
+            done = translate_process(process, f"config.process[{index}]")
+            processes[index] = done.data
+            out.no_effect += done.no_effect
+            out.problems += done.problems
+    return out
+
+
+def translate_process(raw: dict, path: str) -> Translation:
+    """Rewrite one raw training process (a dict from YAML) from ai-toolkit's keys to ours.
+
+    ``path`` is the process's key path (``config.process[0]``). The input is not changed. Mapped keys are moved
+    (conflicts with a key already set are problems), no-effect keys are removed and listed, and unsupported values
+    are removed and reported as problems. Keys that are neither ours nor in ``TABLE`` are left for the strict
+    conversion to report (with its did-you-mean).
+    """
+    out = Translation(copy.deepcopy(raw), [], [])
+    proc = out.data
+    _section(proc, "process", "", path, out)
+    logging_section = proc.pop("logging", None)
+    if logging_section is not None:
+        _foreign_section(logging_section, "logging", path, out)
+    for name in ("network", "save", "model", "train", "sample"):
+        if isinstance(proc.get(name), dict):
+            _section(proc[name], name, name, path, out)
+    train = proc.get("train")
+    if isinstance(train, dict) and isinstance(train.get("ema_config"), dict):
+        _section(train["ema_config"], "train.ema_config", "train.ema_config", path, out)
+    if isinstance(proc.get("network"), dict):
+        _network_kinds(proc["network"], f"{path}.network", out)
+    datasets = proc.get("datasets")
+    for index, dataset in enumerate(datasets if isinstance(datasets, list) else []):
+        if isinstance(dataset, dict):
+            _dataset(dataset, f"{path}.datasets[{index}]", out)
+    if isinstance(datasets, list):
+        _dataset_text_cache(datasets, path, out)
+    if isinstance(proc.get("sample"), dict):
+        _samples(proc["sample"], f"{path}.sample", out)
+    _prodigy_lr(proc, path, out)
+    return out
+
+
+def _refusal(where: str, value: Any, why: str, off: Any = None) -> str:
+    """The problem line of a value that would change training in a way not implemented here."""
+    todo = "remove the key" + (f" or set it to {off!r} (ai-toolkit's default)" if off is not None else "")
+    return f"{where}: {value!r} is not supported here ({why}); {todo} to train without it"
+
+
+def _off_text(rule: Unsupported) -> Any:
+    return rule.off[0] if isinstance(rule.off, tuple) else None
+
+
+def _set(proc: dict, target: str, value: Any, where: str, out: Translation) -> None:
+    """Write ``value`` at the process-relative ``target``; a different value already there is a conflict."""
+    *parents, last = target.split(".")
+    node = proc
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {} if node.get(part) is None else node[part]
+        if not isinstance(node[part], dict):
+            return  # not a mapping: the conversion reports it
+        node = node[part]
+    if last in node and not _same(node[last], value):
+        out.problems.append(f"{where}: is ai-toolkit's spelling of {target}, which is also set (to {node[last]!r}); "
+                            f"keep one of them")
+        return
+    node[last] = value
+
+
+def _apply(section: dict, key: str, rule: Rule, root: dict, where: str, out: Translation) -> None:
+    """Apply one table rule to ``section[key]``; ``root`` is what Mapped targets are relative to."""
+    value = section.pop(key)
+    if isinstance(rule, NoEffect) or (isinstance(rule, Unsupported) and rule.is_off(value, section)):
+        out.no_effect.append(where)
+    elif isinstance(rule, Unsupported):
+        out.problems.append(_refusal(where, value, rule.why, _off_text(rule)))
+    elif rule.unless_set and _get(root, rule.target) is not None:
+        out.no_effect.append(where)
+    else:
+        _set(root, rule.target, rule.convert(value) if rule.convert else value, where, out)
+
+
+def _get(root: dict, target: str) -> Any:
+    node: Any = root
+    for part in target.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _section(section: dict, name: str, prefix: str, path: str, out: Translation) -> None:
+    """Apply ``TABLE[name]`` and ``VALUES`` to one mapping section of a process (``prefix`` is its key path)."""
+    base = f"{path}.{prefix}" if prefix else path
+    for key, rule in TABLE.get(name, {}).items():
+        if key in section and (name, key) != ("sample", "samples"):  # samples: see _samples
+            _apply(section, key, rule, out.data, f"{base}.{key}", out)
+    _values(section, name, base, out)
+
+
+def _values(section: dict, name: str, base: str, out: Translation) -> None:
+    """Replace ai-toolkit's spellings of our keys' values; refuse the values we do not implement."""
+    for vpath in [p for p in set(VALUES) | set(_VALUE_PATTERNS) if p.rsplit(".", 1)[0] == name]:
+        key = vpath.rsplit(".", 1)[1]
+        if key not in section:
+            continue
+        value = section[key]
+        hashable = isinstance(value, (str, int, float, bool, type(None)))
+        rule = next((r for v, r in VALUES.get(vpath, {}).items() if hashable and _same(value, v)), None)
+        rule = rule if rule is not None else _VALUE_PATTERNS.get(vpath, lambda v: None)(value)
+        if isinstance(rule, Refused):
+            del section[key]
+            out.problems.append(_refusal(f"{base}.{key}", value, rule.why))
+        elif rule is DROP:
+            del section[key]
+        elif rule is not None:
+            section[key] = rule
+
+
+def _foreign_section(section: Any, name: str, path: str, out: Translation) -> None:
+    """A whole section that only ai-toolkit has (``logging``): every key has a rule, others are typos."""
+    where = f"{path}.{name}"
+    if not isinstance(section, dict):
+        if section is not None:
+            out.problems.append(f"{where}: expected a mapping, got {section!r}")
+        return
+    for key in list(section):
+        rule = TABLE[name].get(key)
+        if rule is None:
+            close = difflib.get_close_matches(str(key), list(TABLE[name]), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(TABLE[name])}"
+            out.problems.append(f"{where}.{key}: unknown key; {hint}")
+            section.pop(key)
+        else:
+            _apply(section, key, rule, out.data, f"{where}.{key}", out)
+
+
+def _network_kinds(network: dict, where: str, out: Translation) -> None:
+    """ai-toolkit writes the LoKr options on every network and reads them only for type lokr."""
+    if network.get("type", "lora") != "lora":
+        return
+    for key in ("lokr_full_rank", "lokr_factor"):
+        if key in network:
+            del network[key]
+            out.no_effect.append(f"{where}.{key}")
+
+
+def _dataset(dataset: dict, where: str, out: Translation) -> None:
+    """One dataset: the table, then ``control_path_1..3`` joined into our control_path list."""
+    controls = [dataset.pop(key) for key in ("control_path_1", "control_path_2", "control_path_3") if key in dataset]
+    rules = {key: rule for key, rule in TABLE["datasets[]"].items()
+             if key != "cache_text_embeddings" and not key.startswith("control_path_")}
+    for key, rule in rules.items():
+        if key in dataset:
+            _apply(dataset, key, rule, dataset, f"{where}.{key}", out)
+    _values(dataset, "datasets[]", where, out)
+    folders = [folder for folder in controls if folder]
+    if folders:
+        _set(dataset, "control_path", folders if len(folders) > 1 else folders[0], f"{where}.control_path_1", out)
+    elif controls:
+        out.no_effect.append(f"{where}.control_path_1")
+
+
+def _dataset_text_cache(datasets: list, path: str, out: Translation) -> None:
+    """Per-dataset cache_text_embeddings: ai-toolkit requires all datasets or none; ours is one train switch."""
+    flags = [(i, d.pop("cache_text_embeddings")) for i, d in enumerate(datasets)
+             if isinstance(d, dict) and "cache_text_embeddings" in d]
+    on = [i for i, flag in flags if flag is True]
+    if not on:
+        out.no_effect.extend(f"{path}.datasets[{i}].cache_text_embeddings" for i, _ in flags)
+    elif len(on) < len(datasets):
+        out.problems.append(f"{path}.datasets[{on[0]}].cache_text_embeddings: true on some datasets only; use "
+                            "train.cache_text_embeddings (all datasets)")
+    else:
+        _set(out.data, "train.cache_text_embeddings", True, f"{path}.datasets[0].cache_text_embeddings", out)
+
+
+def _samples(sample: dict, where: str, out: Translation) -> None:
+    """``sample.samples`` (the web UI's form) -> ``sample.prompts`` with our inline flags."""
+    if "samples" not in sample:
+        return
+    items = sample.pop("samples")
+    if sample.get("prompts"):
+        out.problems.append(f"{where}.samples: set samples or prompts, not both")
+        return
+    if not isinstance(items, list):
+        out.problems.append(f"{where}.samples: expected a list of {{prompt, ctrl_img, ...}}, got {items!r}")
+        return
+    prompts = []
+    for index, item in enumerate(items):
+        prompt = _sample_prompt(item, f"{where}.samples[{index}]", out)
+        if prompt is not None:
+            prompts.append(prompt)
+    sample["prompts"] = prompts
+
+
+_SAMPLE_FLAGS = (("width", "w"), ("height", "h"), ("seed", "seed"), ("guidance_scale", "cfg"),
+                 ("sample_steps", "steps"))
+
+
+def _sample_prompt(item: Any, where: str, out: Translation) -> Optional[str]:
+    """One ``samples`` item as ``prompt --ctrl_img PATH ... --w N``; None (with problems) when it cannot be."""
+    if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+        out.problems.append(f"{where}: expected a mapping with a prompt string, got {item!r}")
+        return None
+    rules = TABLE["sample.samples[]"]
+    problems_before = len(out.problems)
+    for key in list(item):
+        rule = rules.get(key)
+        if rule is None:
+            close = difflib.get_close_matches(str(key), list(rules), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(rules)}"
+            out.problems.append(f"{where}.{key}: unknown key; {hint}")
+        elif not isinstance(rule, Mapped):
+            _apply(dict(item), key, rule, {}, f"{where}.{key}", out)  # a copy: the flags below read item
+    if len(out.problems) > problems_before:
+        return None
+    first = item.get("ctrl_img_1") or item.get("ctrl_img")
+    controls = [c for c in (first, item.get("ctrl_img_2"), item.get("ctrl_img_3")) if c]
+    parts = [item["prompt"].strip()] + [f"--ctrl_img {c}" for c in controls]
+    parts += [f"--{flag} {item[key]}" for key, flag in _SAMPLE_FLAGS if item.get(key) is not None]
+    return " ".join(parts)
+
+
+def _prodigy_lr(proc: dict, path: str, out: Translation) -> None:
+    """ai-toolkit runs Prodigy at lr 1.0 whenever train.lr is below 0.1; here lr is used as written."""
+    train = proc.get("train")
+    if not isinstance(train, dict) or train.get("optimizer") != "prodigy":
+        return
+    lr = train.get("lr")
+    try:
+        low = lr is not None and float(lr) < 0.1
+    except (TypeError, ValueError):
+        return
+    if low:
+        out.problems.append(f"{path}.train.lr: {lr!r} with optimizer prodigy would barely train here (ai-toolkit "
+                            "silently uses 1.0 for Prodigy when lr is below 0.1); set lr: 1.0")
+
+
+def ai_toolkit_help() -> str:
+    """The ``--help-config`` section listing every ai-toolkit key by disposition."""
+    lines = ["ai-toolkit keys (accepted in configs written for ai-toolkit; our own keys are listed above)"]
+    titles = ((Mapped, "mapped to our key"), (NoEffect, "no effect here (dropped, named in one log line)"),
+              (Unsupported, "unsupported unless at the value shown (then dropped like no-effect keys)"))
+    for kind, title in titles:
+        lines.append(f"  {title}:")
+        for section, rules in TABLE.items():
+            for key, rule in rules.items():
+                if isinstance(rule, kind):
+                    lines.append(f"    {section}.{key}{_rule_text(section, rule)}")
+    lines.append("  depending on other keys:")
+    lines.append("    network.lokr_full_rank, network.lokr_factor: no effect with network.type lora (ai-toolkit writes "
+                 "them on every network)")
+    lines.append("    train.lr below 0.1 with optimizer prodigy: refused (ai-toolkit silently uses 1.0; set lr: 1.0)")
+    lines.append("  values of our keys:")
+    for vpath, values in VALUES.items():
+        for value, rule in values.items():
+            if isinstance(rule, Refused):
+                lines.append(f"    {vpath}: {value!r} unsupported ({rule.why})")
+            else:
+                lines.append(f"    {vpath}: {value!r} -> {'(our default)' if rule is DROP else repr(rule)}")
+    return "\n".join(lines)
+
+
+def _rule_text(section: str, rule: Rule) -> str:
+    if isinstance(rule, Mapped):
+        target = f"datasets[].{rule.target}" if section == "datasets[]" and "." not in rule.target else rule.target
+        return f" -> {target}" + (f"  ({rule.why})" if rule.why else "")
+    if isinstance(rule, Unsupported):
+        off = "empty/null" if callable(rule.off) else " or ".join(repr(v) for v in rule.off)
+        return f"  [off: {off}]  ({rule.why})"
+    return f"  ({rule.why})"
