@@ -65,7 +65,8 @@ def extract(read: Callable[[str], str]) -> list[str]:
     for name, section in CONFIG_CLASSES.items():
         for key, default in _first_seen(_reads(classes[name], ("kwargs.get",))):
             lines.append(f"{section} {key} {default}")
-    process_reads = [pair for path in PROCESS_FILES for pair in _reads(ast.parse(read(path)), ("self.get_conf", "self.config.get"))]
+    process_calls = ("self.get_conf", "self.config.get")
+    process_reads = [pair for path in PROCESS_FILES for pair in _reads(ast.parse(read(path)), process_calls)]
     sections = {section.split(".")[0].rstrip("[]") for section in CONFIG_CLASSES.values()}
     for key, default in _first_seen(iter(process_reads + list(EXTRA_PROCESS_KEYS))):
         if "." not in key and key not in sections:

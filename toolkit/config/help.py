@@ -7,7 +7,7 @@ import dataclasses
 import json
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from toolkit.config.aitoolkit import ai_toolkit_help
+from toolkit.config.aitoolkit_translate import ai_toolkit_help
 from toolkit.config.schema import JobConfig
 
 __all__ = ["config_help"]

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import yaml
 
-from toolkit.config.aitoolkit import translate_job
+from toolkit.config.aitoolkit_translate import translate_job
 from toolkit.config.checks import validate_job
 from toolkit.config.convert import convert, describe_value, join_path
 from toolkit.config.help import config_help
