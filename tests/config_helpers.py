@@ -10,7 +10,8 @@ import yaml
 from toolkit.config import ConfigProblems, JobConfig, load_job_config
 
 DATA = Path(__file__).parent / "data"
-AI_TOOLKIT_EXAMPLE = DATA / "ai_toolkit_flux_kontext_24gb.yaml"
+AI_TOOLKIT_EXAMPLE = DATA / "aitoolkit" / "flux_kontext_24gb.yaml"
+AI_TOOLKIT_CORPUS = sorted((DATA / "aitoolkit").glob("*.yaml"))
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "config" / "examples").glob("*.yaml"))
 
 MINIMAL: dict[str, Any] = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import yaml
 
 import run
@@ -100,24 +101,36 @@ def test_token_never_reaches_logs_config_or_metadata(tmp_path, tiny_model_dir, d
     assert "leak attempt ***" in log_file.read_text(encoding="utf-8")
 
 
-def test_ai_toolkit_example_runs_with_only_paths_changed(tmp_path, tiny_model_dir, demo_data_dir):
-    """ostris/ai-toolkit's Kontext example (quantize, adamw8bit, bf16, weighted, cuda:0) runs here as is."""
-    import shutil
-
-    data = yaml.safe_load((REPO / "tests" / "data" / "ai_toolkit_flux_kontext_24gb.yaml").read_text())
-    process = data["config"]["process"][0]
+def _point_at_test_data(process: dict, tmp_path, model_dir, data_dir) -> None:
+    """Paths of an ai-toolkit corpus config -> test folders; fewer steps and smaller samples (minutes otherwise)."""
     process["training_folder"] = str(tmp_path / "output")
-    data_dir = shutil.copytree(demo_data_dir, tmp_path / "data")  # cache_latents_to_disk writes next to the data
     process["datasets"][0]["folder_path"] = str(data_dir / "target")
     process["datasets"][0]["control_path"] = str(data_dir / "control")
-    process["model"]["name_or_path"] = str(tiny_model_dir)
-    ctrl = data_dir / "sample_control" / "sample_000.png"
-    process["sample"]["prompts"] = [p.replace("/path/to/control/folder/person1.jpg", str(ctrl))
-                                    for p in process["sample"]["prompts"]]
-    process["train"]["steps"] = 2  # not a path, but 3000 steps is not a unit test
-    process["sample"].update(width=256, height=256, sample_steps=2)  # 1024 px x 20 steps x 4 renders: minutes
+    process["model"]["name_or_path"] = str(model_dir)
+    ctrl = str(data_dir / "sample_control" / "sample_000.png")
+    sample = process["sample"]
+    if "samples" in sample:
+        sample["samples"] = [{**item, "ctrl_img": ctrl} for item in sample["samples"]]
+    else:
+        sample["prompts"] = [p.split("--ctrl_img")[0] + f"--ctrl_img {ctrl}" for p in sample["prompts"]]
+    process["train"]["steps"] = 2
+    sample.update(width=256, height=256, sample_steps=2)
+
+
+@pytest.mark.parametrize("corpus", ["flux_kontext_24gb.yaml", "ui_flux_kontext_job.yaml"])
+def test_ai_toolkit_config_runs_with_only_paths_changed(corpus, tmp_path, tiny_model_dir, demo_data_dir):
+    """ai-toolkit's Kontext example and its web UI's Kontext job (quantize, adamw8bit, bf16, weighted, cuda) run here
+    as they are, apart from paths, steps and sample size."""
+    import shutil
+
+    data = yaml.safe_load((REPO / "tests" / "data" / "aitoolkit" / corpus).read_text())
+    data_dir = shutil.copytree(demo_data_dir, tmp_path / "data")  # cache_latents_to_disk writes next to the data
+    _point_at_test_data(data["config"]["process"][0], tmp_path, tiny_model_dir, data_dir)
     path = write_config(tmp_path / "ai_toolkit.yaml", data)
     assert run.main([str(path)]) == 0
-    out = tmp_path / "output" / "my_first_flux_kontext_lora_v1"
-    assert (out / "my_first_flux_kontext_lora_v1.safetensors").is_file()
+    name = data["config"]["name"]
+    out = tmp_path / "output" / name
+    assert (out / f"{name}.safetensors").is_file()
     assert (out / "samples" / "000000000_sheet.png").is_file()
+
+

@@ -1,4 +1,5 @@
-"""``python run.py --help-config``: every config field with its type, default, rules and help line."""
+"""``python run.py --help-config``: every config field with its type, default, rules and help line, then what each
+ai-toolkit key becomes here (mapped, no effect, unsupported)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 import json
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from toolkit.config.aitoolkit_translate import ai_toolkit_help
 from toolkit.config.schema import JobConfig
 
 __all__ = ["config_help"]
@@ -15,6 +17,7 @@ def config_help() -> str:
     """Every config field with its type, default, rules and help line, grouped by section (``--help-config``)."""
     lines: list[str] = []
     _help_section(JobConfig, "", lines)
+    lines.append(ai_toolkit_help())
     return "\n".join(lines).rstrip()
 
 

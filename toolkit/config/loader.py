@@ -1,7 +1,8 @@
 """Load a job config (YAML or JSON) into the typed dataclasses of ``schema.py``, strictly.
 
 Order of work in ``load_job_config``: find the file, parse it, replace ``${VAR}`` / ``${VAR:-default}``
-from the environment, apply the name override, replace ``[name]``, convert every value to its declared type
+from the environment, apply the name override, replace ``[name]``, rewrite ai-toolkit's keys (``aitoolkit.py``:
+mapped, dropped with one log line, or refused), convert every value to its declared type
 (collecting all problems), replace ``[trigger]`` in sample prompts, then run the cross-field checks. Every
 problem found is reported at once in one ``ConfigError``, one line per problem, each starting with its key path.
 """
@@ -16,6 +17,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import yaml
 
+from toolkit.config.aitoolkit_translate import translate_job
 from toolkit.config.checks import validate_job
 from toolkit.config.convert import convert, describe_value, join_path
 from toolkit.config.help import config_help
@@ -219,6 +221,8 @@ def load_job_dict(raw: dict, source: str, name_override: Optional[str] = None,
     """``load_job_config`` for data already parsed (e.g. built from command-line flags); ``source`` names it."""
     problems: list[str] = []
     raw = _default_process_type(_substitute_name(_substitute_env(raw, environ, problems), name_override))
+    translated = translate_job(raw)
+    raw, problems = translated.data, problems + translated.problems
     job = convert(raw, JobConfig, "", problems)
     if not problems:
         for process in job.config.process:
@@ -227,6 +231,9 @@ def load_job_dict(raw: dict, source: str, name_override: Optional[str] = None,
         problems.extend(validate_job(job))
     if problems:
         raise ConfigProblems(source, problems)
+    if translated.no_effect:
+        logger.info("ai-toolkit keys with no effect here: %s (run.py --help-config says why)",
+                    ", ".join(translated.no_effect))
     logger.debug("loaded config %s (name %r)", source, job.config.name)
     return job
 
