@@ -214,8 +214,8 @@ class BaseSDTrainProcess:
             monitor.scalars(step, {"train/lr_schedule": lr})  # the plan, from a copy: the real one is untouched
         try:
             with GracefulStop() as stop:
-                if requests and not train.skip_first_sample and start == 0:
-                    self._sample(run, step=0)
+                if requests and not train.skip_first_sample and (start == 0 or train.force_first_sample):
+                    self._sample(run, step=start)
                 for step in range(start + 1, train.steps + 1):
                     result = self.optimizer_step(run)
                     monitor.step_done()
@@ -273,18 +273,20 @@ class BaseSDTrainProcess:
 
     def compute_loss(self, run: TrainingRun, batch: dict) -> torch.Tensor:
         """Flow-matching loss of one micro-batch, through the WRAPPED denoiser so DDP syncs the gradients:
-        x_t = (1 - t) x0 + t noise, target = noise - x0, loss = weighted mean (pred - target)^2."""
+        x_t = (1 - t) x0 + t noise, target = noise - x0, loss = weighted mean of rho(pred - target), rho = train.loss_type
+        (squared error by default)."""
         model = run.model
         encoded = model.encode_batch(batch)
         x0 = model.clean_latents(encoded)
         t, weights = flow_matching.sample_timesteps(self.train.timestep_type, x0.shape[0], run.generator,
-                                                    x0.shape[1], device=run.rt.device)
+                                                    x0.shape[1], device=run.rt.device,
+                                                    content_or_style=self.train.content_or_style)
         noise = torch.randn(x0.shape, generator=run.generator, device=run.generator.device, dtype=torch.float32)
         noise = noise.to(x0.device, x0.dtype)
         x_t = flow_matching.noisy_latents(x0, noise, t)
         target = flow_matching.flow_target(x0, noise)
         pred = run.denoiser(**model.denoiser_inputs(encoded, x_t, t, self.train.guidance))
-        return flow_matching.flow_matching_loss(pred, target, weights)
+        return flow_matching.flow_matching_loss(pred, target, weights, self.train.loss_type)
 
     def _after_step(self, run: TrainingRun, step: int, result: StepResult) -> None:
         cfg = self.cfg
@@ -298,7 +300,7 @@ class BaseSDTrainProcess:
             if cfg.performance_log_every and step % cfg.performance_log_every == 0 and run.rt.is_main:
                 log.info("step %d: %.3f s/step, %.2f samples/s", step, seconds, samples / max(seconds, 1e-9))
         run.checkpointer.maybe_save(step)
-        if run.requests and step % cfg.sample.sample_every == 0:
+        if run.requests and step % cfg.sample.sample_every == 0 and step >= cfg.sample.sample_start_step:
             self._sample(run, step)
         if run.validation is not None and step % cfg.sample.sample_every == 0:
             with ema_weights(run.ema):  # every rank: same weights, same value, no collective

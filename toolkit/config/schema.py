@@ -158,6 +158,9 @@ class SampleConfig:
     sampler: Literal["flowmatch"] = field(default="flowmatch", metadata=_meta(
         "Sampling scheduler; must match train.noise_scheduler."))
     sample_every: int = field(default=250, metadata=_meta("Generate samples every this many steps.", GT0))
+    sample_start_step: int = field(default=0, metadata=_meta(
+        "No periodic samples before this step (ai-toolkit's rule: steps >= it that are multiples of sample_every); "
+        "the before-training and final samples are still made.", GE0))
     width: int = field(default=1024, metadata=_meta("Sample width in pixels.", SIZE16))
     height: int = field(default=1024, metadata=_meta("Sample height in pixels.", SIZE16))
     prompts: list[str] = field(default_factory=list, metadata=_meta(

@@ -60,25 +60,40 @@ class TrainConfig:
         aliases=("torch_compile", "compile_transformer")))
     noise_scheduler: Literal["flowmatch"] = field(default="flowmatch", metadata=_meta(
         "Training noise schedule; FLUX uses flow matching."))
-    optimizer: Literal["adamw", "adamw8bit", "prodigy", "sgd"] = field(default="adamw8bit", metadata=_meta(
-        "Optimizer.", aliases=("optim", "optimizer_type")))
+    optimizer: Literal["adamw", "adamw8bit", "adam", "adafactor", "prodigy", "sgd"] = field(
+        default="adamw8bit", metadata=_meta(
+            "Optimizer: adamw, adamw8bit (bitsandbytes), adam (torch Adam, eps 1e-6 as ai-toolkit), adafactor "
+            "(transformers' Adafactor with relative_step, scale_parameter and warmup_init off, so train.lr and the "
+            "schedule apply, as ai-toolkit), prodigy (prodigyopt), sgd.", aliases=("optim", "optimizer_type")))
     optimizer_params: dict[str, Any] = field(default_factory=dict, metadata=_meta(
         "Extra keyword arguments for the optimizer, e.g. weight_decay.", aliases=("optimizer_args",)))
     lr: float = field(default=1e-4, metadata=_meta(
         "Peak learning rate.", GT0, aliases=("learning_rate", "unet_lr")))
-    lr_scheduler: Literal["constant", "cosine", "linear", "cosine_with_restarts"] = field(
-        default="constant", metadata=_meta(
-            "Learning-rate schedule after the warm-up (diffusers' get_scheduler); the planned curve is written to "
-            "TensorBoard as train/lr_schedule at the start of a run."))
+    lr_scheduler: Literal["constant", "cosine", "linear", "cosine_with_restarts", "constant_with_warmup", "step"] = \
+        field(default="constant", metadata=_meta(
+            "Learning-rate schedule after the warm-up (diffusers' get_scheduler); constant_with_warmup: linear "
+            "warm-up over lr_scheduler_params.num_warmup_steps, then lr; step: lr * gamma^(steps // step_size); the "
+            "planned curve is written to TensorBoard as train/lr_schedule at the start of a run."))
     lr_scheduler_params: dict[str, Any] = field(default_factory=dict, metadata=_meta(
-        "Options of the schedule: cosine_with_restarts takes num_cycles (integer >= 1, default 1); the others "
-        "take none.", aliases=("lr_scheduler_args", "scheduler_params")))
+        "Options of the schedule: cosine_with_restarts takes num_cycles (integer >= 1, default 1); "
+        "constant_with_warmup num_warmup_steps (integer >= 0, default 1000 as ai-toolkit); step step_size "
+        "(integer >= 1, required) and gamma (number > 0, default 0.1); the others take none.",
+        aliases=("lr_scheduler_args", "scheduler_params")))
     lr_warmup_steps: int = field(default=0, metadata=_meta(
         "Steps of linear warm-up from 0 to lr.", GE0, aliases=("warmup_steps",)))
     max_grad_norm: float = field(default=1.0, metadata=_meta(
         "Clip the gradient norm to this value; 0 disables clipping.", GE0, aliases=("clip_grad_norm",)))
-    timestep_type: Literal["sigmoid", "linear", "weighted", "shift"] = field(default="sigmoid", metadata=_meta(
-        "How training timesteps are sampled."))
+    timestep_type: Literal["sigmoid", "linear", "weighted", "shift", "flux_shift", "lognorm_blend"] = field(
+        default="sigmoid", metadata=_meta(
+            "How training timesteps are sampled (toolkit/train/timesteps.py): flux_shift draws from 1000 times "
+            "shifted by FLUX's resolution-dependent mu, lognorm_blend from 750 log-normal times near the noisy end "
+            "plus 250 evenly spaced ones, both as ai-toolkit's flow-matching scheduler."))
+    content_or_style: Literal["balanced", "content", "style"] = field(default="balanced", metadata=_meta(
+        "Which noise levels to favour (ai-toolkit's cubic index sampling): content favours high noise (layout, "
+        "structure), style low noise (texture, detail), balanced none."))
+    loss_type: Literal["mse", "mae", "pseudo_huber"] = field(default="mse", metadata=_meta(
+        "Per-element loss of prediction vs target: mse (squared error), mae (absolute error), pseudo_huber "
+        "(sqrt(e^2 + 0.01^2) - 0.01), as ai-toolkit."))
     dtype: TrainDType = field(default="bf16", metadata=_meta(
         "Compute dtype of the frozen model weights.", aliases=("mixed_precision",)))
     seed: int = field(default=42, metadata=_meta("Random seed for noise, timesteps and data order."))
@@ -93,6 +108,17 @@ class TrainConfig:
     disable_sampling: bool = field(default=False, metadata=_meta("Never generate sample images."))
     skip_first_sample: bool = field(default=False, metadata=_meta(
         "Skip the sample images made before the first step."))
+    force_first_sample: bool = field(default=False, metadata=_meta(
+        "Also make the before-training samples when resuming (at the resumed step); skip_first_sample wins."))
+    diff_output_preservation: bool = field(default=False, metadata=_meta(
+        "Differential output preservation (ai-toolkit's): each step also predicts, on the caption with trigger_word "
+        "replaced by diff_output_preservation_class, once without the LoRA (no gradient) and once with it, and adds "
+        "multiplier * MSE(with, without), so the LoRA leaves the class itself unchanged. Needs trigger_word and a "
+        "network; two extra transformer forwards per step."))
+    diff_output_preservation_multiplier: float = field(default=1.0, metadata=_meta(
+        "Weight of the preservation loss.", GE0))
+    diff_output_preservation_class: str = field(default="", metadata=_meta(
+        "Class word that replaces trigger_word in the preservation captions, e.g. 'woman' for a person LoRA."))
     ema_config: EMAConfig = field(default_factory=EMAConfig, metadata=_meta(
         "Exponential moving average of the trained LoRA weights (use_ema, ema_decay, ...)."))
     cache_text_embeddings: bool = field(default=False, metadata=_meta(
