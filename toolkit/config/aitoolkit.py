@@ -243,8 +243,9 @@ TABLE: dict[str, dict[str, Rule]] = {
         "do_cfg": Unsupported((False,), "training with classifier-free guidance is not implemented"),
         "do_random_cfg": Unsupported((False,), "training with classifier-free guidance is not implemented"),
         "negative_prompt": Unsupported(EMPTY, "training with classifier-free guidance is not implemented"),
-        "bypass_guidance_embedding": Unsupported((False,), "training without the guidance embedding is not "
-                                                           "implemented"),
+        "bypass_guidance_embedding": Unsupported((False,), "ai-toolkit then leaves the guidance embedding out of "
+                                                           "the conditioning of training predictions (not of samples), "
+                                                           "a de-distillation setting; not implemented"),
         "linear_timesteps": Unsupported((False,), "use train.timestep_type"),
         "linear_timesteps2": Unsupported((False,), "use train.timestep_type"),
         "min_denoising_steps": Unsupported((0,), "a timestep range is not implemented"),
@@ -256,7 +257,10 @@ TABLE: dict[str, dict[str, Rule]] = {
         "short_and_long_captions_encoder_split": Unsupported((False,), "JSON caption files are not implemented"),
         "single_item_batching": Unsupported((False,), "use train.gradient_accumulation_steps"),
         "start_step": Unsupported(EMPTY, "starting at a given step is not implemented; resume from a state"),
-        "unload_text_encoder": Unsupported((False,), "use train.cache_text_embeddings"),
+        "unload_text_encoder": Unsupported((False,), "ai-toolkit then trains every image on the trigger word alone, "
+                                                     "ignoring captions (unless datasets cache text embeddings); to "
+                                                     "encode captions once and unload the text encoders, use "
+                                                     "train.cache_text_embeddings"),
         "weight_jitter": Unsupported(EMPTY, "weight jitter is not implemented"),
         "merge_network_on_save": Unsupported((False,), "merging the LoRA into saved model weights is not "
                                                        "implemented"),
