@@ -182,7 +182,7 @@ def test_resolution_bare_int_and_duplicates(tmp_path: Path) -> None:
 def test_literal_error_lists_options_and_suggests(tmp_path: Path) -> None:
     (problem,) = problems_of(tmp_path, with_process(train={"optimizer": "adamw9bit"}))
     assert problem.startswith("config.process[0].train.optimizer: ")
-    assert "'adamw', 'adamw8bit', 'prodigy', 'sgd'" in problem
+    assert "'adamw', 'adamw8bit', 'adam', 'adafactor', 'prodigy', 'sgd'" in problem
     assert problem.endswith("did you mean 'adamw8bit'?")
 
 

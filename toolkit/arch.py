@@ -55,6 +55,18 @@ class Architecture(ABC):
         """Keyword arguments of denoiser() for the noisy latents x_t (shaped as clean_latents) at times t (B,):
         conditioning tokens, position ids, text embeddings. The denoiser returns a prediction shaped as x_t."""
 
+    def with_captions(self, encoded: Any, captions: Sequence[str]) -> Any:
+        """The encoded batch with its text replaced by `captions` (one per sample); images unchanged. Used by
+        train.diff_output_preservation."""
+        raise ArchitectureError(f"{self.name}: train.diff_output_preservation is not implemented for this "
+                                "architecture")
+
+    def stack_inputs(self, inputs: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Several denoiser_inputs of the same shapes as ONE batch (concatenated along the batch), so one forward
+        (and one DDP gradient sync) covers them; the prediction splits back with chunk(len(inputs))."""
+        raise ArchitectureError(f"{self.name}: train.diff_output_preservation is not implemented for this "
+                                "architecture")
+
     @abstractmethod
     def sample(self, requests: Sequence[SampleRequest], controls: Sequence[Image.Image]) -> list[Image.Image]:
         """Render each request with the current weights."""

@@ -6,7 +6,7 @@ import gc
 import logging
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence, Union
 
@@ -211,6 +211,17 @@ class FluxKontext(Architecture):
             "img_ids": self._ids.image_ids(encoded.target_hw, encoded.control_hws, self.device),
             "txt_ids": encoded.text_ids,
         }
+
+    def with_captions(self, encoded: EncodedBatch, captions: Sequence[str]) -> EncodedBatch:
+        embeds, pooled, text_ids = self.encode_captions(captions)
+        return replace(encoded, prompt_embeds=embeds.to(self.dtype), pooled=pooled.to(self.dtype),
+                                   text_ids=text_ids)
+
+    def stack_inputs(self, inputs: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        shared = ("img_ids", "txt_ids")  # position ids have no batch dimension
+        first = inputs[0]
+        return {key: first[key] if key in shared or first[key] is None else torch.cat([i[key] for i in inputs])
+                for key in first}
 
     # -- caching (toolkit.data.cache) ------------------------------------------------------------------------------
     def latent_encoder(self) -> Encoder:

@@ -25,7 +25,7 @@ from jobs.process.outputs import RunOutputs
 from jobs.process.training_run import StepResult, TrainingRun, describe_batch
 from toolkit.adapters import full_finetune
 from toolkit.adapters.lora_convert import find_conventions
-from toolkit.adapters.network import check_pretrained_file, load_pretrained
+from toolkit.adapters.network import adapters_disabled, check_pretrained_file, load_pretrained
 from toolkit.arch import Architecture, get_architecture
 from toolkit.config.schema import TrainProcessConfig
 from toolkit.data.cache import CachingModel, cache_dataset, cache_folder_problems
@@ -39,7 +39,7 @@ from toolkit.publish.hub import check_hub_access, retry_hint
 from toolkit.render.sampling import build_requests, load_controls
 from toolkit.state import train_state, transformer_folder
 from toolkit.state.checkpoint import resolve_run_folder
-from toolkit.train import flow_matching, stages
+from toolkit.train import flow_matching, preservation, stages
 from toolkit.train.compile import check_compile, compile_blocks
 from toolkit.train.ema import EMA, ema_weights
 from toolkit.train.metrics import TrainingMonitor
@@ -203,6 +203,10 @@ class BaseSDTrainProcess:
             keep = [r.prompt for r in requests]
             if validation is not None:
                 keep += [c for i in range(len(validation.dataset)) for c in validation.dataset.item_captions(i)]
+            if self.train.diff_output_preservation:  # the class captions are encoded at every step
+                keep += preservation.class_captions(
+                    [c for i in range(len(dataset)) for c in dataset.item_captions(i)], self.cfg.trigger_word,
+                    self.train.diff_output_preservation_class)
             model.unload_text_encoders(keep)
 
     def _train(self, rt: Runtime, pairs, requests, outputs: RunOutputs) -> Path:
@@ -214,8 +218,8 @@ class BaseSDTrainProcess:
             monitor.scalars(step, {"train/lr_schedule": lr})  # the plan, from a copy: the real one is untouched
         try:
             with GracefulStop() as stop:
-                if requests and not train.skip_first_sample and start == 0:
-                    self._sample(run, step=0)
+                if requests and not train.skip_first_sample and (start == 0 or train.force_first_sample):
+                    self._sample(run, step=start)
                 for step in range(start + 1, train.steps + 1):
                     result = self.optimizer_step(run)
                     monitor.step_done()
@@ -273,18 +277,40 @@ class BaseSDTrainProcess:
 
     def compute_loss(self, run: TrainingRun, batch: dict) -> torch.Tensor:
         """Flow-matching loss of one micro-batch, through the WRAPPED denoiser so DDP syncs the gradients:
-        x_t = (1 - t) x0 + t noise, target = noise - x0, loss = weighted mean (pred - target)^2."""
+        x_t = (1 - t) x0 + t noise, target = noise - x0, loss = weighted mean of rho(pred - target), rho = train.loss_type
+        (squared error by default)."""
         model = run.model
         encoded = model.encode_batch(batch)
         x0 = model.clean_latents(encoded)
         t, weights = flow_matching.sample_timesteps(self.train.timestep_type, x0.shape[0], run.generator,
-                                                    x0.shape[1], device=run.rt.device)
+                                                    x0.shape[1], device=run.rt.device,
+                                                    content_or_style=self.train.content_or_style)
         noise = torch.randn(x0.shape, generator=run.generator, device=run.generator.device, dtype=torch.float32)
         noise = noise.to(x0.device, x0.dtype)
         x_t = flow_matching.noisy_latents(x0, noise, t)
         target = flow_matching.flow_target(x0, noise)
-        pred = run.denoiser(**model.denoiser_inputs(encoded, x_t, t, self.train.guidance))
-        return flow_matching.flow_matching_loss(pred, target, weights)
+        inputs = model.denoiser_inputs(encoded, x_t, t, self.train.guidance)
+        if self.train.diff_output_preservation:
+            return self._loss_with_preservation(run, batch, encoded, (x_t, t), inputs, target, weights)
+        pred = run.denoiser(**inputs)
+        return flow_matching.flow_matching_loss(pred, target, weights, self.train.loss_type)
+
+    def _loss_with_preservation(self, run: TrainingRun, batch: dict, encoded, x_t_and_t: tuple, inputs: dict,
+                                target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The flow-matching loss plus ai-toolkit's differential output preservation (toolkit.train.preservation):
+        the base model's prediction on the class caption (LoRA off, no gradient, the unwrapped denoiser, so DDP
+        sees nothing) and the LoRA's on both captions in ONE forward through the wrapped denoiser, so DDP syncs the
+        gradients of both terms once."""
+        model, train = run.model, self.train
+        captions = preservation.class_captions(batch["caption"], self.cfg.trigger_word,
+                                               train.diff_output_preservation_class)
+        x_t, t = x_t_and_t
+        class_inputs = model.denoiser_inputs(model.with_captions(encoded, captions), x_t, t, train.guidance)
+        with torch.no_grad(), adapters_disabled(model.transformer):
+            base_pred = model.denoiser()(**class_inputs)
+        pred, class_pred = run.denoiser(**model.stack_inputs([inputs, class_inputs])).chunk(2)
+        return (flow_matching.flow_matching_loss(pred, target, weights, train.loss_type)
+                + preservation.preservation_loss(class_pred, base_pred, train.diff_output_preservation_multiplier))
 
     def _after_step(self, run: TrainingRun, step: int, result: StepResult) -> None:
         cfg = self.cfg
@@ -298,7 +324,7 @@ class BaseSDTrainProcess:
             if cfg.performance_log_every and step % cfg.performance_log_every == 0 and run.rt.is_main:
                 log.info("step %d: %.3f s/step, %.2f samples/s", step, seconds, samples / max(seconds, 1e-9))
         run.checkpointer.maybe_save(step)
-        if run.requests and step % cfg.sample.sample_every == 0:
+        if run.requests and step % cfg.sample.sample_every == 0 and step >= cfg.sample.sample_start_step:
             self._sample(run, step)
         if run.validation is not None and step % cfg.sample.sample_every == 0:
             with ema_weights(run.ema):  # every rank: same weights, same value, no collective

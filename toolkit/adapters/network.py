@@ -10,9 +10,10 @@ resumed run continues from its trained weights, not from the pretrained ones.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Iterator, Mapping, Optional, Union
 
 import torch
 from peft import LoKrConfig, LoraConfig
@@ -134,5 +135,26 @@ def _lora_from_file(state: Mapping[str, torch.Tensor], header: Mapping[str, str]
     return out
 
 
-__all__ = ["AdapterConfig", "LOKR_METADATA_KEY", "adapter_scale", "check_pretrained_file", "file_kind",
+__all__ = ["AdapterConfig", "LOKR_METADATA_KEY", "adapter_scale", "adapters_disabled", "check_pretrained_file", "file_kind",
            "load_pretrained", "lokr_converter", "make_adapter_config"]
+
+
+@contextlib.contextmanager
+def adapters_disabled(module: torch.nn.Module) -> Iterator[None]:
+    """Run `module` as the base model: every peft adapter layer in it passes its input through the frozen base layer
+    only. peft's layer switch also turns off requires_grad of the adapter weights; it is put back as it was."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
+        raise ConfigError("train.diff_output_preservation needs a LoRA or LoKr to switch off; this run has none")
+    grads = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for param, requires_grad in grads:
+            param.requires_grad_(requires_grad)

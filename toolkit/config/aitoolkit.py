@@ -185,8 +185,6 @@ TABLE: dict[str, dict[str, Rule]] = {
         "signal_amplification_strength": _with("do_signal_amplification"),
         "signal_correction_noise_scale": _with("do_signal_correction_noise"),
         "blank_prompt_preservation_multiplier": _with("blank_prompt_preservation"),
-        "diff_output_preservation_multiplier": _with("diff_output_preservation"),
-        "diff_output_preservation_class": _with("diff_output_preservation"),
         "inverted_mask_prior_multiplier": _with("inverted_mask_prior"),
         "correct_pred_norm_multiplier": _with("correct_pred_norm"),
         "merge_network_on_save_strength": _with("merge_network_on_save"),
@@ -203,9 +201,7 @@ TABLE: dict[str, dict[str, Rule]] = {
         "guidance_loss_target": _with("do_guidance_loss"),
         "guidance_loss_schedule": _with("do_guidance_loss"),
         "unconditional_prompt": _with("do_guidance_loss"),
-        "loss_type": Unsupported(("mse",), "only the mean squared error loss is implemented"),
         "loss_target": Unsupported(("noise",), _FLOW),
-        "content_or_style": Unsupported(("balanced",), "timestep sampling is set by train.timestep_type here"),
         "min_snr_gamma": Unsupported(EMPTY, "min-SNR loss weighting is not implemented"),
         "snr_gamma": Unsupported(EMPTY, "SNR loss weighting is not implemented"),
         "learnable_snr_gos": Unsupported((False,), "learnable SNR weighting is not implemented"),
@@ -243,13 +239,13 @@ TABLE: dict[str, dict[str, Rule]] = {
         "diffusion_feature_extractor_path": Unsupported(EMPTY, "feature-extractor losses are not implemented"),
         "max_loss": Unsupported(EMPTY, "loss clipping is not implemented"),
         "inverted_mask_prior": Unsupported((False,), "masked training is not implemented"),
-        "diff_output_preservation": Unsupported((False,), "differential output preservation is not implemented"),
         "blank_prompt_preservation": Unsupported((False,), "blank prompt preservation is not implemented"),
         "do_cfg": Unsupported((False,), "training with classifier-free guidance is not implemented"),
         "do_random_cfg": Unsupported((False,), "training with classifier-free guidance is not implemented"),
         "negative_prompt": Unsupported(EMPTY, "training with classifier-free guidance is not implemented"),
-        "bypass_guidance_embedding": Unsupported((False,), "training without the guidance embedding is not "
-                                                           "implemented"),
+        "bypass_guidance_embedding": Unsupported((False,), "ai-toolkit then leaves the guidance embedding out of "
+                                                           "the conditioning of training predictions (not of samples), "
+                                                           "a de-distillation setting; not implemented"),
         "linear_timesteps": Unsupported((False,), "use train.timestep_type"),
         "linear_timesteps2": Unsupported((False,), "use train.timestep_type"),
         "min_denoising_steps": Unsupported((0,), "a timestep range is not implemented"),
@@ -261,9 +257,10 @@ TABLE: dict[str, dict[str, Rule]] = {
         "short_and_long_captions_encoder_split": Unsupported((False,), "JSON caption files are not implemented"),
         "single_item_batching": Unsupported((False,), "use train.gradient_accumulation_steps"),
         "start_step": Unsupported(EMPTY, "starting at a given step is not implemented; resume from a state"),
-        "force_first_sample": Unsupported((False,), "sampling before the first step of a resumed run is not "
-                                                    "implemented"),
-        "unload_text_encoder": Unsupported((False,), "use train.cache_text_embeddings"),
+        "unload_text_encoder": Unsupported((False,), "ai-toolkit then trains every image on the trigger word alone, "
+                                                     "ignoring captions (unless datasets cache text embeddings); to "
+                                                     "encode captions once and unload the text encoders, use "
+                                                     "train.cache_text_embeddings"),
         "weight_jitter": Unsupported(EMPTY, "weight jitter is not implemented"),
         "merge_network_on_save": Unsupported((False,), "merging the LoRA into saved model weights is not "
                                                        "implemented"),
@@ -309,12 +306,12 @@ TABLE: dict[str, dict[str, Rule]] = {
         "random_triggers_max": _with("random_triggers"),
         "shuffle_augmentations": _with("augmentations"),
         "replay_transforms": _with("augmentations"),
-        "diff_output_preservation_class": _with("train.diff_output_preservation"),
+        "diff_output_preservation_class": NoEffect("ai-toolkit copies it from the train section"),
         "num_frames": Unsupported((1,), "video training is not implemented"),
         "auto_frame_count": Unsupported((False,), "video training is not implemented"),
         "do_i2v": Unsupported((False,), "video training is not implemented"),
         "do_audio": Unsupported((False,), "audio training is not implemented"),
-        "diff_output_preservation": Unsupported((False,), "differential output preservation is not implemented"),
+        "diff_output_preservation": NoEffect("ai-toolkit copies it from train.diff_output_preservation"),
         "type": Unsupported(("image",), "only image datasets are implemented"),
         "dataset_path": Unsupported(EMPTY, "use folder_path"),
         "batch_size": Unsupported(EMPTY, "use train.batch_size"),
@@ -361,7 +358,6 @@ TABLE: dict[str, dict[str, Rule]] = {
         "refiner_start_at": NoEffect(_ADAPTERS),
         "extra_values": NoEffect("ai-toolkit's Kontext sampler does not use them"),
         "do_cfg_norm": NoEffect("other architectures only"),
-        "sample_start_step": Unsupported((0,), "samples start at step 0 (see train.skip_first_sample)"),
         "network_multiplier": Unsupported((1, 1.0), "samples use the LoRA at strength 1"),
         "num_frames": Unsupported((1,), "video sampling is not implemented"),
     },

@@ -61,6 +61,13 @@ def _process_problems(process: TrainProcessConfig, path: str) -> list[str]:
                                   train.steps, f"{path}.train")
     if process.network is not None:  # null: a full fine-tune
         problems += _network_problems(process.network, f"{path}.network")
+    if train.diff_output_preservation:
+        if not process.trigger_word:
+            problems.append(f"{path}.train.diff_output_preservation: needs trigger_word (it is replaced by "
+                            "diff_output_preservation_class in the preservation captions)")
+        if process.network is None or train.full_finetune:
+            problems.append(f"{path}.train.diff_output_preservation: needs a LoRA or LoKr network (the base "
+                            "model's prediction is the LoRA switched off); a full fine-tune has none")
     if save.push_to_hub and not save.hf_repo_id:
         problems.append(f"{path}.save.hf_repo_id: required when save.push_to_hub is true ('namespace/name')")
     return (problems + _dataset_problems(process.datasets, f"{path}.datasets") + _cache_problems(process, path)

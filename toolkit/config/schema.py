@@ -15,7 +15,8 @@ Field-level rules live here; rules that relate several fields live in ``checks.v
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-from toolkit.config.fields import (Check, _meta, _expand_home, _expand_folders, folder_list, _one_size_to_list, GT0, GE0, GE1, NON_EMPTY, FOLDERS, UNIQUE, SIZE16, RESOLUTION, DEVICE, FILE_NAME, PROBABILITY, DROPOUT, OPEN_UNIT, T5_LENGTH, HUB_REPO_ID)
+from toolkit.config.fields import (Check, _meta, _expand_home, _expand_folders, folder_list, _one_size_to_list, GT0, GE0, GE1, NON_EMPTY, FOLDERS, UNIQUE, SIZE16, RESOLUTION, DEVICE, FILE_NAME, PROBABILITY, DROPOUT, T5_LENGTH, HUB_REPO_ID)
+from toolkit.config.train_schema import EMAConfig, TrainConfig, TrainDType
 
 __all__ = [
     "Check", "DatasetConfig", "EMAConfig", "GenerateConfig", "GenerateProcessConfig", "JobConfig", "LoraFileConfig",
@@ -25,7 +26,6 @@ __all__ = [
 
 
 SaveDType = Literal["float16", "fp16", "bfloat16", "bf16", "float32", "fp32"]
-TrainDType = Literal["bf16", "bfloat16", "fp16", "float16", "fp32", "float32"]
 
 
 @dataclass(kw_only=True)
@@ -123,101 +123,6 @@ class DatasetConfig:
 
 
 @dataclass(kw_only=True)
-class EMAConfig:
-    """Exponential moving average of the trained weights."""
-
-    use_ema: bool = field(default=False, metadata=_meta(
-        "Keep an exponential moving average of the LoRA weights, updated after optimizer steps; samples, "
-        "validation and every saved LoRA use the average, the training state keeps both.", aliases=("ema",)))
-    ema_decay: float = field(default=0.99, metadata=_meta(
-        "Weight of the old average at each update: ema = decay * ema + (1 - decay) * weights.", OPEN_UNIT,
-        aliases=("decay",)))
-    ema_warmup: bool = field(default=False, metadata=_meta(
-        "Use min(ema_decay, (1 + n) / (10 + n)) at update n, so the untrained start is forgotten quickly "
-        "(torch_ema's use_num_updates); false: ema_decay from the first update, as ai-toolkit.",
-        aliases=("use_num_updates", "use_ema_warmup")))
-    ema_update_every: int = field(default=1, metadata=_meta(
-        "Update the average every this many optimizer steps (ema_decay applies per update).", GE1,
-        aliases=("update_every", "ema_every")))
-    ema_on_cpu: bool = field(default=False, metadata=_meta(
-        "Hold the average on the CPU instead of the training device (saves device memory; each update copies the "
-        "LoRA weights to the CPU).", aliases=("offload_ema", "ema_offload", "ema_device")))
-
-
-@dataclass(kw_only=True)
-class TrainConfig:
-    """Optimisation settings."""
-
-    batch_size: int = field(default=1, metadata=_meta(
-        "Images per step on each process.", GT0, aliases=("train_batch_size",)))
-    steps: int = field(default=1000, metadata=_meta(
-        "Total optimizer steps.", GT0, aliases=("max_train_steps", "max_steps", "num_steps", "train_steps")))
-    gradient_accumulation_steps: int = field(default=1, metadata=_meta(
-        "Micro-batches accumulated per optimizer step.", GT0, aliases=("gradient_accumulation",)))
-    train_unet: bool = field(default=True, metadata=_meta(
-        "Train the transformer, which holds the LoRA; must be true.", aliases=("train_transformer",)))
-    train_text_encoder: bool = field(default=False, metadata=_meta(
-        "Train the text encoders; not supported, must be false."))
-    gradient_checkpointing: bool = field(default=True, metadata=_meta(
-        "Recompute activations during backward to save memory."))
-    num_workers: Optional[int] = field(default=None, metadata=_meta(
-        "DataLoader worker processes per training process (never persistent: see toolkit/data/dataset.py). null: "
-        "0 on CPU, where workers take cores from the step (measured slower), else min(4, half this process's "
-        "cores). Batches are the same for any value; CUDA runs pin host memory.", GE0,
-        aliases=("dataloader_num_workers", "workers")))
-    compile: bool = field(default=False, metadata=_meta(
-        "torch.compile each repeated transformer block in place (regional compilation; LoRA keys unchanged). "
-        "Costs compile time per new bucket shape (bounded recompiles, then eager); needs a C++ compiler on CPU.",
-        aliases=("torch_compile", "compile_transformer")))
-    noise_scheduler: Literal["flowmatch"] = field(default="flowmatch", metadata=_meta(
-        "Training noise schedule; FLUX uses flow matching."))
-    optimizer: Literal["adamw", "adamw8bit", "prodigy", "sgd"] = field(default="adamw8bit", metadata=_meta(
-        "Optimizer.", aliases=("optim", "optimizer_type")))
-    optimizer_params: dict[str, Any] = field(default_factory=dict, metadata=_meta(
-        "Extra keyword arguments for the optimizer, e.g. weight_decay.", aliases=("optimizer_args",)))
-    lr: float = field(default=1e-4, metadata=_meta(
-        "Peak learning rate.", GT0, aliases=("learning_rate", "unet_lr")))
-    lr_scheduler: Literal["constant", "cosine", "linear", "cosine_with_restarts"] = field(
-        default="constant", metadata=_meta(
-            "Learning-rate schedule after the warm-up (diffusers' get_scheduler); the planned curve is written to "
-            "TensorBoard as train/lr_schedule at the start of a run."))
-    lr_scheduler_params: dict[str, Any] = field(default_factory=dict, metadata=_meta(
-        "Options of the schedule: cosine_with_restarts takes num_cycles (integer >= 1, default 1); the others "
-        "take none.", aliases=("lr_scheduler_args", "scheduler_params")))
-    lr_warmup_steps: int = field(default=0, metadata=_meta(
-        "Steps of linear warm-up from 0 to lr.", GE0, aliases=("warmup_steps",)))
-    max_grad_norm: float = field(default=1.0, metadata=_meta(
-        "Clip the gradient norm to this value; 0 disables clipping.", GE0, aliases=("clip_grad_norm",)))
-    timestep_type: Literal["sigmoid", "linear", "weighted", "shift"] = field(default="sigmoid", metadata=_meta(
-        "How training timesteps are sampled."))
-    dtype: TrainDType = field(default="bf16", metadata=_meta(
-        "Compute dtype of the frozen model weights.", aliases=("mixed_precision",)))
-    seed: int = field(default=42, metadata=_meta("Random seed for noise, timesteps and data order."))
-    guidance: float = field(default=1.0, metadata=_meta(
-        "Guidance embedding value fed to the transformer during training.", GE0))
-    distributed_training: bool = field(default=False, metadata=_meta(
-        "Train data-parallel across the processes started by accelerate launch."))
-    full_finetune: bool = field(default=False, metadata=_meta(
-        "Train the transformer's own weights instead of a LoRA (same as network: null); saves a diffusers "
-        "transformer folder <run folder>/transformer. Not with model.quantize.",
-        aliases=("full_fine_tune", "finetune", "full_ft")))
-    disable_sampling: bool = field(default=False, metadata=_meta("Never generate sample images."))
-    skip_first_sample: bool = field(default=False, metadata=_meta(
-        "Skip the sample images made before the first step."))
-    ema_config: EMAConfig = field(default_factory=EMAConfig, metadata=_meta(
-        "Exponential moving average of the trained LoRA weights (use_ema, ema_decay, ...)."))
-    cache_text_embeddings: bool = field(default=False, metadata=_meta(
-        "Encode every caption (and the empty caption used by caption dropout) once before training, then unload "
-        "the text encoders; embeddings are stored where each dataset caches its latents, else in memory. Not "
-        "with shuffle_tokens.", aliases=("cache_text_encoder_outputs", "cache_te_outputs")))
-    resume_from: Optional[str] = field(default=None, metadata=_meta(
-        "Training state to resume from: a state folder (<run folder>/state/<step>) or 'latest' (the newest in the "
-        "run folder, even if the config changed). null: resume automatically from the newest state when the config "
-        "is unchanged (run.py --fresh starts over in a new folder).", NON_EMPTY, normalize=_expand_home,
-        aliases=("resume", "resume_from_checkpoint", "resume_path")))
-
-
-@dataclass(kw_only=True)
 class ModelConfig:
     """The frozen base model."""
 
@@ -253,6 +158,9 @@ class SampleConfig:
     sampler: Literal["flowmatch"] = field(default="flowmatch", metadata=_meta(
         "Sampling scheduler; must match train.noise_scheduler."))
     sample_every: int = field(default=250, metadata=_meta("Generate samples every this many steps.", GT0))
+    sample_start_step: int = field(default=0, metadata=_meta(
+        "No periodic samples before this step (ai-toolkit's rule: steps >= it that are multiples of sample_every); "
+        "the before-training and final samples are still made.", GE0))
     width: int = field(default=1024, metadata=_meta("Sample width in pixels.", SIZE16))
     height: int = field(default=1024, metadata=_meta("Sample height in pixels.", SIZE16))
     prompts: list[str] = field(default_factory=list, metadata=_meta(

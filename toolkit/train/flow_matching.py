@@ -5,7 +5,7 @@ Shapes: B batch, N tokens (or any trailing dims) of the clean latents x0.
     t       ~ timestep distribution in (0, 1)            (B,)
     x_t     = (1 - t) x0 + t noise                       (B, N, D)
     target  = noise - x0                                 (B, N, D)   the velocity d x_t / d t
-    loss    = mean_b w(t_b) * mean((pred - target)^2)
+    loss    = mean_b w(t_b) * mean(rho(pred - target))     rho: squared error (mse), |.| (mae), pseudo-Huber
 
 How the architecture turns x_t into a prediction (packing, position ids, conditioning tokens) lives in its
 extensions/<arch>/ package; the train step (jobs/process/BaseSDTrainProcess.py: compute_loss) calls these.
@@ -18,7 +18,13 @@ from typing import Literal
 
 import torch
 
-TimestepType = Literal["sigmoid", "linear", "weighted", "shift"]
+from toolkit.train import timesteps as timestep_tables
+
+TimestepType = Literal["sigmoid", "linear", "weighted", "shift", "flux_shift", "lognorm_blend"]
+LossType = Literal["mse", "mae", "pseudo_huber"]
+
+# ai-toolkit's fixed pseudo-Huber width: quadratic for |error| << 0.01, linear beyond.
+PSEUDO_HUBER_C = 0.01
 
 # Integral of exp(-2 (t - 0.5)^2) over [0, 1]: normalises the "weighted" loss weights to mean 1.
 _BELL_MEAN = math.sqrt(math.pi / 2.0) * math.erf(math.sqrt(2.0) * 0.5)
@@ -38,16 +44,24 @@ def shift_timesteps(t: torch.Tensor, mu: float) -> torch.Tensor:
 
 
 def sample_timesteps(kind: TimestepType, batch: int, generator: torch.Generator, image_seq_len: int,
-                     device=None) -> tuple[torch.Tensor, torch.Tensor]:
+                     device=None, content_or_style: timestep_tables.ContentOrStyle = "balanced"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw flow-matching times t in (0,1) and per-sample loss weights (mean 1), both (B,) fp32.
 
     sigmoid:  t = sigmoid(N(0,1)), concentrates on mid noise levels (SD3 / FLUX fine-tuning default).
     linear:   t ~ U(0,1).
     shift:    U(0,1) shifted by FLUX's resolution-dependent mu, the schedule the sampler uses.
     weighted: t ~ U(0,1) with a bell-shaped loss weight exp(-2 (t - 0.5)^2) (ai-toolkit's "weighted").
+    flux_shift, lognorm_blend, and any kind with content_or_style content/style: ai-toolkit's table of 1000 times
+    and index rule (toolkit.train.timesteps), t in [0, 1] unclamped as there.
     """
     dev = generator.device
     weights = torch.ones(batch, device=dev)
+    if kind in timestep_tables.TABLE_KINDS or content_or_style != "balanced":
+        t = timestep_tables.draw(kind, content_or_style, batch, generator, resolution_shift_mu(image_seq_len))
+        if kind == "weighted":
+            weights = torch.exp(-2.0 * (t - 0.5) ** 2) / _BELL_MEAN
+        return t.to(device), weights.to(device)
     if kind == "sigmoid":
         t = torch.sigmoid(torch.randn(batch, generator=generator, device=dev))
     elif kind == "linear":
@@ -75,9 +89,24 @@ def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
-def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted MSE in fp32: per-sample mean over tokens and features, then weighted mean over the batch."""
-    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: LossType = "mse") -> torch.Tensor:
+    """Per-element error in fp32, as ai-toolkit's train.loss_type: mse (pred - target)^2, mae |pred - target|,
+    pseudo_huber sqrt((pred - target)^2 + c^2) - c with c = 0.01."""
+    diff = pred.float() - target.float()
+    if loss_type == "mse":
+        return diff.pow(2)
+    if loss_type == "mae":
+        return diff.abs()
+    if loss_type == "pseudo_huber":
+        return torch.sqrt(diff.pow(2) + PSEUDO_HUBER_C ** 2) - PSEUDO_HUBER_C
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
+                       loss_type: LossType = "mse") -> torch.Tensor:
+    """Weighted loss in fp32: per-sample mean of the element loss over tokens and features, then weighted mean over
+    the batch (ai-toolkit's order: element loss, timestep weight, mean per sample, mean over the batch)."""
+    per_sample = elementwise_loss(pred, target, loss_type).flatten(1).mean(dim=1)
     return (per_sample * weights.float()).mean()
 
 

@@ -1,7 +1,10 @@
 """Learning-rate schedules: diffusers' get_scheduler behind strictly checked names and parameters.
 
 `train.lr_scheduler` picks the shape after `train.lr_warmup_steps` of linear warm-up from 0 to `train.lr`;
-`train.lr_scheduler_params` holds that shape's own options (only those listed in SCHEDULE_PARAMS). The checks run
+`train.lr_scheduler_params` holds that shape's own options (only those listed in SCHEDULE_PARAMS). Two come from
+ai-toolkit with its parameter names: `constant_with_warmup` (diffusers' schedule; ai-toolkit's warm-up length is
+`num_warmup_steps`, default 1000) and `step` (torch's StepLR shape: lr * gamma ** (step // step_size); ai-toolkit
+hands StepLR an extra total_iters, which it rejects, so there the name only fails). The checks run
 at config load (no diffusers import here at module level: the config loader imports this module).
 
 `planned_lrs` computes the whole schedule on a throw-away optimizer, so the planned curve can be written to
@@ -15,11 +18,19 @@ from typing import Any, Callable, Mapping, Optional
 
 from toolkit.errors import ConfigError
 
-SCHEDULES = ("constant", "cosine", "linear", "cosine_with_restarts")
+SCHEDULES = ("constant", "cosine", "linear", "cosine_with_restarts", "constant_with_warmup", "step")
 
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 # name -> {parameter: (check, rule text, default)}
@@ -28,6 +39,9 @@ SCHEDULE_PARAMS: dict[str, dict[str, tuple[Callable[[Any], bool], str, Any]]] = 
     "cosine": {},
     "linear": {},
     "cosine_with_restarts": {"num_cycles": (_positive_int, "an integer >= 1 (hard restarts of the cosine)", 1)},
+    "constant_with_warmup": {"num_warmup_steps": (_count, "an integer >= 0 (steps of linear warm-up)", 1000)},
+    "step": {"step_size": (_positive_int, "an integer >= 1 (steps between decays)", None),
+             "gamma": (_positive_number, "a number > 0 (factor applied every step_size steps)", 0.1)},
 }
 
 
@@ -46,6 +60,13 @@ def schedule_problems(name: str, params: Mapping[str, Any], warmup_steps: int, s
         check, rule, _ = known[key]
         if not check(value):
             problems.append(f"{path}.lr_scheduler_params.{key}: must be {rule}, got {value!r}")
+    if name == "step" and "step_size" not in params:
+        problems.append(f"{path}.lr_scheduler_params.step_size: required by lr_scheduler 'step' (steps between "
+                        "decays of the lr by gamma)")
+    if name == "constant_with_warmup" and warmup_steps:
+        problems.append(f"{path}.lr_warmup_steps: lr_scheduler 'constant_with_warmup' warms up over "
+                        "lr_scheduler_params.num_warmup_steps (ai-toolkit's key); set lr_warmup_steps to 0, or use "
+                        "lr_scheduler 'constant' with lr_warmup_steps")
     if warmup_steps >= steps:
         problems.append(f"{path}.lr_warmup_steps: must be less than train.steps ({steps}), got {warmup_steps}")
     return problems
@@ -63,11 +84,27 @@ def make_lr_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int,
         problems.append(f"train.lr_scheduler: unknown schedule {name!r} ({', '.join(SCHEDULES)})")
     if problems:
         raise ConfigError("\n".join(problems))
-    if name == "constant" and warmup_steps > 0:
-        name = "constant_with_warmup"
     kwargs = {key: params.get(key, default) for key, (_, _, default) in SCHEDULE_PARAMS.get(name, {}).items()}
+    if name == "step":
+        return _step_schedule(optimizer, warmup_steps, kwargs["step_size"], kwargs["gamma"])
+    if name == "constant_with_warmup":
+        warmup_steps = kwargs.pop("num_warmup_steps")
+    elif name == "constant" and warmup_steps > 0:
+        name = "constant_with_warmup"
     return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
                          **kwargs)
+
+
+def _step_schedule(optimizer, warmup_steps: int, step_size: int, gamma: float):
+    """Linear warm-up, then StepLR's shape counted from the end of the warm-up (with no warm-up: StepLR exactly)."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / warmup_steps
+        return gamma ** ((step - warmup_steps) // step_size)
+
+    return LambdaLR(optimizer, factor)
 
 
 def planned_lrs(name: str, lr: float, warmup_steps: int, total_steps: int,
