@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 
 from jobs import get_job
 from tests.helpers import first_bucket_batch, merge, tiny_config_dict, write_config
-from toolkit.adapters.lora import lora_state_dict
 from toolkit.config import ConfigProblems, load_job_config
 from toolkit.dist import Runtime
 from toolkit.train import flow_matching, preservation
