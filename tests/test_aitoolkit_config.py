@@ -187,7 +187,8 @@ def test_mapped_key_and_our_key_disagreeing_is_a_problem(tmp_path: Path) -> None
     ({"sample": {"network_multiplier": 0.5}}, "sample.network_multiplier", "0.5"),
     ({"sample": {"samples": [{"prompt": "p", "ctrl_img": "/c.png", "network_multiplier": 0.8}]}},
      "sample.samples[0].network_multiplier", "0.8"),
-    ({"datasets": [{"folder_path": "/t", "control_path": "/c", "flip_x": True}]}, "datasets[0].flip_x", "True"),
+    ({"datasets": [{"folder_path": "/t", "control_path": "/c", "random_scale": True}]}, "datasets[0].random_scale",
+     "True"),
 ])
 def test_result_changing_value_is_refused_by_name(tmp_path: Path, sections: dict, key: str, value: str) -> None:
     (problem,) = problems_of(tmp_path, with_process(**sections))

@@ -273,7 +273,8 @@ class BaseSDTrainProcess:
 
     def compute_loss(self, run: TrainingRun, batch: dict) -> torch.Tensor:
         """Flow-matching loss of one micro-batch, through the WRAPPED denoiser so DDP syncs the gradients:
-        x_t = (1 - t) x0 + t noise, target = noise - x0, loss = weighted mean (pred - target)^2."""
+        x_t = (1 - t) x0 + t noise, target = noise - x0, loss = weighted mean (pred - target)^2, weighted by timestep and
+        by each item's dataset loss_multiplier."""
         model = run.model
         encoded = model.encode_batch(batch)
         x0 = model.clean_latents(encoded)
@@ -284,6 +285,7 @@ class BaseSDTrainProcess:
         x_t = flow_matching.noisy_latents(x0, noise, t)
         target = flow_matching.flow_target(x0, noise)
         pred = run.denoiser(**model.denoiser_inputs(encoded, x_t, t, self.train.guidance))
+        weights = weights * batch["loss_multiplier"].to(weights.device)  # dataset loss_multiplier, per item
         return flow_matching.flow_matching_loss(pred, target, weights)
 
     def _after_step(self, run: TrainingRun, step: int, result: StepResult) -> None:

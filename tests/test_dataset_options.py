@@ -1,0 +1,150 @@
+"""ai-toolkit's per-dataset options: flip_x / flip_y, loss_multiplier, trigger_word, keep_tokens, token_dropout_rate."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from jobs import get_job
+from tests.config_helpers import load, problems_of, with_process
+from tests.helpers import merge, tiny_config_dict, write_config
+from toolkit.data.captions import prepare_caption
+from toolkit.data.dataset import PairedDataset, collate_batch, flips
+from toolkit.data.pairs import Pair
+
+
+def dataset_cfg(**overrides) -> SimpleNamespace:
+    values = dict(folder_path="unused", control_path="unused", caption_ext="txt", default_caption=None,
+                  caption_dropout_rate=0.0, shuffle_tokens=False, resolution=[64], num_repeats=1,
+                  cache_latents_to_disk=False)
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+@pytest.fixture
+def lopsided_pair(tmp_path: Path) -> Pair:
+    """64x64 target and 128x128 control, both white with a black top-left quadrant: every flip moves it."""
+    def picture(side: int) -> Image.Image:
+        arr = np.full((side, side, 3), 255, dtype=np.uint8)
+        arr[: side // 2, : side // 2] = 0
+        return Image.fromarray(arr)
+
+    picture(64).save(tmp_path / "t.png")
+    picture(128).save(tmp_path / "c.png")
+    return Pair(tmp_path / "t.png", tmp_path / "c.png", "red, green, blue", (64, 64), (128, 128))
+
+
+# -- flips ------------------------------------------------------------------------------------------------------
+def test_flips_add_copies_as_ai_toolkit_does() -> None:
+    assert flips(False, False) == [(False, False)]
+    assert flips(True, False) == [(False, False), (True, False)]
+    assert flips(False, True) == [(False, False), (False, True)]
+    assert flips(True, True) == [(False, False), (True, False), (False, True), (True, True)]
+
+
+def test_flipped_items_mirror_target_and_control_together(lopsided_pair: Pair) -> None:
+    dataset = PairedDataset([lopsided_pair], [dataset_cfg(flip_x=True, flip_y=True, num_repeats=2)], None, seed=0)
+    assert len(dataset) == 8  # 4 mirrorings x 2 repeats
+    by_flip = {dataset.items[i].flip: dataset[i] for i in range(len(dataset))}
+    plain = by_flip[(False, False)]
+    for (fx, fy), item in by_flip.items():
+        dims = [d for d, on in ((2, fx), (1, fy)) if on]  # tensors are [3, H, W]
+        for name in ("target", "control"):
+            expected = plain[name].flip(dims) if dims else plain[name]
+            assert torch.equal(item[name], expected), (fx, fy, name)
+    assert plain["target"][:, 0, 0].max() < 0 and by_flip[(True, True)]["target"][:, -1, -1].max() < 0
+
+
+def test_flipped_items_have_their_own_latent_cache_key(lopsided_pair: Pair) -> None:
+    """The latent cache keys items by image_sources: a mirrored item must never reuse the unmirrored latents, and
+    unmirrored items keep the keys they had before flips existed."""
+    plain = PairedDataset([lopsided_pair], [dataset_cfg()], None, seed=0)
+    flipped = PairedDataset([lopsided_pair], [dataset_cfg(flip_x=True)], None, seed=0)
+    assert "flip" not in plain.image_sources(0) and flipped.image_sources(0) == plain.image_sources(0)
+    assert flipped.image_sources(1)["flip"] == (True, False)
+    assert flipped.image_sources(1) != flipped.image_sources(0)
+
+
+def test_cached_flipped_run_encodes_each_mirroring(tmp_path, tiny_model_dir, demo_data_dir) -> None:
+    cfg = merge(tiny_config_dict(tmp_path / "out", tiny_model_dir, demo_data_dir), {"train.steps": 1})
+    cfg["config"]["process"][0]["datasets"][0].update(flip_x=True, cache_latents=True)
+    job = get_job(write_config(tmp_path / "cfg.yaml", cfg))
+    process = job.processes[0]
+    from toolkit.data.cache import cache_dataset
+    from toolkit.data.pairs import discover_pairs
+    from toolkit.dist import Runtime
+    from extensions.flux_kontext import FluxKontext
+
+    dataset = PairedDataset(discover_pairs(process.cfg.datasets), process.cfg.datasets, None, seed=0)
+    model = FluxKontext.load(process.cfg.model, torch.device("cpu"), torch.float32)
+    rt = Runtime(distributed=False, device="cpu")
+    try:
+        cache = cache_dataset(dataset, process.cfg.datasets, rt=rt, batch_size=2, latents=model.latent_encoder(),
+                              text=None)
+    finally:
+        rt.end()
+    index = {dataset.items[i].flip: i for i in range(len(dataset)) if dataset.items[i].pair_index == 0}
+    plain, mirrored = (cache.tensors(index[f], "")["target_latents"] for f in [(False, False), (True, False)])
+    assert not torch.equal(mirrored, plain)
+    dataset.attach_cache(None)
+    pixels = dataset[index[(True, False)]]["target"]
+    assert torch.allclose(mirrored, model.encode_images(pixels[None])[0], atol=1e-5)
+
+
+# -- loss_multiplier ----------------------------------------------------------------------------------------------
+def test_items_carry_their_dataset_loss_multiplier(lopsided_pair: Pair, tmp_path: Path) -> None:
+    other = Pair(lopsided_pair.target, lopsided_pair.control, "x", (64, 64), (128, 128), dataset_index=1)
+    dataset = PairedDataset([lopsided_pair, other], [dataset_cfg(), dataset_cfg(loss_multiplier=0.25)], None, 0)
+    batch = collate_batch([dataset[0], dataset[1]])
+    assert batch["loss_multiplier"].tolist() == [1.0, 0.25]
+
+
+def test_loss_multiplier_zero_trains_nothing(tmp_path, tiny_model_dir, demo_data_dir) -> None:
+    """compute_loss multiplies each item's loss by its dataset's loss_multiplier: at 0 the LoRA never moves."""
+    cfg = merge(tiny_config_dict(tmp_path / "out", tiny_model_dir, demo_data_dir), {"train.steps": 2})
+    cfg["config"]["process"][0]["datasets"][0]["loss_multiplier"] = 0.0
+    final = get_job(write_config(tmp_path / "cfg.yaml", cfg)).run()[0]
+    lora_b = [v for k, v in load_file(str(final)).items() if ".lora_B." in k]
+    assert lora_b and all(torch.count_nonzero(v) == 0 for v in lora_b)
+
+
+# -- captions -------------------------------------------------------------------------------------------------
+def test_token_dropout_keeps_the_first_parts_and_the_trigger_word() -> None:
+    caption = "a, b, c, d, e, f, g, h"
+    assert prepare_caption(caption, "ohwx", False, 0.0, random.Random(0), token_dropout_rate=1.0,
+                           keep_tokens=2) == "ohwx, a, b"
+    seen = {prepare_caption(caption, None, False, 0.0, random.Random(s), token_dropout_rate=0.5) for s in range(50)}
+    assert len(seen) > 10 and all(set(c.split(", ")) - {""} <= set(caption.split(", ")) for c in seen)
+    assert prepare_caption(caption, None, False, 0.0, random.Random(0), token_dropout_rate=0.0) == caption
+
+
+def test_dataset_trigger_word_and_token_dropout_reach_items(lopsided_pair: Pair) -> None:
+    cfg = dataset_cfg(trigger_word="sks", token_dropout_rate=1.0, keep_tokens=1)
+    dataset = PairedDataset([lopsided_pair], [cfg], trigger_word="ohwx", seed=0)
+    assert dataset[0]["caption"] == "sks, red"
+    assert PairedDataset([lopsided_pair], [dataset_cfg()], "ohwx", 0)[0]["caption"] == "ohwx, red, green, blue"
+    with pytest.raises(ValueError, match="token_dropout_rate"):
+        dataset.item_captions(0)
+
+
+# -- config -------------------------------------------------------------------------------------------------------
+def test_ai_toolkit_dataset_keys_load(tmp_path: Path) -> None:
+    keys = {"flip_x": True, "flip_y": True, "loss_multiplier": 0.5, "trigger_word": "sks", "keep_tokens": 1,
+            "token_dropout_rate": 0.1}
+    data = with_process(datasets=[{"folder_path": "/t", "control_path": "/c", **keys}])
+    dataset = load(tmp_path, data).config.process[0].datasets[0]
+    assert {k: getattr(dataset, k) for k in keys} == keys
+
+
+def test_token_dropout_with_cached_text_embeddings_is_refused(tmp_path: Path) -> None:
+    data = with_process(datasets=[{"folder_path": "/t", "control_path": "/c", "token_dropout_rate": 0.1}],
+                        train={"cache_text_embeddings": True})
+    (problem,) = problems_of(tmp_path, data)
+    assert "datasets[0].token_dropout_rate: cannot be combined with train.cache_text_embeddings" in problem
