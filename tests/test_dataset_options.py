@@ -148,3 +148,59 @@ def test_token_dropout_with_cached_text_embeddings_is_refused(tmp_path: Path) ->
                         train={"cache_text_embeddings": True})
     (problem,) = problems_of(tmp_path, data)
     assert "datasets[0].token_dropout_rate: cannot be combined with train.cache_text_embeddings" in problem
+
+
+# -- network_weight -------------------------------------------------------------------------------------------------
+def test_network_weight_separates_batches_and_reaches_items(lopsided_pair: Pair) -> None:
+    other = Pair(lopsided_pair.target, lopsided_pair.control, "x", (64, 64), (128, 128), dataset_index=1)
+    plain = PairedDataset([lopsided_pair, other], [dataset_cfg(), dataset_cfg()], None, 0)
+    assert plain.batch_keys == plain.bucket_keys  # unchanged sampler groups (and resume states) without the key
+    dataset = PairedDataset([lopsided_pair, other], [dataset_cfg(), dataset_cfg(network_weight=-0.5)], None, 0)
+    assert dataset.batch_keys == [(64, 64), (64, 64, -0.5)]
+    assert dataset[1]["network_weight"].item() == -0.5 and dataset[0]["network_weight"].item() == 1.0
+
+
+def test_adapter_strength_scales_the_lora_output_and_restores_it_exactly() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from toolkit.adapters.strength import adapter_strength, batch_strength
+
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), LoraConfig(r=2, lora_alpha=2,
+                                                                                  target_modules=["0"]))
+    torch.nn.init.normal_(model.base_model.model[0].lora_B["default"].weight)
+    x = torch.randn(3, 4)
+    with model.disable_adapter():
+        base = model(x)
+    full = model(x)
+    with adapter_strength(model, -0.3):
+        scaled = model(x)
+    assert torch.allclose(scaled - base, -0.3 * (full - base), atol=1e-6)
+    assert model.base_model.model[0].scaling["default"] == 1.0 and torch.equal(model(x), full)
+    assert batch_strength(torch.tensor([0.3, 0.3])) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="mixes network_weight"):
+        batch_strength(torch.tensor([0.3, 1.0]))
+
+
+def test_network_weight_trains_at_that_strength(tmp_path, tiny_model_dir, demo_data_dir, monkeypatch) -> None:
+    """The training step runs the denoiser, and its backward, with the LoRA scaled by the dataset's network_weight."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    seen = []
+    original = LoraLayer.scale_layer
+
+    def spy(self, scale):
+        seen.append(scale)
+        return original(self, scale)
+
+    monkeypatch.setattr(LoraLayer, "scale_layer", spy)
+    cfg = merge(tiny_config_dict(tmp_path / "out", tiny_model_dir, demo_data_dir), {"train.steps": 1})
+    cfg["config"]["process"][0]["datasets"][0]["network_weight"] = 0.5
+    get_job(write_config(tmp_path / "cfg.yaml", cfg)).run()
+    assert seen and set(seen) == {0.5}
+
+
+def test_network_weight_with_a_full_finetune_is_refused(tmp_path: Path) -> None:
+    data = with_process(datasets=[{"folder_path": "/t", "control_path": "/c", "network_weight": 2.0}], network=None)
+    (problem,) = problems_of(tmp_path, data)
+    assert "datasets[0].network_weight: is the LoRA's strength" in problem

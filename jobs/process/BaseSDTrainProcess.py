@@ -26,6 +26,7 @@ from jobs.process.training_run import StepResult, TrainingRun, describe_batch
 from toolkit.adapters import full_finetune
 from toolkit.adapters.lora_convert import find_conventions
 from toolkit.adapters.network import check_pretrained_file, load_pretrained
+from toolkit.adapters.strength import adapter_strength, batch_strength
 from toolkit.arch import Architecture, get_architecture
 from toolkit.config.schema import TrainProcessConfig
 from toolkit.data.cache import CachingModel, cache_dataset, cache_folder_problems
@@ -144,7 +145,7 @@ class BaseSDTrainProcess:
 
         dataset = PairedDataset(pairs, self.cfg.datasets, trigger_word=self.cfg.trigger_word, seed=train.seed)
         self._attach_caches(rt, model, dataset, requests, validation)
-        sampler = BucketBatchSampler(dataset.bucket_keys, batch_size=train.batch_size * rt.world_size,
+        sampler = BucketBatchSampler(dataset.batch_keys, batch_size=train.batch_size * rt.world_size,
                                      seed=train.seed)
         # Its own generator: starting an epoch's iterator would otherwise draw from the global RNG (LoRA dropout's),
         # and a resumed run starts one at a point where an uninterrupted run does not.
@@ -253,7 +254,9 @@ class BaseSDTrainProcess:
         total = torch.zeros((), device=run.rt.device)
         for micro in range(accum):
             batch = next(run.batches)
-            with run.rt.no_sync(run.denoiser, skip=micro < accum - 1):
+            # the dataset's network_weight, kept through backward (checkpointing re-runs the forward there)
+            with run.rt.no_sync(run.denoiser, skip=micro < accum - 1), \
+                    adapter_strength(run.model.transformer, batch_strength(batch["network_weight"])):
                 try:
                     loss = self.compute_loss(run, batch) / accum
                     run.rt.backward(loss)

@@ -329,7 +329,6 @@ TABLE: dict[str, dict[str, Rule]] = {
         "full_size_control_images": Unsupported((True,), "control images are always resized to the target here"),
         "is_reg": Unsupported((False,), "regularization datasets are not implemented"),
         "prior_reg": Unsupported((False,), "regularization datasets are not implemented"),
-        "network_weight": Unsupported((1, 1.0), "per-dataset LoRA strength is not implemented"),
         "random_triggers": Unsupported(EMPTY, "random trigger words are not implemented"),
         "replacements": Unsupported(EMPTY, "caption replacements are not implemented"),
         "use_short_captions": Unsupported((False,), "JSON caption files are not implemented"),

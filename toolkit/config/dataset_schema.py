@@ -6,7 +6,7 @@ Split out of ``schema.py`` (re-exported there) to keep files small; the metadata
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from toolkit.config.fields import (_meta, _expand_home, _expand_folders, _one_size_to_list, GE0, GE1, NON_EMPTY,
+from toolkit.config.fields import (Check, _meta, _expand_home, _expand_folders, _one_size_to_list, GE0, GE1, NON_EMPTY,
                                    FOLDERS, UNIQUE, RESOLUTION, PROBABILITY)
 
 __all__ = ["DatasetConfig"]
@@ -51,6 +51,10 @@ class DatasetConfig:
     loss_multiplier: float = field(default=1.0, metadata=_meta(
         "Weight of this dataset's items in the loss: each item's flow-matching loss is multiplied by it, as "
         "ai-toolkit's loss_multiplier.", GE0))
+    network_weight: float = field(default=1.0, metadata=_meta(
+        "Strength of the trained LoRA while this dataset's items train (its update is multiplied by it; negative "
+        "values train away from the data), as ai-toolkit; batches never mix values. Samples use strength 1.",
+        Check(lambda v: v != 0, "non-zero")))
     trigger_word: Optional[str] = field(default=None, metadata=_meta(
         "Trigger word of this dataset's captions, in place of the process's trigger_word (which sample prompts "
         "keep using).", NON_EMPTY))

@@ -66,7 +66,7 @@ def control_names(batch: Mapping[str, Any], suffix: str = "") -> list[str]:
 
 # ai-toolkit's defaults of the dataset options that duck-typed configs (tests, tools) may leave out.
 OPTION_DEFAULTS: dict[str, Any] = {"flip_x": False, "flip_y": False, "loss_multiplier": 1.0, "trigger_word": None,
-                                   "keep_tokens": 0, "token_dropout_rate": 0.0}
+                                   "keep_tokens": 0, "token_dropout_rate": 0.0, "network_weight": 1.0}
 
 
 def option(cfg: DatasetConfigLike, name: str) -> Any:
@@ -138,8 +138,8 @@ class ItemCache(Protocol):
 
 
 class PairedDataset(Dataset):
-    """Items ``{"target", "control": FloatTensor[3, H, W] in [-1, 1], "loss_multiplier": FloatTensor[], "caption": str,
-    "index": int, "path": str}``
+    """Items ``{"target", "control": FloatTensor[3, H, W] in [-1, 1], "loss_multiplier", "network_weight": FloatTensor[],
+    "caption": str, "index": int, "path": str}``
     (plus "control_2", ... with several control folders); with a cache attached, plus the cached tensors, and
     without the pixels when the cache covers images."""
 
@@ -167,6 +167,16 @@ class PairedDataset(Dataset):
     def bucket_keys(self) -> list[tuple[int, int]]:
         """The (width, height) bucket of every item, in item order: what BucketBatchSampler groups by."""
         return [plan.bucket for plan in self.items]
+
+    @property
+    def batch_keys(self) -> list[tuple]:
+        """What BucketBatchSampler groups by: the bucket, plus the dataset's network_weight when it is not 1 (a batch
+        trains at one LoRA strength). Equal to bucket_keys for configs without network_weight."""
+        keys = []
+        for index, plan in enumerate(self.items):
+            weight = float(option(self.datasets[self.dataset_index(index)], "network_weight"))
+            keys.append(plan.bucket if weight == 1.0 else (*plan.bucket, weight))
+        return keys
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose caption randomness __getitem__ uses."""
@@ -237,7 +247,8 @@ class PairedDataset(Dataset):
             keep_tokens=option(cfg, "keep_tokens"),
         )
         # Per-item loss weight (dataset loss_multiplier), applied by the trainer's compute_loss.
-        item: dict[str, Any] = {"loss_multiplier": torch.tensor(float(option(cfg, "loss_multiplier")))}
+        item: dict[str, Any] = {"loss_multiplier": torch.tensor(float(option(cfg, "loss_multiplier"))),
+                                "network_weight": torch.tensor(float(option(cfg, "network_weight")))}
         if self.cache is None or not self.cache.covers_images:
             item.update(self.load_pixels(index))
         if self.cache is not None:
@@ -246,9 +257,9 @@ class PairedDataset(Dataset):
 
 
 def collate_batch(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack items of ONE bucket: {"target", "control": [B, 3, H, W], "loss_multiplier": [B], "caption": list[str],
-    "index": LongTensor[B], "path": list[str]}; cached tensors are stacked the same way. Items of different buckets mean the batch sampler is
-    not a bucket sampler."""
+    """Stack items of ONE bucket: {"target", "control": [B, 3, H, W], "loss_multiplier", "network_weight": [B],
+    "caption": list[str], "index": LongTensor[B], "path": list[str]}; cached tensors are stacked the same way. Items
+    of different buckets mean the batch sampler is not a bucket sampler."""
     if not items:
         raise ValueError("collate_batch got an empty batch")
     tensors = [name for name, value in items[0].items() if isinstance(value, torch.Tensor)]
