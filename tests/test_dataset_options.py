@@ -204,3 +204,30 @@ def test_network_weight_with_a_full_finetune_is_refused(tmp_path: Path) -> None:
     data = with_process(datasets=[{"folder_path": "/t", "control_path": "/c", "network_weight": 2.0}], network=None)
     (problem,) = problems_of(tmp_path, data)
     assert "datasets[0].network_weight: is the LoRA's strength" in problem
+
+
+# -- control_path_1..3 (ai-toolkit's UI) ----------------------------------------------------------------------------
+def test_control_path_n_trains_with_every_control(tmp_path, tiny_model_dir, monkeypatch) -> None:
+    """ai-toolkit's UI writes control_path_1/_2: they become our control_path list and every step sees both."""
+    from jobs.process.BaseSDTrainProcess import BaseSDTrainProcess
+    from tools.demo_data import build_demo_dataset
+
+    data = build_demo_dataset(tmp_path / "data", num_pairs=2, seed=0, num_controls=2)
+    cfg = merge(tiny_config_dict(tmp_path / "out", tiny_model_dir, data), {"train.steps": 1})
+    dataset = cfg["config"]["process"][0]["datasets"][0]
+    del dataset["control_path"]
+    dataset.update(control_path_1=str(data / "control"), control_path_2=str(data / "control_2"))
+    batches = []
+    original = BaseSDTrainProcess.compute_loss
+    monkeypatch.setattr(BaseSDTrainProcess, "compute_loss",
+                        lambda self, run, batch: batches.append(sorted(batch)) or original(self, run, batch))
+    job = get_job(write_config(tmp_path / "cfg.yaml", cfg))
+    assert job.processes[0].cfg.datasets[0].control_path == [str(data / "control"), str(data / "control_2")]
+    job.run()
+    assert batches and all({"control", "control_2"} <= set(keys) for keys in batches)
+
+
+def test_generated_controls_stay_refused_with_the_way_out(tmp_path: Path) -> None:
+    data = with_process(datasets=[{"folder_path": "/t", "control_path": "/c", "controls": ["depth"]}])
+    (problem,) = problems_of(tmp_path, data)
+    assert "datasets[0].controls" in problem and "list their folder in control_path" in problem

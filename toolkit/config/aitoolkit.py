@@ -322,7 +322,9 @@ TABLE: dict[str, dict[str, Rule]] = {
         "alpha_mask": Unsupported((False,), "masked loss is not implemented"),
         "unconditional_path": Unsupported(EMPTY, "unconditional images are not implemented"),
         "inpaint_path": Unsupported(EMPTY, "inpainting is not implemented"),
-        "controls": Unsupported(EMPTY, "generated control images (depth, line, pose...) are not implemented"),
+        "controls": Unsupported(EMPTY, "ai-toolkit makes these control images from each target with extra models "
+                                       "(depth, line, pose, inpaint, mask); make them yourself and list their "
+                                       "folder in control_path"),
         "control_from_same_folder": Unsupported((False,), "controls are paired by file name here"),
         "control_transparent_color": Unsupported(([0, 0, 0],), "another fill color for transparent control "
                                                                "images is not implemented"),
