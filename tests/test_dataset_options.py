@@ -137,7 +137,8 @@ def test_dataset_trigger_word_and_token_dropout_reach_items(lopsided_pair: Pair)
 # -- config -------------------------------------------------------------------------------------------------------
 def test_ai_toolkit_dataset_keys_load(tmp_path: Path) -> None:
     keys = {"flip_x": True, "flip_y": True, "loss_multiplier": 0.5, "trigger_word": "sks", "keep_tokens": 1,
-            "token_dropout_rate": 0.1}
+            "token_dropout_rate": 0.1, "network_weight": -1.0, "mask_path": "/m", "mask_min_value": 0.1,
+            "invert_mask": True}
     data = with_process(datasets=[{"folder_path": "/t", "control_path": "/c", **keys}])
     dataset = load(tmp_path, data).config.process[0].datasets[0]
     assert {k: getattr(dataset, k) for k in keys} == keys
@@ -156,7 +157,7 @@ def test_network_weight_separates_batches_and_reaches_items(lopsided_pair: Pair)
     plain = PairedDataset([lopsided_pair, other], [dataset_cfg(), dataset_cfg()], None, 0)
     assert plain.batch_keys == plain.bucket_keys  # unchanged sampler groups (and resume states) without the key
     dataset = PairedDataset([lopsided_pair, other], [dataset_cfg(), dataset_cfg(network_weight=-0.5)], None, 0)
-    assert dataset.batch_keys == [(64, 64), (64, 64, -0.5)]
+    assert dataset.batch_keys == [(64, 64), (64, 64, ("network_weight", -0.5))]
     assert dataset[1]["network_weight"].item() == -0.5 and dataset[0]["network_weight"].item() == 1.0
 
 
@@ -231,3 +232,71 @@ def test_generated_controls_stay_refused_with_the_way_out(tmp_path: Path) -> Non
     data = with_process(datasets=[{"folder_path": "/t", "control_path": "/c", "controls": ["depth"]}])
     (problem,) = problems_of(tmp_path, data)
     assert "datasets[0].controls" in problem and "list their folder in control_path" in problem
+
+
+# -- mask_path ------------------------------------------------------------------------------------------------------
+def _save_mask(path: Path, side: int) -> None:
+    """White with a black top-left quadrant, like lopsided_pair's pictures."""
+    arr = np.full((side, side), 255, dtype=np.uint8)
+    arr[: side // 2, : side // 2] = 0
+    Image.fromarray(arr, mode="L").save(path)
+
+
+def test_masks_follow_their_target_through_crop_and_flip(lopsided_pair: Pair, tmp_path: Path) -> None:
+    _save_mask(tmp_path / "mask.png", 256)
+    pair = Pair(lopsided_pair.target, lopsided_pair.control, "x", (64, 64), (128, 128), mask=tmp_path / "mask.png",
+                mask_size=(256, 256))
+    dataset = PairedDataset([pair], [dataset_cfg(flip_x=True, mask_min_value=0.2)], None, 0)
+    for index in range(len(dataset)):
+        item = dataset[index]
+        mask, target = item["mask"][0], item["target"][0]
+        assert mask.shape == target.shape and mask.min() >= 0.2 - 1e-6 and mask.max() <= 1.0 + 1e-6
+        dark = target < 0  # the target's black quadrant, wherever the flip put it
+        assert mask[dark].mean() < 0.22 and mask[~dark].mean() > 0.98  # edges blur a little in the resize
+    assert dataset.batch_keys[0] == (64, 64, ("mask",))
+    inverted = PairedDataset([pair], [dataset_cfg(invert_mask=True)], None, 0)[0]["mask"][0]
+    assert inverted[0, 0] > 0.95 and inverted[-1, -1] < 0.05
+
+
+def test_missing_mask_is_named_before_any_model_loads(tmp_path: Path, demo_data_dir: Path) -> None:
+    from toolkit.data.pairs import discover_pairs
+    from toolkit.errors import DatasetError
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    targets = sorted((demo_data_dir / "target").glob("*.png"))
+    for target in targets[1:]:
+        _save_mask(masks / target.name, 32)
+    cfg = dataset_cfg(folder_path=str(demo_data_dir / "target"), control_path=str(demo_data_dir / "control"),
+                      mask_path=str(masks), default_caption="x")
+    with pytest.raises(DatasetError, match=f"{targets[0].name}: no mask image named '{targets[0].stem}"):
+        discover_pairs([cfg])
+    _save_mask(masks / targets[0].name, 32)
+    assert all(p.mask is not None for p in discover_pairs([cfg]))
+
+
+def test_kontext_packs_the_mask_like_the_latents() -> None:
+    from extensions.flux_kontext.model import FluxKontext
+    from extensions.flux_kontext.packing import pack_latents
+
+    torch.manual_seed(0)
+    grid = torch.rand(2, 1, 4, 6)  # latent-grid mask
+    pixels = grid.repeat_interleave(8, dim=2).repeat_interleave(8, dim=3)
+    encoded = SimpleNamespace(target_hw=(4, 6), x0=torch.zeros(2, 6, 64))
+    weights = FluxKontext.loss_weights(SimpleNamespace(device=torch.device("cpu")), pixels, encoded)
+    expected = pack_latents(grid.expand(2, 16, 4, 6).contiguous()) / grid.mean()
+    assert weights.shape == (2, 6, 64) and torch.allclose(weights, expected)
+    assert FluxKontext.supports_loss_masks()
+
+
+def test_black_mask_with_min_zero_trains_nothing(tmp_path, tiny_model_dir, demo_data_dir) -> None:
+    """The mask weighs the loss per latent in compute_loss: an all-black mask at mask_min_value 0 zeroes it."""
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for target in (demo_data_dir / "target").glob("*.png"):
+        Image.new("L", Image.open(target).size, 0).save(masks / target.name)
+    cfg = merge(tiny_config_dict(tmp_path / "out", tiny_model_dir, demo_data_dir), {"train.steps": 2})
+    cfg["config"]["process"][0]["datasets"][0].update(mask_path=str(masks), mask_min_value=0.0)
+    final = get_job(write_config(tmp_path / "cfg.yaml", cfg)).run()[0]
+    lora_b = [v for k, v in load_file(str(final)).items() if ".lora_B." in k]
+    assert lora_b and all(torch.count_nonzero(v) == 0 for v in lora_b)

@@ -79,6 +79,8 @@ class BaseSDTrainProcess:
         if self.cfg.network is not None:
             check_pretrained_file(self.cfg.network.pretrained_lora, self.cfg.network.type)
         self.model_cfg = stages.resolve_model(self.cfg.model, list(upstream), self.index)
+        if any(d.mask_path for d in self.cfg.datasets) and not self.arch_cls.supports_loss_masks():
+            raise ConfigError(f"datasets[].mask_path: model.arch {self.cfg.model.arch} cannot train with loss masks")
         pairs = discover_pairs(self.cfg.datasets)
         problems = cache_folder_problems(self.cfg.datasets)
         if problems:
@@ -277,7 +279,7 @@ class BaseSDTrainProcess:
     def compute_loss(self, run: TrainingRun, batch: dict) -> torch.Tensor:
         """Flow-matching loss of one micro-batch, through the WRAPPED denoiser so DDP syncs the gradients:
         x_t = (1 - t) x0 + t noise, target = noise - x0, loss = weighted mean (pred - target)^2, weighted by timestep and
-        by each item's dataset loss_multiplier."""
+        by each item's dataset loss_multiplier, and per latent by the loss mask (mask_path)."""
         model = run.model
         encoded = model.encode_batch(batch)
         x0 = model.clean_latents(encoded)
@@ -289,7 +291,8 @@ class BaseSDTrainProcess:
         target = flow_matching.flow_target(x0, noise)
         pred = run.denoiser(**model.denoiser_inputs(encoded, x_t, t, self.train.guidance))
         weights = weights * batch["loss_multiplier"].to(weights.device)  # dataset loss_multiplier, per item
-        return flow_matching.flow_matching_loss(pred, target, weights)
+        masks = model.loss_weights(batch["mask"], encoded) if "mask" in batch else None  # dataset mask_path
+        return flow_matching.flow_matching_loss(pred, target, weights, masks)
 
     def _after_step(self, run: TrainingRun, step: int, result: StepResult) -> None:
         cfg = self.cfg

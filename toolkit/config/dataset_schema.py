@@ -55,6 +55,13 @@ class DatasetConfig:
         "Strength of the trained LoRA while this dataset's items train (its update is multiplied by it; negative "
         "values train away from the data), as ai-toolkit; batches never mix values. Samples use strength 1.",
         Check(lambda v: v != 0, "non-zero")))
+    mask_path: Optional[str] = field(default=None, metadata=_meta(
+        "Folder of loss masks, one greyscale image per target with the same file name: the loss of each latent is "
+        "weighted by the mask there (white 1, black mask_min_value; mean 1 per batch), as ai-toolkit. Cut, resized "
+        "and mirrored with its target.", NON_EMPTY, normalize=_expand_home))
+    mask_min_value: float = field(default=0.0, metadata=_meta(
+        "Weight of black mask pixels: mask values v become mask_min_value + v * (1 - mask_min_value).", PROBABILITY))
+    invert_mask: bool = field(default=False, metadata=_meta("Invert the masks (black counts fully, white least)."))
     trigger_word: Optional[str] = field(default=None, metadata=_meta(
         "Trigger word of this dataset's captions, in place of the process's trigger_word (which sample prompts "
         "keep using).", NON_EMPTY))

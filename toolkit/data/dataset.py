@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from toolkit.data.buckets import Box, bucket_for, crop_box, scale_box
 from toolkit.data.captions import prepare_caption
 from toolkit.data.images import load_rgb, to_tensor
+from toolkit.data.masks import load_mask
 from toolkit.data.pairs import DatasetConfigLike, Pair
 from toolkit.errors import DatasetError
 
@@ -47,6 +48,7 @@ class ItemPlan:
     control_box: Box
     extra_control_boxes: tuple[Box, ...] = ()  # of Pair.extra_controls
     flip: tuple[bool, bool] = (False, False)  # (mirror left-right, mirror top-bottom) after the resize
+    mask_box: Optional[Box] = None  # of Pair.mask (dataset mask_path)
 
 
 def control_key(k: int) -> str:
@@ -66,7 +68,8 @@ def control_names(batch: Mapping[str, Any], suffix: str = "") -> list[str]:
 
 # ai-toolkit's defaults of the dataset options that duck-typed configs (tests, tools) may leave out.
 OPTION_DEFAULTS: dict[str, Any] = {"flip_x": False, "flip_y": False, "loss_multiplier": 1.0, "trigger_word": None,
-                                   "keep_tokens": 0, "token_dropout_rate": 0.0, "network_weight": 1.0}
+                                   "keep_tokens": 0, "token_dropout_rate": 0.0, "network_weight": 1.0,
+                                   "mask_path": None, "mask_min_value": 0.0, "invert_mask": False}
 
 
 def option(cfg: DatasetConfigLike, name: str) -> Any:
@@ -104,9 +107,10 @@ def plan_items(pairs: Sequence[Pair], datasets: Sequence[DatasetConfigLike]) -> 
             target_box = crop_box(*pair.target_size, *bucket)
             # Every control image is cut to the target's crop and resized to the target's bucket.
             control_boxes = [scale_box(target_box, pair.target_size, size) for size in pair.control_sizes]
+            mask_box = scale_box(target_box, pair.target_size, pair.mask_size) if pair.mask else None
             for flip in flips(option(cfg, "flip_x"), option(cfg, "flip_y")):
                 plan = ItemPlan(pair_index, int(resolution), bucket, target_box, control_boxes[0],
-                                tuple(control_boxes[1:]), flip)
+                                tuple(control_boxes[1:]), flip, mask_box)
                 plans.extend([plan] * cfg.num_repeats)
     return plans
 
@@ -140,8 +144,8 @@ class ItemCache(Protocol):
 class PairedDataset(Dataset):
     """Items ``{"target", "control": FloatTensor[3, H, W] in [-1, 1], "loss_multiplier", "network_weight": FloatTensor[],
     "caption": str, "index": int, "path": str}``
-    (plus "control_2", ... with several control folders); with a cache attached, plus the cached tensors, and
-    without the pixels when the cache covers images."""
+    (plus "control_2", ... with several control folders; "mask": FloatTensor[1, H, W] with mask_path); with a cache
+    attached, plus the cached tensors, and without the pixels when the cache covers images."""
 
     def __init__(
         self,
@@ -170,12 +174,14 @@ class PairedDataset(Dataset):
 
     @property
     def batch_keys(self) -> list[tuple]:
-        """What BucketBatchSampler groups by: the bucket, plus the dataset's network_weight when it is not 1 (a batch
-        trains at one LoRA strength). Equal to bucket_keys for configs without network_weight."""
+        """What BucketBatchSampler groups by: the bucket, plus what a batch must share: the dataset's network_weight
+        when it is not 1 (one LoRA strength per batch) and having a loss mask. Equal to bucket_keys without them."""
         keys = []
         for index, plan in enumerate(self.items):
             weight = float(option(self.datasets[self.dataset_index(index)], "network_weight"))
-            keys.append(plan.bucket if weight == 1.0 else (*plan.bucket, weight))
+            extras = (() if weight == 1.0 else (("network_weight", weight),)) + (() if plan.mask_box is None
+                                                                                 else (("mask",),))
+            keys.append((*plan.bucket, *extras))
         return keys
 
     def set_epoch(self, epoch: int) -> None:
@@ -253,6 +259,9 @@ class PairedDataset(Dataset):
             item.update(self.load_pixels(index))
         if self.cache is not None:
             item.update(self.cache.tensors(index, caption))
+        if plan.mask_box is not None:  # never cached: a mask is one small greyscale decode
+            item["mask"] = load_mask(pair.mask, pair.mask_size, plan.mask_box, plan.bucket, plan.flip,
+                                     option(cfg, "invert_mask"), option(cfg, "mask_min_value"))
         return {**item, "caption": caption, "index": index, "path": str(pair.target)}
 
 

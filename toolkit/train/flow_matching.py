@@ -5,7 +5,7 @@ Shapes: B batch, N tokens (or any trailing dims) of the clean latents x0.
     t       ~ timestep distribution in (0, 1)            (B,)
     x_t     = (1 - t) x0 + t noise                       (B, N, D)
     target  = noise - x0                                 (B, N, D)   the velocity d x_t / d t
-    loss    = mean_b w(t_b) * mean((pred - target)^2)
+    loss    = mean_b w_b * mean(m * (pred - target)^2)   w: timestep x dataset weight, m: loss mask (or 1)
 
 How the architecture turns x_t into a prediction (packing, position ids, conditioning tokens) lives in its
 extensions/<arch>/ package; the train step (jobs/process/BaseSDTrainProcess.py: compute_loss) calls these.
@@ -14,7 +14,7 @@ extensions/<arch>/ package; the train step (jobs/process/BaseSDTrainProcess.py: 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
@@ -75,9 +75,14 @@ def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
-def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted MSE in fp32: per-sample mean over tokens and features, then weighted mean over the batch."""
-    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
+                       element_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Weighted MSE in fp32: per-sample mean over tokens and features, then weighted mean over the batch.
+    `element_weights` (shaped as pred, e.g. a loss mask in the token layout) weigh each squared error first."""
+    squared = (pred.float() - target.float()).pow(2)
+    if element_weights is not None:
+        squared = squared * element_weights.float()
+    per_sample = squared.flatten(1).mean(dim=1)
     return (per_sample * weights.float()).mean()
 
 
