@@ -300,3 +300,14 @@ def test_black_mask_with_min_zero_trains_nothing(tmp_path, tiny_model_dir, demo_
     final = get_job(write_config(tmp_path / "cfg.yaml", cfg)).run()[0]
     lora_b = [v for k, v in load_file(str(final)).items() if ".lora_B." in k]
     assert lora_b and all(torch.count_nonzero(v) == 0 for v in lora_b)
+
+
+def test_token_dropout_rate_survives_the_resolved_config(tmp_path: Path) -> None:
+    """The run folder's config.yaml redacts secrets by key name; token_dropout_rate is a number, not a token."""
+    from toolkit.config import load_job_config, write_resolved_config
+
+    job = load(tmp_path, with_process(datasets=[{"folder_path": "/t", "control_path": "/c", "token_dropout_rate": 0.2,
+                                                 "keep_tokens": 1}]))
+    out = tmp_path / "run" / "config.yaml"
+    write_resolved_config(job, out)
+    assert load_job_config(out, environ={}) == job
