@@ -60,7 +60,7 @@ def test_no_effect_keys_make_exactly_one_log_line(tmp_path: Path, caplog: pytest
     load_job_config(UI_JOB, environ={})
     (line,) = _summary_lines(caplog)
     for key in ("process[0].sqlite_db_path", "logging.use_ui_logger", "network.conv_alpha", "model.qtype_te",
-                "train.switch_boundary_every", "datasets[0].mask_path", "datasets[0].num_frames", "sample.fps"):
+                "train.switch_boundary_every", "datasets[0].controls", "datasets[0].num_frames", "sample.fps"):
         assert key in line
     caplog.clear()
     load(tmp_path, MINIMAL)
@@ -187,7 +187,8 @@ def test_mapped_key_and_our_key_disagreeing_is_a_problem(tmp_path: Path) -> None
     ({"sample": {"network_multiplier": 0.5}}, "sample.network_multiplier", "0.5"),
     ({"sample": {"samples": [{"prompt": "p", "ctrl_img": "/c.png", "network_multiplier": 0.8}]}},
      "sample.samples[0].network_multiplier", "0.8"),
-    ({"datasets": [{"folder_path": "/t", "control_path": "/c", "flip_x": True}]}, "datasets[0].flip_x", "True"),
+    ({"datasets": [{"folder_path": "/t", "control_path": "/c", "random_scale": True}]}, "datasets[0].random_scale",
+     "True"),
 ])
 def test_result_changing_value_is_refused_by_name(tmp_path: Path, sections: dict, key: str, value: str) -> None:
     (problem,) = problems_of(tmp_path, with_process(**sections))
@@ -199,12 +200,12 @@ def test_all_problems_are_reported_together_before_any_model_loads(tmp_path: Pat
     from tests.config_helpers import write_config
 
     data = with_process(train={"min_snr_gamma": 5, "noise_offset": 0.1, "learnin_rate": 1e-4},
-                        datasets=[{"folder_path": "/t", "control_path": "/c", "mask_path": "/m"}])
+                        datasets=[{"folder_path": "/t", "control_path": "/c", "inpaint_path": "/m"}])
     assert run.main([str(write_config(tmp_path, data))]) == 2
     err = capsys.readouterr().err
     assert "4 problems" in err
     for key in ("train.min_snr_gamma: 5 is not supported here", "train.noise_offset: 0.1 is not supported here",
-                "datasets[0].mask_path: '/m' is not supported here", "train.learnin_rate: unknown key"):
+                "datasets[0].inpaint_path: '/m' is not supported here", "train.learnin_rate: unknown key"):
         assert f"config.process[0].{key}" in err
 
 

@@ -67,6 +67,15 @@ class Architecture(ABC):
         raise ArchitectureError(f"{self.name}: train.diff_output_preservation is not implemented for this "
                                 "architecture")
 
+    def loss_weights(self, masks: torch.Tensor, encoded: Any) -> torch.Tensor:
+        """Loss weights shaped as clean_latents(encoded), from pixel masks (B, 1, H, W) in [0, 1] at the target's size
+        (dataset mask_path, toolkit.data.masks). Architectures that support loss masks override this."""
+        raise ArchitectureError(f"model.arch {self.name}: this architecture cannot train with loss masks (mask_path)")
+
+    @classmethod
+    def supports_loss_masks(cls) -> bool:
+        return cls.loss_weights is not Architecture.loss_weights
+
     @abstractmethod
     def sample(self, requests: Sequence[SampleRequest], controls: Sequence[Image.Image]) -> list[Image.Image]:
         """Render each request with the current weights."""

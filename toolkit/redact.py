@@ -28,6 +28,8 @@ MIN_SECRET_LENGTH = 8
 _SECRET_ENV_NAME = re.compile(r"TOKEN(?!IZER)|SECRET|PASSWORD|API_KEY")
 _SECRET_KEY_WORDS = frozenset({"token", "secret", "password", "passwd", "apikey", "key", "credential",
                                "credentials"})
+# Config keys that contain a secret word but hold no secret (ai-toolkit's caption token dropout).
+_NOT_SECRET_KEYS = frozenset({"token_dropout_rate"})
 _KEY_SPLIT = re.compile(r"[_\-\s.]+|(?<=[a-z0-9])(?=[A-Z])")
 
 
@@ -59,10 +61,10 @@ def is_secret_key(key: Any) -> bool:
     """True when a mapping key names a secret: one of its words (split on _ - . and camelCase) is
     token, secret, password, passwd, apikey, key or credential(s).
 
-    ``hf_token`` and ``access_key`` are secret; ``shuffle_tokens``, ``max_step_saves_to_keep`` and
-    ``cache_latents_to_disk`` are not.
+    ``hf_token`` and ``access_key`` are secret; ``shuffle_tokens``, ``max_step_saves_to_keep``,
+    ``cache_latents_to_disk`` and ``token_dropout_rate`` are not.
     """
-    if not isinstance(key, str):
+    if not isinstance(key, str) or key in _NOT_SECRET_KEYS:
         return False
     words = [word.lower() for word in _KEY_SPLIT.split(key) if word]
     return any(word in _SECRET_KEY_WORDS for word in words)

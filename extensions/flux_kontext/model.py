@@ -197,6 +197,15 @@ class FluxKontext(Architecture):
     def clean_latents(self, encoded: EncodedBatch) -> torch.Tensor:
         return encoded.x0
 
+    def loss_weights(self, masks: torch.Tensor, encoded: EncodedBatch) -> torch.Tensor:
+        """Pixel masks (B, 1, H, W) -> (B, N, 64) weights of the packed target latents: nearest-sampled to the latent
+        grid and scaled to mean 1 over the batch (as ai-toolkit), then packed like the latents (feature c*4 + p of a
+        token is latent channel c at 2x2 position p, so the 4 packed mask values tile across the channels)."""
+        grid = torch.nn.functional.interpolate(masks.to(self.device, torch.float32), size=encoded.target_hw,
+                                               mode="nearest")
+        grid = grid / grid.mean().clamp_min(1e-6)
+        return pack_latents(grid).repeat(1, 1, encoded.x0.shape[-1] // 4)
+
     def denoiser_inputs(self, encoded: EncodedBatch, x_t: torch.Tensor, t: torch.Tensor, guidance: float
                         ) -> dict[str, torch.Tensor]:
         b = encoded.x0.shape[0]

@@ -26,6 +26,7 @@ from jobs.process.training_run import StepResult, TrainingRun, describe_batch
 from toolkit.adapters import full_finetune
 from toolkit.adapters.lora_convert import find_conventions
 from toolkit.adapters.network import adapters_disabled, check_pretrained_file, load_pretrained
+from toolkit.adapters.strength import adapter_strength, batch_strength
 from toolkit.arch import Architecture, get_architecture
 from toolkit.config.schema import TrainProcessConfig
 from toolkit.data.cache import CachingModel, cache_dataset, cache_folder_problems
@@ -78,6 +79,8 @@ class BaseSDTrainProcess:
         if self.cfg.network is not None:
             check_pretrained_file(self.cfg.network.pretrained_lora, self.cfg.network.type)
         self.model_cfg = stages.resolve_model(self.cfg.model, list(upstream), self.index)
+        if any(d.mask_path for d in self.cfg.datasets) and not self.arch_cls.supports_loss_masks():
+            raise ConfigError(f"datasets[].mask_path: model.arch {self.cfg.model.arch} cannot train with loss masks")
         pairs = discover_pairs(self.cfg.datasets)
         problems = cache_folder_problems(self.cfg.datasets)
         if problems:
@@ -144,7 +147,7 @@ class BaseSDTrainProcess:
 
         dataset = PairedDataset(pairs, self.cfg.datasets, trigger_word=self.cfg.trigger_word, seed=train.seed)
         self._attach_caches(rt, model, dataset, requests, validation)
-        sampler = BucketBatchSampler(dataset.bucket_keys, batch_size=train.batch_size * rt.world_size,
+        sampler = BucketBatchSampler(dataset.batch_keys, batch_size=train.batch_size * rt.world_size,
                                      seed=train.seed)
         # Its own generator: starting an epoch's iterator would otherwise draw from the global RNG (LoRA dropout's),
         # and a resumed run starts one at a point where an uninterrupted run does not.
@@ -257,7 +260,9 @@ class BaseSDTrainProcess:
         total = torch.zeros((), device=run.rt.device)
         for micro in range(accum):
             batch = next(run.batches)
-            with run.rt.no_sync(run.denoiser, skip=micro < accum - 1):
+            # the dataset's network_weight, kept through backward (checkpointing re-runs the forward there)
+            with run.rt.no_sync(run.denoiser, skip=micro < accum - 1), \
+                    adapter_strength(run.model.transformer, batch_strength(batch["network_weight"])):
                 try:
                     loss = self.compute_loss(run, batch) / accum
                     run.rt.backward(loss)
@@ -278,7 +283,8 @@ class BaseSDTrainProcess:
     def compute_loss(self, run: TrainingRun, batch: dict) -> torch.Tensor:
         """Flow-matching loss of one micro-batch, through the WRAPPED denoiser so DDP syncs the gradients:
         x_t = (1 - t) x0 + t noise, target = noise - x0, loss = weighted mean of rho(pred - target), rho = train.loss_type
-        (squared error by default)."""
+        (squared error by default), weighted by timestep and by each item's dataset loss_multiplier, and per latent by
+        the loss mask (mask_path)."""
         model = run.model
         encoded = model.encode_batch(batch)
         x0 = model.clean_latents(encoded)
@@ -289,14 +295,17 @@ class BaseSDTrainProcess:
         noise = noise.to(x0.device, x0.dtype)
         x_t = flow_matching.noisy_latents(x0, noise, t)
         target = flow_matching.flow_target(x0, noise)
+        weights = weights * batch["loss_multiplier"].to(weights.device)  # dataset loss_multiplier, per item
+        masks = model.loss_weights(batch["mask"], encoded) if "mask" in batch else None  # dataset mask_path
         inputs = model.denoiser_inputs(encoded, x_t, t, self.train.guidance)
         if self.train.diff_output_preservation:
-            return self._loss_with_preservation(run, batch, encoded, (x_t, t), inputs, target, weights)
+            return self._loss_with_preservation(run, batch, encoded, (x_t, t), inputs, target, weights, masks)
         pred = run.denoiser(**inputs)
-        return flow_matching.flow_matching_loss(pred, target, weights, self.train.loss_type)
+        return flow_matching.flow_matching_loss(pred, target, weights, self.train.loss_type, masks)
 
     def _loss_with_preservation(self, run: TrainingRun, batch: dict, encoded, x_t_and_t: tuple, inputs: dict,
-                                target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+                                target: torch.Tensor, weights: torch.Tensor,
+                                masks: Optional[torch.Tensor]) -> torch.Tensor:
         """The flow-matching loss plus ai-toolkit's differential output preservation (toolkit.train.preservation):
         the base model's prediction on the class caption (LoRA off, no gradient, the unwrapped denoiser, so DDP
         sees nothing) and the LoRA's on both captions in ONE forward through the wrapped denoiser, so DDP syncs the
@@ -309,7 +318,7 @@ class BaseSDTrainProcess:
         with torch.no_grad(), adapters_disabled(model.transformer):
             base_pred = model.denoiser()(**class_inputs)
         pred, class_pred = run.denoiser(**model.stack_inputs([inputs, class_inputs])).chunk(2)
-        return (flow_matching.flow_matching_loss(pred, target, weights, train.loss_type)
+        return (flow_matching.flow_matching_loss(pred, target, weights, train.loss_type, masks)
                 + preservation.preservation_loss(class_pred, base_pred, train.diff_output_preservation_multiplier))
 
     def _after_step(self, run: TrainingRun, step: int, result: StepResult) -> None:

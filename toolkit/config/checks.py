@@ -97,6 +97,10 @@ def _cache_problems(process: TrainProcessConfig, path: str) -> list[str]:
                 problems.append(f"{path}.datasets[{index}].shuffle_tokens: cannot be combined with "
                                 "train.cache_text_embeddings (every shuffled order would need its own embedding); "
                                 "turn one of them off")
+            if dataset.token_dropout_rate > 0:
+                problems.append(f"{path}.datasets[{index}].token_dropout_rate: cannot be combined with "
+                                "train.cache_text_embeddings (every caption with parts dropped would need its own "
+                                "embedding); set it to 0 or turn the cache off")
     cached = [d.cache_latents or d.cache_latents_to_disk for d in process.datasets]
     if any(cached) and not all(cached):
         index = cached.index(False)

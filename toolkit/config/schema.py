@@ -15,7 +15,9 @@ Field-level rules live here; rules that relate several fields live in ``checks.v
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-from toolkit.config.fields import (Check, _meta, _expand_home, _expand_folders, folder_list, _one_size_to_list, GT0, GE0, GE1, NON_EMPTY, FOLDERS, UNIQUE, SIZE16, RESOLUTION, DEVICE, FILE_NAME, PROBABILITY, DROPOUT, T5_LENGTH, HUB_REPO_ID)
+from toolkit.config.dataset_schema import DatasetConfig
+from toolkit.config.fields import (Check, _meta, _expand_home, folder_list, GT0, GE0, NON_EMPTY, SIZE16, DEVICE,
+                                   FILE_NAME, DROPOUT, T5_LENGTH, HUB_REPO_ID)
 from toolkit.config.train_schema import EMAConfig, TrainConfig, TrainDType
 
 __all__ = [
@@ -80,46 +82,6 @@ class SaveConfig:
     hf_private: bool = field(default=True, metadata=_meta(
         "Create the Hub repository as private (ai-toolkit defaults to public; an existing repository keeps its "
         "visibility).", aliases=("hub_private_repo", "private")))
-
-
-@dataclass(kw_only=True)
-class DatasetConfig:
-    """One folder of training images with captions, paired with control images by file name."""
-
-    folder_path: str = field(metadata=_meta(
-        "Folder of target images and their caption files.", NON_EMPTY, normalize=_expand_home))
-    control_path: Optional[Union[str, list[str]]] = field(default=None, metadata=_meta(
-        "Folder of control (input) images, paired with the targets by file name; a list of folders gives each "
-        "target several control images (one per folder, same file name), appended in list order.",
-        FOLDERS, normalize=_expand_folders))
-    caption_ext: str = field(default="txt", metadata=_meta(
-        "Extension of the caption files, without the dot.", NON_EMPTY, normalize=lambda v: v.lstrip(".")))
-    default_caption: Optional[str] = field(default=None, metadata=_meta(
-        "Caption used for images that have no caption file."))
-    caption_dropout_rate: float = field(default=0.05, metadata=_meta(
-        "Probability of training a sample with an empty caption.", PROBABILITY))
-    shuffle_tokens: bool = field(default=False, metadata=_meta(
-        "Shuffle the comma-separated parts of each caption."))
-    resolution: list[int] = field(default_factory=lambda: [512], metadata=_meta(
-        "Training sizes in pixels; images are bucketed at each size (a bare number means one size).",
-        NON_EMPTY, UNIQUE, item_checks=(RESOLUTION,), coerce=_one_size_to_list))
-    cache_latents_to_disk: bool = field(default=False, metadata=_meta(
-        "Encode target and control latents once, before training, into cache_dir; later steps and runs read them "
-        "(an image, resolution or VAE change re-encodes just what changed)."))
-    cache_latents: bool = field(default=False, metadata=_meta(
-        "Encode target and control latents once, before training, and keep them in memory (with "
-        "cache_latents_to_disk: read from disk once, then kept in memory)."))
-    cache_dir: Optional[str] = field(default=None, metadata=_meta(
-        "Folder of the disk cache (latents; text embeddings with train.cache_text_embeddings); null means "
-        "<folder_path>/_latent_cache.", NON_EMPTY, normalize=_expand_home, aliases=("latent_cache_dir",)))
-    num_repeats: int = field(default=1, metadata=_meta("Times each image is seen per epoch.", GE1))
-    val_folder_path: Optional[str] = field(default=None, metadata=_meta(
-        "Held-out target images with captions, never trained on; their flow-matching loss is logged as val/loss "
-        "every sample.sample_every steps and plotted by `run.py compare`.", NON_EMPTY, normalize=_expand_home,
-        aliases=("validation_folder", "val_folder")))
-    val_control_path: Optional[Union[str, list[str]]] = field(default=None, metadata=_meta(
-        "Control images of the held-out pairs, matched to val_folder_path by file name; as many folders as "
-        "control_path.", FOLDERS, normalize=_expand_folders, aliases=("validation_control_path", "val_control")))
 
 
 @dataclass(kw_only=True)

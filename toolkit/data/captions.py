@@ -1,4 +1,4 @@
-"""Caption files and the per-sample caption transforms (trigger word, token shuffle, dropout).
+"""Caption files and the per-sample caption transforms (trigger word, token dropout and shuffle, dropout).
 
 ``prepare_caption`` takes its randomness from the ``random.Random`` it is given, so the dataset can derive one from
 (seed, epoch, index): every rank and a resumed run then see exactly the same caption for the same sample.
@@ -67,23 +67,37 @@ def shuffle_parts(caption: str, rng: random.Random) -> str:
     return ", ".join([parts[0], *rest])
 
 
+def drop_parts(caption: str, rate: float, keep: int, rng: random.Random) -> str:
+    """ai-toolkit's token dropout: each comma-separated part after the first `keep` is dropped with probability
+    `rate` (rate 1 drops them all without drawing)."""
+    parts = [part.strip() for part in caption.split(",")]
+    kept = [part for k, part in enumerate(parts) if k < keep or (rate < 1.0 and rng.random() >= rate)]
+    return ", ".join(part for part in kept if part)
+
+
 def prepare_caption(
     raw: str,
     trigger_word: Optional[str],
     shuffle_tokens: bool,
     dropout_rate: float,
     rng: random.Random,
+    token_dropout_rate: float = 0.0,
+    keep_tokens: int = 0,
 ) -> str:
     """The caption a training step sees. Pure given ``rng``.
 
     Dropout (empty caption with probability ``dropout_rate``) is drawn first, and only when the rate is positive,
-    so the same rng state gives the same caption whatever the other options are.
+    so the same rng state gives the same caption whatever the other options are. Token dropout acts on the raw
+    caption's parts before the trigger word is applied, so the trigger word is never dropped (as ai-toolkit).
     """
     if not 0.0 <= dropout_rate <= 1.0:
         raise ValueError(f"caption dropout rate must be in [0, 1], got {dropout_rate}")
     if dropout_rate > 0.0 and rng.random() < dropout_rate:
         return ""
-    caption = apply_trigger(raw.strip(), trigger_word)
+    raw = raw.strip()
+    if token_dropout_rate > 0.0:
+        raw = drop_parts(raw, token_dropout_rate, keep_tokens, rng)
+    caption = apply_trigger(raw, trigger_word)
     if shuffle_tokens:
         caption = shuffle_parts(caption, rng)
     return caption

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from toolkit.data.buckets import Box, bucket_for, crop_box, scale_box
 from toolkit.data.captions import prepare_caption
 from toolkit.data.images import load_rgb, to_tensor
+from toolkit.data.masks import load_mask
 from toolkit.data.pairs import DatasetConfigLike, Pair
 from toolkit.errors import DatasetError
 
@@ -46,6 +47,8 @@ class ItemPlan:
     target_box: Box
     control_box: Box
     extra_control_boxes: tuple[Box, ...] = ()  # of Pair.extra_controls
+    flip: tuple[bool, bool] = (False, False)  # (mirror left-right, mirror top-bottom) after the resize
+    mask_box: Optional[Box] = None  # of Pair.mask (dataset mask_path)
 
 
 def control_key(k: int) -> str:
@@ -61,6 +64,28 @@ def control_names(batch: Mapping[str, Any], suffix: str = "") -> list[str]:
     while f"{control_key(len(names))}{suffix}" in batch:
         names.append(control_key(len(names)))
     return names
+
+
+# ai-toolkit's defaults of the dataset options that duck-typed configs (tests, tools) may leave out.
+OPTION_DEFAULTS: dict[str, Any] = {"flip_x": False, "flip_y": False, "loss_multiplier": 1.0, "trigger_word": None,
+                                   "keep_tokens": 0, "token_dropout_rate": 0.0, "network_weight": 1.0,
+                                   "mask_path": None, "mask_min_value": 0.0, "invert_mask": False}
+
+
+def option(cfg: DatasetConfigLike, name: str) -> Any:
+    """Dataset option `name` of `cfg` (toolkit.config.schema.DatasetConfig has them all)."""
+    return getattr(cfg, name, OPTION_DEFAULTS[name])
+
+
+def flips(flip_x: bool, flip_y: bool) -> list[tuple[bool, bool]]:
+    """The (x, y) mirrorings trained per item, as ai-toolkit adds them: flip_x adds a mirrored copy of every item,
+    then flip_y an upside-down copy of every item including those copies."""
+    variants = [(False, False)]
+    if flip_x:
+        variants += [(True, y) for _, y in variants]
+    if flip_y:
+        variants += [(x, True) for x, _ in variants]
+    return variants
 
 
 def caption_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -82,21 +107,30 @@ def plan_items(pairs: Sequence[Pair], datasets: Sequence[DatasetConfigLike]) -> 
             target_box = crop_box(*pair.target_size, *bucket)
             # Every control image is cut to the target's crop and resized to the target's bucket.
             control_boxes = [scale_box(target_box, pair.target_size, size) for size in pair.control_sizes]
-            plan = ItemPlan(pair_index, int(resolution), bucket, target_box, control_boxes[0],
-                            tuple(control_boxes[1:]))
-            plans.extend([plan] * cfg.num_repeats)
+            mask_box = scale_box(target_box, pair.target_size, pair.mask_size) if pair.mask else None
+            for flip in flips(option(cfg, "flip_x"), option(cfg, "flip_y")):
+                plan = ItemPlan(pair_index, int(resolution), bucket, target_box, control_boxes[0],
+                                tuple(control_boxes[1:]), flip, mask_box)
+                plans.extend([plan] * cfg.num_repeats)
     return plans
 
 
-def render(path: Path, expected_size: tuple[int, int], box: Box, bucket: tuple[int, int]) -> Image.Image:
-    """Decode once, then crop and resize in one LANCZOS pass (PIL's ``resize(box=...)``) to the bucket size."""
+def render(path: Path, expected_size: tuple[int, int], box: Box, bucket: tuple[int, int],
+           flip: tuple[bool, bool] = (False, False)) -> Image.Image:
+    """Decode once, then crop and resize in one LANCZOS pass (PIL's ``resize(box=...)``) to the bucket size, then
+    mirror as `flip` says (x, y)."""
     img = load_rgb(path)
     if img.size != tuple(expected_size):
         raise DatasetError(
             f"{path}: is {img.size[0]}x{img.size[1]} px now but was {expected_size[0]}x{expected_size[1]} px when the "
             "dataset was checked; do not change images during training"
         )
-    return img.resize(bucket, Image.LANCZOS, box=box)
+    img = img.resize(bucket, Image.LANCZOS, box=box)
+    if flip[0]:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if flip[1]:
+        img = img.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    return img
 
 
 class ItemCache(Protocol):
@@ -108,9 +142,10 @@ class ItemCache(Protocol):
 
 
 class PairedDataset(Dataset):
-    """Items ``{"target", "control": FloatTensor[3, H, W] in [-1, 1], "caption": str, "index": int, "path": str}``
-    (plus "control_2", ... with several control folders); with a cache attached, plus the cached tensors, and
-    without the pixels when the cache covers images."""
+    """Items ``{"target", "control": FloatTensor[3, H, W] in [-1, 1], "loss_multiplier", "network_weight": FloatTensor[],
+    "caption": str, "index": int, "path": str}``
+    (plus "control_2", ... with several control folders; "mask": FloatTensor[1, H, W] with mask_path); with a cache
+    attached, plus the cached tensors, and without the pixels when the cache covers images."""
 
     def __init__(
         self,
@@ -137,6 +172,18 @@ class PairedDataset(Dataset):
         """The (width, height) bucket of every item, in item order: what BucketBatchSampler groups by."""
         return [plan.bucket for plan in self.items]
 
+    @property
+    def batch_keys(self) -> list[tuple]:
+        """What BucketBatchSampler groups by: the bucket, plus what a batch must share: the dataset's network_weight
+        when it is not 1 (one LoRA strength per batch) and having a loss mask. Equal to bucket_keys without them."""
+        keys = []
+        for index, plan in enumerate(self.items):
+            weight = float(option(self.datasets[self.dataset_index(index)], "network_weight"))
+            extras = (() if weight == 1.0 else (("network_weight", weight),)) + (() if plan.mask_box is None
+                                                                                 else (("mask",),))
+            keys.append((*plan.bucket, *extras))
+        return keys
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose caption randomness __getitem__ uses."""
         self.epoch = int(epoch)
@@ -160,6 +207,8 @@ class PairedDataset(Dataset):
                    "target_box": plan.target_box, "control_box": plan.control_box, "pixels": PIXEL_PIPELINE_VERSION}
         for k, (path, box) in enumerate(zip(pair.extra_controls, plan.extra_control_boxes), start=1):
             sources.update({control_key(k): path, f"{control_key(k)}_box": box})
+        if any(plan.flip):  # only then: unflipped items keep the cache keys they had before flips existed
+            sources["flip"] = plan.flip
         return sources
 
     def load_pixels(self, index: int) -> dict[str, torch.Tensor]:
@@ -167,21 +216,26 @@ class PairedDataset(Dataset):
         control image at the target's bucket size."""
         plan = self.items[index]
         pair = self.pairs[plan.pair_index]
-        pixels = {"target": to_tensor(render(pair.target, pair.target_size, plan.target_box, plan.bucket))}
+        pixels = {"target": to_tensor(render(pair.target, pair.target_size, plan.target_box, plan.bucket, plan.flip))}
         boxes = (plan.control_box, *plan.extra_control_boxes)
         for k, (path, size, box) in enumerate(zip(pair.controls, pair.control_sizes, boxes)):
-            pixels[control_key(k)] = to_tensor(render(path, size, box, plan.bucket))
+            pixels[control_key(k)] = to_tensor(render(path, size, box, plan.bucket, plan.flip))
         return pixels
+
+    def trigger_for(self, cfg: DatasetConfigLike) -> Optional[str]:
+        """The dataset's own trigger_word, else the process's (as ai-toolkit)."""
+        return option(cfg, "trigger_word") or self.trigger_word
 
     def item_captions(self, index: int) -> list[str]:
         """Every caption __getitem__ can give item `index` in any epoch: the caption and, with dropout, "".
         Shuffled captions have too many orders to list: ValueError."""
         pair = self.pairs[self.items[index].pair_index]
         cfg = self.datasets[pair.dataset_index]
-        if cfg.shuffle_tokens:
-            raise ValueError(f"{pair.target}: shuffle_tokens is on; its caption orders cannot be listed")
+        if cfg.shuffle_tokens or option(cfg, "token_dropout_rate") > 0.0:
+            raise ValueError(f"{pair.target}: shuffle_tokens or token_dropout_rate is on; its captions cannot be "
+                             "listed")
         # prepare_caption without dropout and with certain dropout: the only two outcomes without shuffling.
-        kept = prepare_caption(pair.caption, self.trigger_word, False, 0.0, random.Random(0))
+        kept = prepare_caption(pair.caption, self.trigger_for(cfg), False, 0.0, random.Random(0))
         rate = cfg.caption_dropout_rate
         return ([kept] if rate < 1.0 else []) + ([""] if rate > 0.0 else [])
 
@@ -191,23 +245,30 @@ class PairedDataset(Dataset):
         cfg = self.datasets[pair.dataset_index]
         caption = prepare_caption(
             pair.caption,
-            self.trigger_word,
+            self.trigger_for(cfg),
             cfg.shuffle_tokens,
             cfg.caption_dropout_rate,
             caption_rng(self.seed, self.epoch, index),
+            token_dropout_rate=option(cfg, "token_dropout_rate"),
+            keep_tokens=option(cfg, "keep_tokens"),
         )
-        item: dict[str, Any] = {}
+        # Per-item loss weight (dataset loss_multiplier), applied by the trainer's compute_loss.
+        item: dict[str, Any] = {"loss_multiplier": torch.tensor(float(option(cfg, "loss_multiplier"))),
+                                "network_weight": torch.tensor(float(option(cfg, "network_weight")))}
         if self.cache is None or not self.cache.covers_images:
             item.update(self.load_pixels(index))
         if self.cache is not None:
             item.update(self.cache.tensors(index, caption))
+        if plan.mask_box is not None:  # never cached: a mask is one small greyscale decode
+            item["mask"] = load_mask(pair.mask, pair.mask_size, plan.mask_box, plan.bucket, plan.flip,
+                                     option(cfg, "invert_mask"), option(cfg, "mask_min_value"))
         return {**item, "caption": caption, "index": index, "path": str(pair.target)}
 
 
 def collate_batch(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack items of ONE bucket: {"target", "control": [B, 3, H, W], "caption": list[str], "index": LongTensor[B],
-    "path": list[str]}; cached tensors are stacked the same way. Items of different buckets mean the batch sampler is
-    not a bucket sampler."""
+    """Stack items of ONE bucket: {"target", "control": [B, 3, H, W], "loss_multiplier", "network_weight": [B],
+    "caption": list[str], "index": LongTensor[B], "path": list[str]}; cached tensors are stacked the same way. Items
+    of different buckets mean the batch sampler is not a bucket sampler."""
     if not items:
         raise ValueError("collate_batch got an empty batch")
     tensors = [name for name, value in items[0].items() if isinstance(value, torch.Tensor)]

@@ -24,6 +24,7 @@ from typing import Optional, Protocol, Sequence, Union
 
 from toolkit.data.captions import read_caption
 from toolkit.data.images import IMAGE_EXTENSIONS, is_image_file, verify_image
+from toolkit.data.masks import find_masks
 from toolkit.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class Pair:
     dataset_index: int = 0
     extra_controls: tuple[Path, ...] = ()  # the 2nd, 3rd ... control images (control_path lists several folders)
     extra_control_sizes: tuple[tuple[int, int], ...] = ()
+    mask: Optional[Path] = None  # loss mask (dataset mask_path), same stem as the target
+    mask_size: Optional[tuple[int, int]] = None
 
     @property
     def controls(self) -> tuple[Path, ...]:
@@ -248,6 +251,7 @@ def _discover_one(cfg: DatasetConfigLike, index: int, key: str, problems: list[s
     sizes = _verify_all(sorted({*targets.values(), *(p for c in all_controls for p in c.values())}))
     problems.extend(result for result in sizes.values() if isinstance(result, str))
     captions = {stem: _caption_for(path, cfg, key, problems) for stem, path in sorted(targets.items())}
+    masks = find_masks(getattr(cfg, "mask_path", None), targets, f"{key}.mask_path", problems)
 
     pairs: list[Pair] = []
     stems = set(targets).intersection(*all_controls) if all_controls else set()
@@ -257,8 +261,9 @@ def _discover_one(cfg: DatasetConfigLike, index: int, key: str, problems: list[s
         target_size, caption = sizes[targets[stem]], captions[stem]
         if isinstance(target_size, str) or any(isinstance(s, str) for s in control_sizes) or caption is None:
             continue
+        mask, mask_size = masks.get(stem, (None, None))
         pairs.append(Pair(targets[stem], controls[0], caption, target_size, control_sizes[0], index,
-                          tuple(controls[1:]), tuple(control_sizes[1:])))
+                          tuple(controls[1:]), tuple(control_sizes[1:]), mask, mask_size))
     if folder:
         _log_warnings(pairs, cfg, folder)
     return pairs

@@ -5,7 +5,8 @@ Shapes: B batch, N tokens (or any trailing dims) of the clean latents x0.
     t       ~ timestep distribution in (0, 1)            (B,)
     x_t     = (1 - t) x0 + t noise                       (B, N, D)
     target  = noise - x0                                 (B, N, D)   the velocity d x_t / d t
-    loss    = mean_b w(t_b) * mean(rho(pred - target))     rho: squared error (mse), |.| (mae), pseudo-Huber
+    loss    = mean_b w_b * mean(m * rho(pred - target))  w: timestep x dataset weight, m: loss mask (or 1),
+                                                         rho: squared error (mse), |.| (mae), pseudo-Huber
 
 How the architecture turns x_t into a prediction (packing, position ids, conditioning tokens) lives in its
 extensions/<arch>/ package; the train step (jobs/process/BaseSDTrainProcess.py: compute_loss) calls these.
@@ -14,7 +15,7 @@ extensions/<arch>/ package; the train step (jobs/process/BaseSDTrainProcess.py: 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
@@ -103,10 +104,14 @@ def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: LossTy
 
 
 def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
-                       loss_type: LossType = "mse") -> torch.Tensor:
+                       loss_type: LossType = "mse", element_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Weighted loss in fp32: per-sample mean of the element loss over tokens and features, then weighted mean over
-    the batch (ai-toolkit's order: element loss, timestep weight, mean per sample, mean over the batch)."""
-    per_sample = elementwise_loss(pred, target, loss_type).flatten(1).mean(dim=1)
+    the batch (ai-toolkit's order: element loss, timestep weight, mean per sample, mean over the batch).
+    `element_weights` (shaped as pred, e.g. a loss mask in the token layout) weigh each element's loss first."""
+    losses = elementwise_loss(pred, target, loss_type)
+    if element_weights is not None:
+        losses = losses * element_weights.float()
+    per_sample = losses.flatten(1).mean(dim=1)
     return (per_sample * weights.float()).mean()
 
 

@@ -57,6 +57,10 @@ def full_finetune_problems(process: Any, path: str) -> list[str]:
     if process.save.format != "diffusers":
         problems.append(f"{path}.save.format: {process.save.format!r} is a LoRA key layout; a full fine-tune saves a "
                         "diffusers transformer folder; set save.format: diffusers")
+    for index, dataset in enumerate(process.datasets):
+        if dataset.network_weight != 1:
+            problems.append(f"{path}.datasets[{index}].network_weight: is the LoRA's strength; a full fine-tune has "
+                            "no LoRA; remove it or use loss_multiplier to weight the dataset")
     return problems
 
 

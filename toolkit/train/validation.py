@@ -34,6 +34,7 @@ def held_out_datasets(datasets: Sequence) -> list:
     """Dataset entries that read each entry's val_folder_path / val_control_path as their folders."""
     return [dataclasses.replace(d, folder_path=d.val_folder_path, control_path=d.val_control_path,
                                 caption_dropout_rate=0.0, shuffle_tokens=False, num_repeats=1,
+                                token_dropout_rate=0.0, flip_x=False, flip_y=False, mask_path=None,
                                 val_folder_path=None, val_control_path=None)
             for d in datasets if d.val_folder_path]
 

@@ -1,0 +1,79 @@
+"""Typed config of one training dataset entry (``datasets:`` of a training process), in ai-toolkit's key names.
+
+Split out of ``schema.py`` (re-exported there) to keep files small; the metadata keys are the same (see schema.py).
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from toolkit.config.fields import (Check, _meta, _expand_home, _expand_folders, _one_size_to_list, GE0, GE1, NON_EMPTY,
+                                   FOLDERS, UNIQUE, RESOLUTION, PROBABILITY)
+
+__all__ = ["DatasetConfig"]
+
+
+@dataclass(kw_only=True)
+class DatasetConfig:
+    """One folder of training images with captions, paired with control images by file name."""
+
+    folder_path: str = field(metadata=_meta(
+        "Folder of target images and their caption files.", NON_EMPTY, normalize=_expand_home))
+    control_path: Optional[Union[str, list[str]]] = field(default=None, metadata=_meta(
+        "Folder of control (input) images, paired with the targets by file name; a list of folders gives each "
+        "target several control images (one per folder, same file name), appended in list order.",
+        FOLDERS, normalize=_expand_folders))
+    caption_ext: str = field(default="txt", metadata=_meta(
+        "Extension of the caption files, without the dot.", NON_EMPTY, normalize=lambda v: v.lstrip(".")))
+    default_caption: Optional[str] = field(default=None, metadata=_meta(
+        "Caption used for images that have no caption file."))
+    caption_dropout_rate: float = field(default=0.05, metadata=_meta(
+        "Probability of training a sample with an empty caption.", PROBABILITY))
+    shuffle_tokens: bool = field(default=False, metadata=_meta(
+        "Shuffle the comma-separated parts of each caption."))
+    resolution: list[int] = field(default_factory=lambda: [512], metadata=_meta(
+        "Training sizes in pixels; images are bucketed at each size (a bare number means one size).",
+        NON_EMPTY, UNIQUE, item_checks=(RESOLUTION,), coerce=_one_size_to_list))
+    cache_latents_to_disk: bool = field(default=False, metadata=_meta(
+        "Encode target and control latents once, before training, into cache_dir; later steps and runs read them "
+        "(an image, resolution or VAE change re-encodes just what changed)."))
+    cache_latents: bool = field(default=False, metadata=_meta(
+        "Encode target and control latents once, before training, and keep them in memory (with "
+        "cache_latents_to_disk: read from disk once, then kept in memory)."))
+    cache_dir: Optional[str] = field(default=None, metadata=_meta(
+        "Folder of the disk cache (latents; text embeddings with train.cache_text_embeddings); null means "
+        "<folder_path>/_latent_cache.", NON_EMPTY, normalize=_expand_home, aliases=("latent_cache_dir",)))
+    num_repeats: int = field(default=1, metadata=_meta("Times each image is seen per epoch.", GE1))
+    flip_x: bool = field(default=False, metadata=_meta(
+        "Also train a left-right mirrored copy of every item (target, control images and mask mirrored together), "
+        "as ai-toolkit: the dataset doubles; with flip_y as well, it quadruples."))
+    flip_y: bool = field(default=False, metadata=_meta(
+        "Also train an upside-down copy of every item (of the flip_x copies too), as ai-toolkit."))
+    loss_multiplier: float = field(default=1.0, metadata=_meta(
+        "Weight of this dataset's items in the loss: each item's flow-matching loss is multiplied by it, as "
+        "ai-toolkit's loss_multiplier.", GE0))
+    network_weight: float = field(default=1.0, metadata=_meta(
+        "Strength of the trained LoRA while this dataset's items train (its update is multiplied by it; negative "
+        "values train away from the data), as ai-toolkit; batches never mix values. Samples use strength 1.",
+        Check(lambda v: v != 0, "non-zero")))
+    mask_path: Optional[str] = field(default=None, metadata=_meta(
+        "Folder of loss masks, one greyscale image per target with the same file name: the loss of each latent is "
+        "weighted by the mask there (white 1, black mask_min_value; mean 1 per batch), as ai-toolkit. Cut, resized "
+        "and mirrored with its target.", NON_EMPTY, normalize=_expand_home))
+    mask_min_value: float = field(default=0.0, metadata=_meta(
+        "Weight of black mask pixels: mask values v become mask_min_value + v * (1 - mask_min_value).", PROBABILITY))
+    invert_mask: bool = field(default=False, metadata=_meta("Invert the masks (black counts fully, white least)."))
+    trigger_word: Optional[str] = field(default=None, metadata=_meta(
+        "Trigger word of this dataset's captions, in place of the process's trigger_word (which sample prompts "
+        "keep using).", NON_EMPTY))
+    keep_tokens: int = field(default=0, metadata=_meta(
+        "token_dropout_rate never drops the first this many comma-separated caption parts.", GE0))
+    token_dropout_rate: float = field(default=0.0, metadata=_meta(
+        "Probability of dropping each comma-separated caption part (after the first keep_tokens) in a step, as "
+        "ai-toolkit; the trigger word is added after dropout. Not with train.cache_text_embeddings.", PROBABILITY))
+    val_folder_path: Optional[str] = field(default=None, metadata=_meta(
+        "Held-out target images with captions, never trained on; their flow-matching loss is logged as val/loss "
+        "every sample.sample_every steps and plotted by `run.py compare`.", NON_EMPTY, normalize=_expand_home,
+        aliases=("validation_folder", "val_folder")))
+    val_control_path: Optional[Union[str, list[str]]] = field(default=None, metadata=_meta(
+        "Control images of the held-out pairs, matched to val_folder_path by file name; as many folders as "
+        "control_path.", FOLDERS, normalize=_expand_folders, aliases=("validation_control_path", "val_control")))
