@@ -139,7 +139,7 @@ def from_file(file_state: Mapping[str, torch.Tensor], expected: Mapping[str, tor
         ours = {leaf: tuple(t.shape) for leaf, t in want[module].items()}
         if theirs != ours:
             raise UserError(f"{source}: LoKr shapes of {module} do not match this network: the file has "
-                            f"{_shapes(theirs)}, network.linear / lokr_factor give {_shapes(ours)}")
+                            f"{_shapes(theirs)}, network.linear / lokr_factor / lokr_full_rank give {_shapes(ours)}")
         adjusted = _w2_scaled(factors, file_scale(tensors) / scale)
         out.update({f"{module}.{leaf}": t for leaf, t in adjusted.items()})
     return out

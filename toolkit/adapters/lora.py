@@ -131,8 +131,9 @@ def save_lora(path: Path, state: Mapping[str, torch.Tensor], config: LoraConfig,
               extra_metadata: Optional[Mapping[str, str]] = None, convert: Optional[Converter] = None) -> Path:
     """Write the LoRA atomically: a crash mid-write never leaves a truncated file under `path`.
 
-    A LoraConfig's scale is folded into lora_B first (see the module docstring). `extra_metadata` keys are written as given (ecosystem keys); `convert(tensors, header)` may change the layout
-    (see toolkit.adapters.lora_convert) before writing."""
+    A LoraConfig's scale is folded into lora_B first (see the module docstring). `extra_metadata` keys are written
+    as given (ecosystem keys); `convert(tensors, header)` may change the layout (see toolkit.adapters.lora_convert)
+    before writing."""
     if isinstance(config, LoraConfig):
         state, config = fold_scale(state, config)
     tensors = {k: v.detach().to("cpu", torch_dtype(dtype)).contiguous() for k, v in state.items()}
