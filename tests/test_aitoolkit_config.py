@@ -45,7 +45,7 @@ def test_ui_job_lands_in_our_config() -> None:
     process = load_job_config(UI_JOB, environ={}).config.process[0]
     assert process.log_every == 1 and process.performance_log_every == 10
     assert (process.network.linear, process.network.linear_alpha) == (32, 32.0)
-    assert process.network.lokr_full_rank is False  # written by the UI on a LoRA too, where it does nothing
+    assert process.network.type == "lora"  # the UI's lokr_full_rank: true / lokr_factor: -1 do nothing on a LoRA
     assert process.save.format == "diffusers" and process.save.dtype == "bf16"
     assert process.train.gradient_accumulation_steps == 1 and process.train.timestep_type == "weighted"
     assert process.train.optimizer_params == {"weight_decay": 0.0001}
@@ -159,6 +159,28 @@ def test_lokr_options_are_kept_for_a_lokr(tmp_path: Path) -> None:
     network = {"type": "lokr", "lokr_full_rank": True, "lokr_factor": 4}
     loaded = load(tmp_path, with_process(network=network)).config.process[0].network
     assert loaded.lokr_full_rank is True and loaded.lokr_factor == 4
+
+
+def _adapter(tmp_path: Path, network: dict):
+    from toolkit.adapters.network import make_adapter_config
+
+    loaded = load(tmp_path, with_process(network={"linear": 8, "linear_alpha": 4, **network})).config.process[0]
+    return make_adapter_config(loaded.network, ["to_q"])
+
+
+def test_lokr_pair_reads_as_in_ai_toolkit(tmp_path: Path) -> None:
+    """ai-toolkit's NetworkConfig: lokr_full_rank defaults to true and, only with type lokr, sets linear and
+    linear_alpha to 9999999999 (both Kronecker factors full, scale 1); lokr_factor goes to LoKr modules only. On a
+    LoRA (its web UI writes `type: lora, lokr_full_rank: true, lokr_factor: -1`) the pair changes nothing."""
+    from toolkit.adapters.lokr import FULL_RANK
+
+    plain = _adapter(tmp_path, {"type": "lora"})
+    ui = _adapter(tmp_path, {"type": "lora", "lokr_full_rank": True, "lokr_factor": 4})
+    assert ui.to_dict() == plain.to_dict() and (plain.r, plain.lora_alpha) == (8, 4)
+    default = _adapter(tmp_path, {"type": "lokr"})
+    assert (default.r, default.alpha, default.decompose_factor) == (FULL_RANK, FULL_RANK, -1)
+    low_rank = _adapter(tmp_path, {"type": "lokr", "lokr_full_rank": False, "lokr_factor": 4})
+    assert (low_rank.r, low_rank.alpha, low_rank.decompose_factor) == (8, 4, 4)
 
 
 def test_mapped_key_and_our_key_disagreeing_is_a_problem(tmp_path: Path) -> None:

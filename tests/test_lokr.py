@@ -3,6 +3,7 @@ reproduces the trained update, and loads back into the trainer (pretrained_lora,
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -16,8 +17,8 @@ from tests.test_train_tiny import _fixed_batch, _loss_on
 from toolkit.adapters.network import load_pretrained, make_adapter_config
 from toolkit.config import load_job_config
 from toolkit.errors import UserError
-from toolkit.adapters.lokr import FULL_RANK, make_lokr_config, to_file
-from toolkit.adapters.lora import add_lora
+from toolkit.adapters.lokr import FULL_RANK, ecosystem_metadata, make_lokr_config, to_file
+from toolkit.adapters.lora import add_lora, read_lora_metadata
 
 EXAMPLE = "train_lora_flux_kontext_lokr_tiny"
 NAME = "tiny_kontext_lokr"
@@ -108,7 +109,7 @@ def test_lokr_file_loads_back_exactly_and_mismatches_are_clear(trained, tiny_mod
     other = FluxKontext.load(process.model, torch.device("cpu"), torch.float32)
     bigger = make_lokr_config(8, 8, FluxKontext.default_lora_targets)  # rank 8: every w2 is full on this model
     add_lora(other.transformer, bigger)
-    with pytest.raises(UserError, match=r"LoKr shapes of .* the file has .*lokr_w2_a \(\d+, 4\).*network.linear"):
+    with pytest.raises(UserError, match=r"LoKr shapes of .* the file has .*lokr_w2_a \(\d+, 4\).*lokr_full_rank give"):
         load_pretrained(other.transformer, str(trained["final"]), bigger, None)
 
 
@@ -135,3 +136,19 @@ def test_resume_from_a_pretrained_lokr_continues_the_trained_weights(trained, tm
     first = assert_same_final_lora(run_dir, resumed)
     start = load_file(str(trained["final"]))
     assert any(not torch.equal(start[k], first[k]) for k in start), "4 more steps changed the weights"
+
+
+def test_metadata_names_the_lycoris_module_of_the_key_layout(trained):
+    """`lycoris.kohya` (sd-scripts' names, lora_unet_<original checkpoint name>) fits neither layout. LyCORIS's
+    lycoris.wrapper loads `lycoris_<module>` files by matching f"lycoris_{name}" with dots as underscores over the
+    transformer's named_modules (create_lycoris_from_weights): every module of a comfy-layout file must match."""
+    meta = read_lora_metadata(trained["final"])  # save.format diffusers: transformer.* names
+    assert "ss_network_module" not in meta and json.loads(meta["ss_network_args"])["algo"] == "lokr"
+    assert ecosystem_metadata(-1, True, "comfy")["ss_network_module"] == "lycoris.wrapper"
+    transformer = trained["model"].transformer
+    layers = _lokr_layers(transformer)
+    state = {f"{m}.{leaf}": getattr(layer, leaf)["default"].detach() for m, layer in layers.items()
+             for leaf in ("lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b") if "default" in getattr(layer, leaf)}
+    names = {f"lycoris_{name}".replace(".", "_") for name, _ in transformer.named_modules()}
+    file_modules = {key.split(".")[0] for key in to_file(state, 4, 2.0, layout="comfy")}
+    assert file_modules and file_modules <= names

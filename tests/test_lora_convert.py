@@ -10,12 +10,12 @@ import torch
 from diffusers import FluxKontextPipeline
 from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import run
 from extensions.flux_kontext.lora_keys import FLUX_CONVENTIONS
 from extensions.flux_kontext.model import LORA_TARGETS
-from toolkit.adapters.lora import add_lora, lora_state_dict, make_lora_config, read_lora_metadata, save_lora
+from toolkit.adapters.lora import adapter_metadata, add_lora, lora_state_dict, make_lora_config, read_lora_metadata
 from toolkit.adapters.lora_convert import convert_file, detect_format, peft_metadata, read_lora, to_comfy, to_diffusers
 
 RANK, ALPHA = 4, 8  # alpha != rank: a wrong scale anywhere shows
@@ -33,11 +33,16 @@ def _random_lora(pipe, targets=LORA_TARGETS, seed=0):
 
 @pytest.fixture(scope="module")
 def lora_file(tmp_path_factory, tiny_model_dir):
-    """A diffusers-layout LoRA for the tiny model, as the trainer saves it."""
+    """A diffusers-layout LoRA for the tiny model whose alpha != rank lives only in `lora_adapter_metadata`, as
+    diffusers' scripts (and this trainer before it folded the scale into lora_B) write it: conversion must keep
+    such a scale exactly."""
     pipe = FluxKontextPipeline.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     config = _random_lora(pipe)
     path = tmp_path_factory.mktemp("lora") / "lora.safetensors"
-    return save_lora(path, lora_state_dict(pipe.transformer), config, "float32", {"step": 7})
+    header = {"format": "pt", "lora_adapter_metadata": json.dumps(adapter_metadata(config), default=str),
+              "kontext_trainer.step": "7"}
+    save_file(lora_state_dict(pipe.transformer), str(path), metadata=header)
+    return path
 
 
 def test_round_trip_diffusers_comfy_diffusers_gives_identical_tensors(lora_file, tmp_path):

@@ -133,10 +133,12 @@ def test_saved_lora_loads_in_diffusers_and_matches_trainer_sampler(tmp_path, tin
 
     # The trainer's own sampler with the trained adapter in place gives the same image.
     from extensions.flux_kontext import FluxKontext
-    from toolkit.adapters.lora import add_lora, load_lora_state_dict, make_lora_config
+    from toolkit.adapters.lora import add_lora, make_lora_config
+    from toolkit.adapters.network import load_pretrained
 
     ours = FluxKontext.load(process.cfg.model, torch.device("cpu"), torch.float32)
-    add_lora(ours.transformer, make_lora_config(4, 8, FluxKontext.default_lora_targets))
-    load_lora_state_dict(ours.transformer, load_file(str(final)))
+    config = make_lora_config(4, 8, FluxKontext.default_lora_targets)
+    add_lora(ours.transformer, config)
+    load_pretrained(ours.transformer, str(final), config, None)  # the file holds B * alpha / r (scale folded)
     ours.transformer.eval()
     assert np.abs(render(ours.pipe) - with_lora).max() < 1e-4

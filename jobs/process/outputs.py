@@ -73,7 +73,8 @@ class RunOutputs:
                 resolution=max(r for d in cfg.datasets for r in d.resolution), trigger_phrase=cfg.trigger_word)
         if cfg.network.type == "lokr":  # ComfyUI's lokr keys; save.format picks transformer.* or lycoris_* names
             convert = lokr_converter(lora_config, cfg.save.format)
-            extra = {**(extra or {}), **lokr.ecosystem_metadata(cfg.network.lokr_factor, cfg.network.lokr_full_rank)}
+            extra = {**(extra or {}), **lokr.ecosystem_metadata(cfg.network.lokr_factor, cfg.network.lokr_full_rank,
+                                                                cfg.save.format)}
         elif cfg.save.format == "comfy":
             if conventions is None:
                 raise UserError(f"save.format comfy: no ComfyUI key layout known for model.arch {cfg.model.arch!r}")

@@ -139,7 +139,7 @@ def from_file(file_state: Mapping[str, torch.Tensor], expected: Mapping[str, tor
         ours = {leaf: tuple(t.shape) for leaf, t in want[module].items()}
         if theirs != ours:
             raise UserError(f"{source}: LoKr shapes of {module} do not match this network: the file has "
-                            f"{_shapes(theirs)}, network.linear / lokr_factor give {_shapes(ours)}")
+                            f"{_shapes(theirs)}, network.linear / lokr_factor / lokr_full_rank give {_shapes(ours)}")
         adjusted = _w2_scaled(factors, file_scale(tensors) / scale)
         out.update({f"{module}.{leaf}": t for leaf, t in adjusted.items()})
     return out
@@ -160,11 +160,21 @@ def _module_mismatch(source: str, extra: list[str], missing: list[str]) -> str:
     return f"{source}: the adapter's modules do not match this network: " + "; ".join(parts)
 
 
-def ecosystem_metadata(factor: int, full_rank: bool) -> dict[str, str]:
-    """What kohya/LyCORIS tools read to tell a LoKr file apart (they show the algorithm and its factor)."""
-    return {"ss_network_module": "lycoris.kohya",
-            "ss_network_args": json.dumps({"algo": "lokr", "factor": str(factor),
+# Which LyCORIS network class loads each layout by name: lycoris.wrapper's LycorisNetwork (create_lycoris_from_weights
+# on the diffusers transformer) matches `lycoris_<module with _>`. `lycoris.kohya` is sd-scripts' integration, which
+# names modules `lora_unet_<original checkpoint name>`: none of our layouts. Nothing loads `transformer.*` LoKr names
+# by module (ComfyUI and ai-toolkit match the keys themselves), so that layout claims no module.
+NETWORK_MODULES = {"comfy": "lycoris.wrapper"}
+
+
+def ecosystem_metadata(factor: int, full_rank: bool, layout: str) -> dict[str, str]:
+    """What kohya/LyCORIS tools read to tell a LoKr file apart: the algorithm and its factor, and the LyCORIS module
+    whose key names the file (`layout`, as to_file) really has."""
+    meta = {"ss_network_args": json.dumps({"algo": "lokr", "factor": str(factor),
                                            "full_matrix": str(full_rank).lower()})}
+    if layout in NETWORK_MODULES:
+        meta["ss_network_module"] = NETWORK_MODULES[layout]
+    return meta
 
 
 def is_lokr_state(keys) -> bool:

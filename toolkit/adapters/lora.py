@@ -1,14 +1,21 @@
 """LoRA on a diffusers transformer through peft, and the .safetensors layout diffusers and ComfyUI load.
 
 Files hold `transformer.<module>.lora_A.weight` / `lora_B.weight` plus two kinds of header metadata:
-`lora_adapter_metadata` (the peft LoraConfig, read by diffusers so a LoRA whose alpha != rank loads with the right
-scale) and `kontext_trainer.*` training facts (step, base model, config name). Ecosystem keys (`modelspec.*` of the
+`lora_adapter_metadata` (the peft LoraConfig diffusers reads) and `kontext_trainer.*` training facts (step, base
+model, config name, the trained rank and alpha).
+
+The scale alpha / rank is folded into lora_B, and the metadata then says lora_alpha == r: every loader computes
+B @ A * 1, the trained update. ComfyUI, kohya and ai-toolkit ignore the metadata JSON and read a LoRA without
+`.alpha` tensors at scale 1, so a file keeping alpha != rank only in the metadata would load at rank/alpha times
+its strength there. `.alpha` tensors are no way out: diffusers' load_lora_adapter refuses a file that has both
+them and the metadata ("Both `network_alphas` and `metadata` cannot be specified"). Ecosystem keys (`modelspec.*` of the
 SAI model spec 1.0.1, and kohya's `ss_*`) let ComfyUI, Civitai and kohya tools show what the file is. Secrets never
 go in: the caller passes only what it wants recorded, and every value goes through redact_text.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 from pathlib import Path
@@ -87,6 +94,20 @@ def adapter_metadata(config: LoraConfig) -> dict:
     return clean
 
 
+def fold_scale(state: Mapping[str, torch.Tensor], config: LoraConfig
+               ) -> tuple[dict[str, torch.Tensor], LoraConfig]:
+    """The same update with the scale alpha / r multiplied into every lora_B and a config whose lora_alpha is r."""
+    if config.rank_pattern or config.alpha_pattern or config.use_rslora:
+        raise ValueError("fold_scale: per-module ranks/alphas and rsLoRA are not produced by this trainer")
+    scale = float(config.lora_alpha) / config.r
+    folded = copy.deepcopy(config)
+    folded.lora_alpha = config.r
+    if scale == 1.0:
+        return dict(state), folded
+    out = {k: (v.float() * scale if k.endswith(".lora_B.weight") else v) for k, v in state.items()}
+    return out, folded
+
+
 def ecosystem_metadata(*, title: str, architecture: str, implementation: str, base_model_version: str, rank: int,
                        alpha: float, steps: int, resolution: int, trigger_phrase: Optional[str] = None
                        ) -> dict[str, str]:
@@ -110,8 +131,11 @@ def save_lora(path: Path, state: Mapping[str, torch.Tensor], config: LoraConfig,
               extra_metadata: Optional[Mapping[str, str]] = None, convert: Optional[Converter] = None) -> Path:
     """Write the LoRA atomically: a crash mid-write never leaves a truncated file under `path`.
 
-    `extra_metadata` keys are written as given (ecosystem keys); `convert(tensors, header)` may change the layout
-    (see toolkit.adapters.lora_convert) before writing."""
+    A LoraConfig's scale is folded into lora_B first (see the module docstring). `extra_metadata` keys are written
+    as given (ecosystem keys); `convert(tensors, header)` may change the layout (see toolkit.adapters.lora_convert)
+    before writing."""
+    if isinstance(config, LoraConfig):
+        state, config = fold_scale(state, config)
     tensors = {k: v.detach().to("cpu", torch_dtype(dtype)).contiguous() for k, v in state.items()}
     header = {"format": "pt",
               LORA_METADATA_KEY: json.dumps(adapter_metadata(config), indent=2, sort_keys=True, default=str)}

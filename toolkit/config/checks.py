@@ -82,8 +82,6 @@ def _network_problems(network: NetworkConfig, path: str) -> list[str]:
     if network.type == "lora":
         if network.lokr_factor != -1:
             problems.append(f"{path}.lokr_factor: only used by type lokr; remove it or set type: lokr")
-        if network.lokr_full_rank:
-            problems.append(f"{path}.lokr_full_rank: only used by type lokr; remove it or set type: lokr")
     return problems
 
 

@@ -35,8 +35,9 @@ class NetworkConfig:
     """The adapter trained on top of the frozen model."""
 
     type: Literal["lora", "lokr"] = field(default="lora", metadata=_meta(
-        "Adapter kind: 'lora', or 'lokr' (peft's LoKr: a Kronecker product of two small matrices, the larger one "
-        "low-rank with rank `linear`; saved with ComfyUI's lokr_w1/lokr_w2 keys)."))
+        "Adapter kind: 'lora', or 'lokr' (peft's LoKr: a Kronecker product of two small matrices, both full with "
+        "lokr_full_rank, else the larger one low-rank with rank `linear`; saved with ComfyUI's lokr_w1/lokr_w2 "
+        "keys)."))
     linear: int = field(default=16, metadata=_meta("LoRA rank.", GT0, aliases=("rank", "r", "network_dim")))
     linear_alpha: float = field(default=16.0, metadata=_meta(
         "LoRA alpha; the LoRA update is scaled by linear_alpha / linear.", GT0,
@@ -48,9 +49,10 @@ class NetworkConfig:
     lokr_factor: int = field(default=-1, metadata=_meta(
         "LoKr only: Kronecker factor of each layer's sizes (ai-toolkit's key); -1 picks the most balanced split.",
         Check(lambda v: v == -1 or v >= 1, "-1 or >= 1"), aliases=("factor", "decompose_factor")))
-    lokr_full_rank: bool = field(default=False, metadata=_meta(
+    lokr_full_rank: bool = field(default=True, metadata=_meta(
         "LoKr only: keep both Kronecker factors full matrices (no low-rank split; linear and linear_alpha are "
-        "then unused), as ai-toolkit's lokr_full_rank."))
+        "then unused). Default true, as ai-toolkit reads it; false makes the larger factor low-rank with rank "
+        "linear."))
     pretrained_lora: Optional[str] = field(default=None, metadata=_meta(
         "Start from this adapter file (.safetensors, diffusers/peft or ComfyUI/kohya keys; a LoKr file for "
         "type lokr) instead of a zero update; its rank and modules must match this network. A resumed run "
