@@ -120,6 +120,10 @@ class DatasetConfig:
     val_control_path: Optional[Union[str, list[str]]] = field(default=None, metadata=_meta(
         "Control images of the held-out pairs, matched to val_folder_path by file name; as many folders as "
         "control_path.", FOLDERS, normalize=_expand_folders, aliases=("validation_control_path", "val_control")))
+    max_image_pixels: int = field(default=89_478_485, metadata=_meta(
+        "Largest image (width x height, read from the header before any decoding) this dataset accepts; a larger "
+        "file is reported by name before training (decompression-bomb guard; also PIL's MAX_IMAGE_PIXELS). "
+        "Default: PIL's, about 9459 x 9459.", GE1))
 
 
 @dataclass(kw_only=True)
@@ -188,6 +192,13 @@ class TrainConfig:
         "Steps of linear warm-up from 0 to lr.", GE0, aliases=("warmup_steps",)))
     max_grad_norm: float = field(default=1.0, metadata=_meta(
         "Clip the gradient norm to this value; 0 disables clipping.", GE0, aliases=("clip_grad_norm",)))
+    max_nonfinite_steps: int = field(default=3, metadata=_meta(
+        "A step whose loss or gradient norm is NaN/Inf is skipped (no optimizer or EMA update, nothing saved) and "
+        "logged with its batch's files; after this many in a row the run stops with exit status 1, the last good "
+        "checkpoint intact.", GE1))
+    ddp_timeout_seconds: int = field(default=1800, metadata=_meta(
+        "Multi-process runs: a collective (gradient all-reduce, barrier) that waits longer than this for a stalled "
+        "or dead rank fails and ends every rank instead of hanging.", GE1))
     timestep_type: Literal["sigmoid", "linear", "weighted", "shift"] = field(default="sigmoid", metadata=_meta(
         "How training timesteps are sampled."))
     dtype: TrainDType = field(default="bf16", metadata=_meta(
