@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import random
 import re
 import secrets
@@ -228,11 +229,15 @@ def remove_temporary(run_folder: Path) -> None:
 
 
 def prune_states(run_folder: Path, keep: int, protect: Path) -> list[Path]:
-    """Delete all but the newest max(keep, 1) states; `protect` (the one just written) always stays."""
+    """Delete all but the newest max(keep, 1) states; `protect` (the one just written) always stays. Each doomed
+    state is first renamed to a temporary name (atomic), so a kill mid-prune never leaves a half-deleted state under
+    a final name; remove_temporary deletes what such a kill left."""
     states = [p for _, p in list_states(run_folder)]
     doomed = [p for p in states[:-max(1, keep)] if p.resolve() != Path(protect).resolve()]
     for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
+        trash = p.parent / f".{p.name}.{secrets.token_hex(4)}.old"
+        os.replace(p, trash)
+        shutil.rmtree(trash, ignore_errors=True)
         log.debug("removed old training state %s", p)
     return doomed
 
