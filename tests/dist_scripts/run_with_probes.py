@@ -10,7 +10,8 @@ KONTEXT_TEST_PROBE_DIR   every rank writes probe_rank<R>.json there: world size;
                          final save.
 KONTEXT_TEST_FAIL        "RANK:STEP:MODE": rank RANK fails as its STEP-th optimizer step starts; MODE `raise` raises a
                          RuntimeError, `kill` SIGKILLs the process (no Python cleanup at all), `lose_states` deletes
-                         the run folder's training states (a node's disk lost) and raises; `nan` makes that one
+                         the run folder's training states (a node's disk lost) and raises, `stall` sleeps
+                         forever (train.ddp_timeout_seconds must end the run); `nan` makes that one
                          step's loss NaN on that rank only, `nan_on` every step's from STEP on (the guard's tests).
 """
 
@@ -22,6 +23,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -152,6 +154,9 @@ def install_fault(spec: str) -> None:
             sys.stderr.flush()
             if mode == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if mode == "stall":  # a hung rank (driver, NFS, deadlock): alive but never reaching the all-reduce
+                while True:
+                    time.sleep(1)
             if mode == "lose_states":
                 shutil.rmtree(state_root(ctx.outputs.folder))
             raise RuntimeError(f"injected failure on rank {rank()} at step {fail_step}")
