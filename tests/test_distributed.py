@@ -80,15 +80,26 @@ def launcher_run(tmp_path_factory, tiny_model_dir, six_pairs):
 
 
 # -- gradients are synced -----------------------------------------------------------------------------------------
+# The recommended multi-GPU recipe: 8-bit base, gradient checkpointing, accumulation (no_sync on the first
+# micro-batch across processes), latents and text embeddings cached.
+RECIPE = {"model.quantize": True, "train.gradient_checkpointing": True, "train.gradient_accumulation_steps": 2,
+          "train.cache_text_embeddings": True}
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("adapter, zero_init", [("lora", ".lora_B."), ("lokr", ".lokr_w1")])
-def test_two_processes_batch_1_equal_one_process_batch_2(adapter, zero_init, tmp_path, tiny_model_dir,
+@pytest.mark.parametrize("adapter, zero_init, recipe", [("lora", ".lora_B.", {}), ("lokr", ".lokr_w1", {}),
+                                                        ("lora", ".lora_B.", {**RECIPE, "model.qtype": "qint8"}),
+                                                        ("lora", ".lora_B.", {**RECIPE, "model.qtype": "qfloat8"})],
+                         ids=["lora", "lokr", "recipe-qint8", "recipe-qfloat8"])
+def test_two_processes_batch_1_equal_one_process_batch_2(adapter, zero_init, recipe, tmp_path, tiny_model_dir,
                                                          two_square_pairs):
     """Same two samples, same per-sample noise and timesteps: one SGD step (lr 1, no clipping, so the update of the
     zero-initialised factor (LoRA B, LoKr w1) IS the gradient) gives the same adapter. Without the all-reduce each
-    rank would step on half the batch."""
+    rank would step on half the batch. DDP never holds a frozen base weight or buffer."""
+    dataset = {**tiny_config_dict(tmp_path, tiny_model_dir, two_square_pairs)["config"]["process"][0]["datasets"][0],
+               "cache_latents": bool(recipe)}
     common = {"sample.prompts": [], "train.optimizer": "sgd", "train.lr": 1.0, "train.max_grad_norm": 0.0,
-              "train.steps": 1, "network.type": adapter}
+              "train.steps": 1, "network.type": adapter, "datasets": [dataset], **recipe}
     single = write_config(tmp_path / "single.yaml", merge(
         tiny_config_dict(tmp_path / "out1", tiny_model_dir, two_square_pairs), {**common, "train.batch_size": 2}))
     ddp = ddp_config(tmp_path, tiny_model_dir, two_square_pairs, "ddp", **common)
@@ -101,6 +112,7 @@ def test_two_processes_batch_1_equal_one_process_batch_2(adapter, zero_init, tmp
     seen_single = json.loads((tmp_path / "single.safetensors.rank0.json").read_text())
     seen = [json.loads((tmp_path / f"ddp.safetensors.rank{r}.json").read_text()) for r in range(2)]
     assert [s["world_size"] for s in seen] == [2, 2]
+    assert [(s["ddp"], s["frozen_synced"]) for s in seen] == [("DistributedDataParallel", [])] * 2
     assert seen[0]["index"] + seen[1]["index"] == seen_single["index"]  # rank r trains item r of the global batch
     assert sorted(seen_single["index"]) == [0, 1]
 
