@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import runpy
 import shutil
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, merge, tiny_config_dict, write_config
+from tests.helpers import REPO, assert_same_tensors, merge, tiny_config_dict, write_config
 from tests.launch import SCRIPTS, LAUNCHER, FAILURE_BOUND_S, accelerate_launch, run_launcher, explain, ddp_config, read_probes, lora_tensors
 from tools.demo_data import build_demo_dataset
 
@@ -298,6 +299,26 @@ def test_one_failing_rank_ends_every_rank(tmp_path, tiny_model_dir, demo_data_di
     assert elapsed < FAILURE_BOUND_S
     assert f"test fault: rank 1 fails at step 2 ({mode})" in proc.stderr
     assert not (tmp_path / "out" / "fail" / "fail.safetensors").exists()
+
+
+@pytest.mark.distributed
+def test_sigkilled_rank_ends_the_run_and_the_relaunch_resumes_bit_identically(probe_run, tmp_path, tiny_model_dir,
+                                                                               six_pairs):
+    """probe_run's config in another folder; rank 1 is SIGKILLed as step 5 starts (state 3 saved): every rank ends
+    within the bound, the launcher reports the signal, and a plain relaunch ends with probe_run's LoRA, bit for bit."""
+    config = ddp_config(tmp_path, tiny_model_dir, six_pairs, "ddp", **PROBE_RUN,
+                        **{"sample.prompts": two_prompts(six_pairs)})
+    start = time.monotonic()
+    proc = accelerate_launch(SCRIPTS / "run_with_probes.py", config, env={"KONTEXT_TEST_FAIL": "1:5:kill"},
+                             timeout=FAILURE_BOUND_S)
+    assert proc.returncode != 0 and time.monotonic() - start < FAILURE_BOUND_S, explain(proc)
+    assert re.search(r"exitcode\s*:\s*-9\b", proc.stderr), explain(proc)  # rank 1 died by SIGKILL
+    run_dir = tmp_path / "out" / "ddp"
+    assert not (run_dir / "ddp.safetensors").exists()
+    proc = accelerate_launch(REPO / "run.py", config)
+    assert proc.returncode == 0, explain(proc)
+    assert f"resuming from {run_dir / 'state' / '000000003'}: step 3 of 6" in proc.stderr, explain(proc)
+    assert_same_tensors(probe_run["run_dir"] / "ddp.safetensors", run_dir / "ddp.safetensors")
 
 
 # -- no processes needed ------------------------------------------------------------------------------------------
