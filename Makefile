@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo-assets demo test bench clean-demo
+.PHONY: setup setup-ray demo-assets demo test bench clean-demo
 
 $(VENV)/.installed: requirements.txt
 	$(PY) -m venv $(VENV)
@@ -14,6 +14,14 @@ $(VENV)/.installed: requirements.txt
 
 setup: $(VENV)/.installed
 
+# Ray's optional launcher: installed for the tests too, so `make test` runs tests/test_ray.py instead of skipping it
+# (exactly what CI runs: .ci/run is `make test` on a clean clone).
+$(VENV)/.installed-ray: $(VENV)/.installed requirements-ray.txt
+	$(PYTHON) -m pip install -q -r requirements-ray.txt
+	touch $@
+
+setup-ray: $(VENV)/.installed-ray
+
 demo-assets: setup
 	$(PYTHON) -m tools.tiny_model --out models/tiny-flux-kontext
 	$(PYTHON) -m tools.demo_data --out data/demo
@@ -21,7 +29,7 @@ demo-assets: setup
 demo: demo-assets
 	$(PYTHON) run.py config/examples/train_lora_flux_kontext_tiny.yaml
 
-test: setup
+test: setup-ray
 	$(PYTHON) -m pytest -q tests
 
 clean-demo:

@@ -22,6 +22,7 @@ from dotenv import load_dotenv  # noqa: E402
 from toolkit.errors import UserError  # noqa: E402
 from toolkit.redact import install_log_redaction  # noqa: E402
 from toolkit.train.signals import TrainingInterrupted  # noqa: E402
+from toolkit.train.nonfinite import TrainingDiverged  # noqa: E402
 
 log = logging.getLogger("run")
 SUBCOMMANDS = ("generate", "compare", "convert-lora", "push")  # checked before CONFIG names, so they win over config files
@@ -141,6 +142,9 @@ def main(argv=None) -> int:
         except TrainingInterrupted as exc:  # a stop signal: stop everything, whatever --recover says
             log.error("%s: %s", config, exc)
             return exc.exit_code
+        except TrainingDiverged as exc:  # NaN/Inf: a clear message, not a traceback; the good checkpoints are kept
+            log.error("%s: %s", config, exc)
+            status = exc.exit_code
         except UserError as exc:
             log.error("%s: %s", config, exc)
             status = status or 2

@@ -8,7 +8,7 @@ Usage: ./run_distributed_training.sh CONFIG [NUM_PROCESSES] [extra accelerate la
 
   CONFIG          a config path, or a name under config/ (.yaml/.yml/.json tried in turn);
                   it should set train.distributed_training: true (a warning is printed otherwise)
-  NUM_PROCESSES   processes on THIS machine (default 2). With GPUs: one per GPU, capped at the GPU count.
+  NUM_PROCESSES   processes on THIS machine (default 2). With GPUs: one per GPU, at most the GPU count.
                   Without GPUs: that many CPU processes over gloo, each with cores/NUM_PROCESSES threads.
 
   --dry-run       (anywhere after CONFIG) print the accelerate command and the environment it gets, start nothing
@@ -80,8 +80,10 @@ GPUS="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/nul
 LAUNCH=()
 if [[ "$GPUS" -gt 0 ]]; then
   if [[ "$NUM_PROCESSES" -gt "$GPUS" ]]; then
-    echo "warning: $NUM_PROCESSES processes asked but this machine has $GPUS GPU(s): using $GPUS" >&2
-    NUM_PROCESSES="$GPUS"
+    # An error, not a silent change: fewer processes would change the effective batch the config was tuned for.
+    echo "error: $NUM_PROCESSES processes asked but this machine has $GPUS GPU(s): pass NUM_PROCESSES $GPUS (and" \
+         "raise train.batch_size or gradient_accumulation_steps to keep the effective batch)" >&2
+    exit 2
   fi
 else
   # No GPU: `accelerate launch --cpu` silently runs ONE process; --multi_gpu with ACCELERATE_USE_CPU=1 gives real

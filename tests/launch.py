@@ -51,7 +51,7 @@ def accelerate_launch(script: Path, *args, env: dict[str, str] | None = None, pr
 def run_launcher(*args, script: Path = LAUNCHER, cwd: Path = REPO, env: dict[str, str] | None = None,
                  timeout: float = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(script), *map(str, args)], cwd=cwd,
-                          env=clean_env(PYTHON=sys.executable, **(env or {})),
+                          env=clean_env(**{"PYTHON": sys.executable, **(env or {})}),
                           capture_output=True, text=True, timeout=timeout)
 
 

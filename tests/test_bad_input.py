@@ -105,9 +105,35 @@ CASES = [
                                                 "control_path": str(d / "target")}]),
          ("config.process[0].datasets[0].control_path: must differ from folder_path",)),
     Case("output folder not writable", _not_writable, ("training_folder: cannot write to",)),
+    Case("image above max_image_pixels", lambda r, d, c: _set(c, "datasets", [
+        {**c["config"]["process"][0]["datasets"][0], "max_image_pixels": 1000}]),
+         ("pixels, above config.process[0].datasets[0].max_image_pixels (1,000); a decompression bomb",
+          "target/pair_000.png: image is")),
     Case("missing --ctrl_img", lambda r, d, c: _set(c, "sample.prompts", [f"x --ctrl_img {d / 'nope.png'}"]),
          ("config.process[0].sample.prompts[0]: --ctrl_img", "nope.png does not exist")),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _pil_limit(monkeypatch):
+    """datasets[].max_image_pixels sets PIL's process-wide limit: put it back for the tests that follow."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+
+
+def test_pil_refuses_a_bomb_above_twice_the_limit_naming_the_file(tmp_path):
+    from PIL import Image
+
+    from toolkit.data.images import read_image_size, set_max_image_pixels
+    from toolkit.errors import DatasetError
+
+    path = tmp_path / "bomb.png"
+    Image.new("L", (300, 300)).save(path)
+    set_max_image_pixels(40_000)
+    assert Image.MAX_IMAGE_PIXELS == 40_000
+    with pytest.raises(DatasetError, match="bomb.png: image too large for PIL's decompression-bomb limit"):
+        read_image_size(path)
 
 
 def _snapshot(root: Path) -> dict[str, str]:

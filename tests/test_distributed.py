@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import runpy
 import shutil
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, merge, tiny_config_dict, write_config
+from tests.helpers import REPO, assert_same_tensors, merge, tiny_config_dict, write_config
 from tests.launch import SCRIPTS, LAUNCHER, FAILURE_BOUND_S, accelerate_launch, run_launcher, explain, ddp_config, read_probes, lora_tensors
 from tools.demo_data import build_demo_dataset
 
@@ -80,15 +81,26 @@ def launcher_run(tmp_path_factory, tiny_model_dir, six_pairs):
 
 
 # -- gradients are synced -----------------------------------------------------------------------------------------
+# The recommended multi-GPU recipe: 8-bit base, gradient checkpointing, accumulation (no_sync on the first
+# micro-batch across processes), latents and text embeddings cached.
+RECIPE = {"model.quantize": True, "train.gradient_checkpointing": True, "train.gradient_accumulation_steps": 2,
+          "train.cache_text_embeddings": True}
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("adapter, zero_init", [("lora", ".lora_B."), ("lokr", ".lokr_w1")])
-def test_two_processes_batch_1_equal_one_process_batch_2(adapter, zero_init, tmp_path, tiny_model_dir,
+@pytest.mark.parametrize("adapter, zero_init, recipe", [("lora", ".lora_B.", {}), ("lokr", ".lokr_w1", {}),
+                                                        ("lora", ".lora_B.", {**RECIPE, "model.qtype": "qint8"}),
+                                                        ("lora", ".lora_B.", {**RECIPE, "model.qtype": "qfloat8"})],
+                         ids=["lora", "lokr", "recipe-qint8", "recipe-qfloat8"])
+def test_two_processes_batch_1_equal_one_process_batch_2(adapter, zero_init, recipe, tmp_path, tiny_model_dir,
                                                          two_square_pairs):
     """Same two samples, same per-sample noise and timesteps: one SGD step (lr 1, no clipping, so the update of the
     zero-initialised factor (LoRA B, LoKr w1) IS the gradient) gives the same adapter. Without the all-reduce each
-    rank would step on half the batch."""
+    rank would step on half the batch. DDP never holds a frozen base weight or buffer."""
+    dataset = {**tiny_config_dict(tmp_path, tiny_model_dir, two_square_pairs)["config"]["process"][0]["datasets"][0],
+               "cache_latents": bool(recipe)}
     common = {"sample.prompts": [], "train.optimizer": "sgd", "train.lr": 1.0, "train.max_grad_norm": 0.0,
-              "train.steps": 1, "network.type": adapter}
+              "train.steps": 1, "network.type": adapter, "datasets": [dataset], **recipe}
     single = write_config(tmp_path / "single.yaml", merge(
         tiny_config_dict(tmp_path / "out1", tiny_model_dir, two_square_pairs), {**common, "train.batch_size": 2}))
     ddp = ddp_config(tmp_path, tiny_model_dir, two_square_pairs, "ddp", **common)
@@ -101,6 +113,7 @@ def test_two_processes_batch_1_equal_one_process_batch_2(adapter, zero_init, tmp
     seen_single = json.loads((tmp_path / "single.safetensors.rank0.json").read_text())
     seen = [json.loads((tmp_path / f"ddp.safetensors.rank{r}.json").read_text()) for r in range(2)]
     assert [s["world_size"] for s in seen] == [2, 2]
+    assert [(s["ddp"], s["frozen_synced"]) for s in seen] == [("DistributedDataParallel", [])] * 2
     assert seen[0]["index"] + seen[1]["index"] == seen_single["index"]  # rank r trains item r of the global batch
     assert sorted(seen_single["index"]) == [0, 1]
 
@@ -286,6 +299,26 @@ def test_one_failing_rank_ends_every_rank(tmp_path, tiny_model_dir, demo_data_di
     assert elapsed < FAILURE_BOUND_S
     assert f"test fault: rank 1 fails at step 2 ({mode})" in proc.stderr
     assert not (tmp_path / "out" / "fail" / "fail.safetensors").exists()
+
+
+@pytest.mark.distributed
+def test_sigkilled_rank_ends_the_run_and_the_relaunch_resumes_bit_identically(probe_run, tmp_path, tiny_model_dir,
+                                                                               six_pairs):
+    """probe_run's config in another folder; rank 1 is SIGKILLed as step 5 starts (state 3 saved): every rank ends
+    within the bound, the launcher reports the signal, and a plain relaunch ends with probe_run's LoRA, bit for bit."""
+    config = ddp_config(tmp_path, tiny_model_dir, six_pairs, "ddp", **PROBE_RUN,
+                        **{"sample.prompts": two_prompts(six_pairs)})
+    start = time.monotonic()
+    proc = accelerate_launch(SCRIPTS / "run_with_probes.py", config, env={"KONTEXT_TEST_FAIL": "1:5:kill"},
+                             timeout=FAILURE_BOUND_S)
+    assert proc.returncode != 0 and time.monotonic() - start < FAILURE_BOUND_S, explain(proc)
+    assert re.search(r"exitcode\s*:\s*-9\b", proc.stderr), explain(proc)  # rank 1 died by SIGKILL
+    run_dir = tmp_path / "out" / "ddp"
+    assert not (run_dir / "ddp.safetensors").exists()
+    proc = accelerate_launch(REPO / "run.py", config)
+    assert proc.returncode == 0, explain(proc)
+    assert f"resuming from {run_dir / 'state' / '000000003'}: step 3 of 6" in proc.stderr, explain(proc)
+    assert_same_tensors(probe_run["run_dir"] / "ddp.safetensors", run_dir / "ddp.safetensors")
 
 
 # -- no processes needed ------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import re
 import shutil
 import signal
@@ -107,39 +106,7 @@ def finished_run(pristine_run, tmp_path):
     return copy
 
 
-def test_sigkill_at_random_points_then_resume_gives_the_same_lora(pristine_run, tmp_path, tiny_model_dir,
-                                                                  demo_data_dir):
-    config = _config(tmp_path / "killed", tiny_model_dir, demo_data_dir)
-    run_dir = tmp_path / "killed" / "out" / "tiny"
-    rng = random.Random(20240611)
-    resumed_from = None
-    target = 0
-    for round_ in range(3):
-        log = tmp_path / f"round{round_}.log"
-        proc = _start(config, log)
-        target = min(9, max(target, _newest_step(run_dir)) + rng.randint(2, 3))
-        root = train_state.state_root(run_dir)
-        # Round 2 tries to kill while a state is being written (if the poll catches one).
-        mid_save = round_ == 2
-        if _wait_until(lambda: _newest_step(run_dir) >= target or (mid_save and _newest_step(run_dir) >= target - 2
-                                                                     and any(root.glob(".*.tmp"))), proc):
-            time.sleep(0.0 if mid_save else rng.uniform(0.0, 0.1))
-        _kill(proc)
-        text = log.read_text(encoding="utf-8")
-        if resumed_from is not None:
-            assert f"resuming from {resumed_from}:" in text, text[-3000:]
-        _assert_nothing_partial(run_dir)
-        resumed_from = find_latest_state(run_dir)
-        if (run_dir / "tiny.safetensors").exists():  # a very fast machine finished before the kill
-            resumed_from = None
-            break
-
-    log = tmp_path / "final.log"
-    assert _run(config, log) == 0, log.read_text()
-    text = log.read_text(encoding="utf-8")
-    assert resumed_from is None or f"resuming from {resumed_from}:" in text, text[-3000:]
-    assert not any(train_state.state_root(run_dir).glob(".*")), "leftovers of interrupted saves are cleaned up"
-    assert_same_tensors(pristine_run / "tiny.safetensors", run_dir / "tiny.safetensors")
+# SIGKILL at chosen points (mid-step, mid-save, mid-prune, mid-sampling): tests/test_kill.py.
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_143(tmp_path, tiny_model_dir, demo_data_dir):

@@ -34,9 +34,10 @@ log = logging.getLogger(__name__)
 EXPECTED_WORLD_SIZE_ENV = "KONTEXT_EXPECTED_WORLD_SIZE"
 # CPU threads per rank chosen by the launcher (run_distributed_training.sh), so what it prints is what torch uses.
 CPU_THREADS_ENV = "KONTEXT_CPU_THREADS"
-# A rank stuck in a collective because another rank died gives up after this long instead of hanging forever.
 # "ray" in a Ray Train worker (set by jobs.ray_launcher); unset under accelerate launch or a single process.
 LAUNCHER_ENV = "KONTEXT_LAUNCHER"
+# A rank stuck in a collective because another rank died or stalled gives up after this long instead of hanging
+# forever (train.ddp_timeout_seconds; this environment default serves callers without a config).
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("KONTEXT_COLLECTIVE_TIMEOUT_MIN", "30")))
 
 
@@ -73,7 +74,7 @@ def launched_world_size() -> int:
 class Runtime:
     """The process group as the trainer sees it: who am I, which device, how to sync."""
 
-    def __init__(self, distributed: bool, device: str = "auto") -> None:
+    def __init__(self, distributed: bool, device: str = "auto", timeout_s: "int | None" = None) -> None:
         world = launched_world_size()
         if world > 1 and not distributed:
             raise UserError(f"launched with {world} processes but train.distributed_training is false: set it to "
@@ -90,7 +91,8 @@ class Runtime:
             gradient_accumulation_steps=1,  # the train loop accumulates itself (see BaseSDTrainProcess)
             dataloader_config=DataLoaderConfiguration(split_batches=True),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False),
-                             InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
+                             InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT if timeout_s is None
+                                                    else datetime.timedelta(seconds=timeout_s))],
         )
         self._check_world_size()
         self._check_fsdp()
@@ -219,6 +221,18 @@ class Runtime:
             return bool(flag)
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
         return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
+
+    def agree(self, flag: bool, *values: torch.Tensor) -> tuple[bool, bool]:
+        """(`flag` is true on some rank, every value is finite on every rank): ONE all-reduce of two numbers and one
+        host read, so the train loop's per-step decisions (stop on a signal, apply or skip a non-finite step) cost
+        a single sync. A collective when the world size is > 1: every rank must call it at the same step."""
+        finite = torch.stack([torch.isfinite(v.detach()).all().to(self.device) for v in values]).all() \
+            if values else torch.ones((), dtype=torch.bool, device=self.device)
+        counts = torch.stack([torch.tensor(1.0 if flag else 0.0, device=self.device), (~finite).float()])
+        if self.is_multiprocess:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        flagged, nonfinite = counts.tolist()
+        return flagged > 0, nonfinite == 0
 
     def checkpoint_saved(self, step: int, state_dir: Path) -> None:
         """Every rank calls it once the training state of `step` is complete; under Ray the main process's state

@@ -44,6 +44,7 @@ from toolkit.train import flow_matching, preservation, stages
 from toolkit.train.compile import check_compile, compile_blocks
 from toolkit.train.ema import EMA, ema_weights
 from toolkit.train.metrics import TrainingMonitor
+from toolkit.train.nonfinite import NonFiniteGuard
 from toolkit.train.lr_schedule import make_lr_scheduler, planned_lrs, schedule_points
 from toolkit.train.optim import make_optimizer
 from toolkit.train.signals import GracefulStop
@@ -111,7 +112,8 @@ class BaseSDTrainProcess:
                      outputs.final_path, self.train.steps, self.resume_state,
                      f", or {retry_hint(outputs.folder)}" if self.cfg.save.push_to_hub else "")
             return outputs.final_path
-        rt = Runtime(distributed=self.train.distributed_training, device=self.cfg.device)
+        rt = Runtime(distributed=self.train.distributed_training, device=self.cfg.device,
+                     timeout_s=self.train.ddp_timeout_seconds)
         try:
             final = self._train(rt, pairs, requests, outputs)
             push = self.cfg.save.push_to_hub and rt.is_main
@@ -216,17 +218,20 @@ class BaseSDTrainProcess:
         train = self.train
         run = self.setup(rt, pairs, requests, outputs)
         start, monitor, checkpointer = run.start_step, run.monitor, run.checkpointer
+        guard = NonFiniteGuard(train.max_nonfinite_steps)
         for step, lr in schedule_points(planned_lrs(train.lr_scheduler, train.lr, train.lr_warmup_steps,
                                                     train.steps, train.lr_scheduler_params)):
             monitor.scalars(step, {"train/lr_schedule": lr})  # the plan, from a copy: the real one is untouched
         try:
             with GracefulStop() as stop:
+                run.stop = stop
                 if requests and not train.skip_first_sample and (start == 0 or train.force_first_sample):
                     self._sample(run, step=start)
                 for step in range(start + 1, train.steps + 1):
                     result = self.optimizer_step(run)
                     monitor.step_done()
-                    if step < train.steps and rt.any_rank(stop.requested):  # every rank stops after the same step
+                    guard.record(step, result.applied, result.files, checkpointer.last_checkpoint())
+                    if step < train.steps and result.stop:  # agreed by every rank: all stop after the same step
                         checkpointer.stop(step, stop.signum)
                     self._after_step(run, step, result)
                 final = checkpointer.save_final()
@@ -254,12 +259,16 @@ class BaseSDTrainProcess:
             epoch += 1
 
     def optimizer_step(self, run: TrainingRun) -> StepResult:
-        """gradient_accumulation_steps micro-batches, one all-reduce (on the last), one optimizer step.
-        Loss and gradient norm stay on the device (no host sync; read at log intervals)."""
+        """gradient_accumulation_steps micro-batches, one all-reduce (on the last), one optimizer step unless the
+        loss or gradient norm is not finite on some rank (toolkit.train.nonfinite). The only host sync is the one
+        scalar pair of Runtime.agree (that decision and the stop-signal flag); loss and gradient norm stay on the
+        device otherwise (read at log intervals)."""
         accum = self.train.gradient_accumulation_steps
         total = torch.zeros((), device=run.rt.device)
+        files: list[str] = []
         for micro in range(accum):
             batch = next(run.batches)
+            files += map(str, batch.get("path", []))
             # the dataset's network_weight, kept through backward (checkpointing re-runs the forward there)
             with run.rt.no_sync(run.denoiser, skip=micro < accum - 1), \
                     adapter_strength(run.model.transformer, batch_strength(batch["network_weight"])):
@@ -273,12 +282,14 @@ class BaseSDTrainProcess:
             total += loss.detach()
         grad_norm = run.rt.clip_grad_norm(run.params, self.train.max_grad_norm)
         lr = run.scheduler.get_last_lr()[0]  # the lr this step uses (train/lr_schedule's value at this step)
-        run.optimizer.step()
-        run.scheduler.step()
+        stop, finite = run.rt.agree(run.stop is not None and run.stop.requested, total, grad_norm)
+        if finite:
+            run.optimizer.step()
+            run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
-        if run.ema is not None:
+        if finite and run.ema is not None:
             run.ema.step()
-        return StepResult(loss=total, grad_norm=grad_norm, lr=lr)
+        return StepResult(loss=total, grad_norm=grad_norm, lr=lr, applied=finite, stop=stop, files=tuple(files))
 
     def compute_loss(self, run: TrainingRun, batch: dict) -> torch.Tensor:
         """Flow-matching loss of one micro-batch, through the WRAPPED denoiser so DDP syncs the gradients:
@@ -332,6 +343,8 @@ class BaseSDTrainProcess:
                                        "perf/samples_per_second": samples / max(seconds, 1e-9)})
             if cfg.performance_log_every and step % cfg.performance_log_every == 0 and run.rt.is_main:
                 log.info("step %d: %.3f s/step, %.2f samples/s", step, seconds, samples / max(seconds, 1e-9))
+        if not result.applied:  # nothing is saved, sampled or validated from a skipped step
+            return
         run.checkpointer.maybe_save(step)
         if run.requests and step % cfg.sample.sample_every == 0 and step >= cfg.sample.sample_start_step:
             self._sample(run, step)

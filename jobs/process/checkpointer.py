@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,6 +22,7 @@ from toolkit.data.sampler import BucketBatchSampler
 from toolkit.dist import Runtime, rank_seed
 from toolkit.state import train_state, transformer_folder
 from toolkit.train.ema import EMA, ema_weights
+from toolkit.train.nonfinite import TrainingDiverged
 from toolkit.train.signals import TrainingInterrupted, signal_name
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,10 @@ class Checkpointer:
     generator: torch.Generator
     lora_config: Any
     ema: Optional[EMA] = None
+    # The data position where this process started: samples consumed before `start_step` (a resume may have been
+    # saved with another process count, so it is not start_step x the current global batch).
+    start_step: int = field(default=0, init=False)
+    start_samples: int = field(default=0, init=False)
 
     @property
     def steps(self) -> int:
@@ -59,6 +64,7 @@ class Checkpointer:
         """The step LoRA, then the training state, then pruning; every rank calls it (each rank's RNGs go to the
         main process, which writes). A failed write is raised on every rank, with the previous checkpoint intact."""
         rt = self.rt
+        self._refuse_nonfinite(step)
         rngs = rt.gather([train_state.capture_rng(self.generator)])
         error, states = None, full_finetune.states_writable(rt)
         with ema_weights(self.ema):  # the transformer's weights (EMA applied), gathered from every process (FSDP)
@@ -82,20 +88,43 @@ class Checkpointer:
             raise train_state.CheckpointSaveError(errors[0])
         rt.checkpoint_saved(step, train_state.state_root(self.outputs.folder) / f"{step:09d}")
 
+    def _refuse_nonfinite(self, step: int) -> None:
+        """Never write NaN/Inf weights (every rank agrees; FSDP: each checks its shard). Since every checkpoint is
+        checked here and pruning keeps the one just written, pruning never deletes the newest finite checkpoint."""
+        _, finite = self.rt.agree(False, *self._trainable().values())
+        if not finite:
+            last = self.last_checkpoint()
+            kept = f"the last good checkpoint ({last}) is intact" if last else "no earlier checkpoint exists"
+            raise TrainingDiverged(f"the trained weights are not finite (NaN/Inf) at step {step}: refusing to save "
+                                   f"them; {kept}")
+
+    def last_checkpoint(self) -> Optional[str]:
+        """The newest training state under its final name (every one was checked finite before it was written)."""
+        states = train_state.list_states(self.outputs.folder)
+        return str(states[-1][1]) if states else None
+
     def prune(self, step: int, step_lora: bool, states: bool = True) -> None:
         """Only after the checkpoint of `step` is complete: keep save.max_step_saves_to_keep of each kind."""
         self.outputs.prune(step, self.cfg.save.max_step_saves_to_keep, step_lora, states)
 
+    def consumed_samples(self, step: int) -> int:
+        """Items of the data order consumed after `step`: where this process started plus what it trained since."""
+        return self.start_samples + (step - self.start_step) * self.cfg.train.gradient_accumulation_steps \
+            * self.sampler.batch_size
+
     def _info(self, step: int) -> dict:
-        consumed = step * self.cfg.train.gradient_accumulation_steps
+        samples = self.consumed_samples(step)
+        consumed = samples // self.sampler.batch_size
         hashed = train_state.training_config(self.cfg)
         return {**train_state.data_position(consumed, len(self.sampler)), "consumed_batches": consumed,
+                "consumed_samples": samples,
                 "batches_per_epoch": len(self.sampler), "world_size": self.rt.world_size,
                 "global_batch_size": self.sampler.batch_size, "config_hash": train_state.config_hash(hashed),
                 "config": hashed}
 
     def save_final(self) -> Path:
         """The final LoRA (or transformer folder), EMA weights applied; every rank calls it."""
+        self._refuse_nonfinite(self.steps)
         try:
             with ema_weights(self.ema):  # every saved LoRA holds the EMA weights when EMA is on
                 return self.outputs.save_final(self.transformer, self.lora_config, self.cfg, self.steps, self.rt,
@@ -133,8 +162,12 @@ class Checkpointer:
                         "after the same number of samples, but data order and noise differ from an uninterrupted "
                         "run", info["world_size"], info["global_batch_size"], rt.world_size,
                         self.sampler.batch_size)
-            consumed = consumed * int(info["global_batch_size"]) // self.sampler.batch_size
+            # The data order does not depend on the global batch (toolkit.data.sampler): continue at the same item,
+            # rounded down to a whole batch of this run (at most one global batch minus one item is seen again).
+            samples = int(info.get("consumed_samples", consumed * int(info["global_batch_size"])))
+            consumed = samples // self.sampler.batch_size
             self.generator.manual_seed(rank_seed(train.seed + step, rt.rank))  # new noise, not a replay
+        self.start_step, self.start_samples = step, consumed * self.sampler.batch_size
         position = train_state.data_position(consumed, len(self.sampler))
         self.sampler.load_state_dict(position)  # before the first batch is drawn: see BaseSDTrainProcess._batches
         log.info("resuming from %s: step %d of %d, epoch %d, batch %d of %d", path, step, train.steps,

@@ -17,6 +17,7 @@ from toolkit.data.sampler import BucketBatchSampler
 from toolkit.dist import Runtime
 from toolkit.train.ema import EMA
 from toolkit.train.metrics import TrainingMonitor
+from toolkit.train.signals import GracefulStop
 from toolkit.train.validation import ValidationSet
 
 
@@ -28,6 +29,9 @@ class StepResult:
     loss: torch.Tensor
     grad_norm: torch.Tensor
     lr: float
+    applied: bool = True  # False: a non-finite loss or gradient on some rank, the update was skipped on every rank
+    stop: bool = False  # a stop signal reached some rank (agreed with the finite check, one collective)
+    files: tuple[str, ...] = ()  # this rank's images of the step, named when it is skipped
 
 
 @dataclass
@@ -50,6 +54,7 @@ class TrainingRun:
     start_step: int  # 0, or the step a resumed training state ended at
     validation: Optional[ValidationSet] = None  # held-out pairs, None when no dataset has val_folder_path
     ema: Optional[EMA] = None  # train.ema_config: averaged LoRA weights for samples, validation and saves
+    stop: Optional[GracefulStop] = None  # set by the loop: its stop-signal flag is agreed on at each step
 
 
 def describe_batch(batch: dict) -> str:

@@ -60,8 +60,16 @@ def main(config: str, out: Path) -> None:
             trained = (ctx.model.transformer.state_dict() if process.full_finetune
                        else lora_state_dict(ctx.model.transformer))
             save_file({k: v.detach().contiguous().clone() for k, v in trained.items()}, str(out))
+        # What DDP would broadcast at wrap time and all-reduce: frozen base weights (quantized or not) and buffers
+        # must all be on its ignore list, or every step would sync the whole model.
+        ignored = getattr(ctx.denoiser, "parameters_to_ignore", None)
+        inner = getattr(ctx.denoiser, "module", ctx.denoiser)
+        frozen_synced = None if ignored is None else sorted(
+            [n for n, p in inner.named_parameters() if not p.requires_grad and n not in ignored]
+            + [n for n, _ in inner.named_buffers() if n not in ignored])
         Path(f"{out}.rank{rt.rank}.json").write_text(
-            json.dumps({"rank": rt.rank, "world_size": rt.world_size, "index": seen}), encoding="utf-8")
+            json.dumps({"rank": rt.rank, "world_size": rt.world_size, "index": seen,
+                        "ddp": type(ctx.denoiser).__name__, "frozen_synced": frozen_synced}), encoding="utf-8")
         rt.wait()
     finally:
         rt.end()

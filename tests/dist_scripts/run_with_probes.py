@@ -10,7 +10,9 @@ KONTEXT_TEST_PROBE_DIR   every rank writes probe_rank<R>.json there: world size;
                          final save.
 KONTEXT_TEST_FAIL        "RANK:STEP:MODE": rank RANK fails as its STEP-th optimizer step starts; MODE `raise` raises a
                          RuntimeError, `kill` SIGKILLs the process (no Python cleanup at all), `lose_states` deletes
-                         the run folder's training states (a node's disk lost) and raises.
+                         the run folder's training states (a node's disk lost) and raises, `stall` sleeps
+                         forever (train.ddp_timeout_seconds must end the run); `nan` makes that one
+                         step's loss NaN on that rank only, `nan_on` every step's from STEP on (the guard's tests).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -130,15 +133,30 @@ def install_probes(probe_dir: Path) -> None:
 def install_fault(spec: str) -> None:
     fail_rank, fail_step, mode = spec.split(":")
     original_step = Trainer.optimizer_step
+    original_loss = Trainer.compute_loss
     steps = {"started": 0}
+
+    def compute_loss(self, ctx, batch):
+        loss = original_loss(self, ctx, batch)
+        poisoned = rank() == int(fail_rank) and (steps["started"] == int(fail_step) if mode == "nan"
+                                                 else steps["started"] >= int(fail_step))
+        return loss * float("nan") if poisoned else loss
+
+    if mode in ("nan", "nan_on"):
+        Trainer.compute_loss = compute_loss
 
     def optimizer_step(self, ctx):
         steps["started"] += 1
+        if mode in ("nan", "nan_on"):
+            return original_step(self, ctx)
         if rank() == int(fail_rank) and steps["started"] == int(fail_step):  # rank read late, as in the probes
             sys.stderr.write(f"test fault: rank {rank()} fails at step {fail_step} ({mode})\n")
             sys.stderr.flush()
             if mode == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if mode == "stall":  # a hung rank (driver, NFS, deadlock): alive but never reaching the all-reduce
+                while True:
+                    time.sleep(1)
             if mode == "lose_states":
                 shutil.rmtree(state_root(ctx.outputs.folder))
             raise RuntimeError(f"injected failure on rank {rank()} at step {fail_step}")

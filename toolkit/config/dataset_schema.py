@@ -77,3 +77,7 @@ class DatasetConfig:
     val_control_path: Optional[Union[str, list[str]]] = field(default=None, metadata=_meta(
         "Control images of the held-out pairs, matched to val_folder_path by file name; as many folders as "
         "control_path.", FOLDERS, normalize=_expand_folders, aliases=("validation_control_path", "val_control")))
+    max_image_pixels: int = field(default=89_478_485, metadata=_meta(
+        "Largest image (width x height, read from the header before any decoding) this dataset accepts; a larger "
+        "file is reported by name before training (decompression-bomb guard; also PIL's MAX_IMAGE_PIXELS). "
+        "Default: PIL's, about 9459 x 9459.", GE1))

@@ -35,6 +35,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+# Hostile or mistaken inputs must fail in bounded time and memory with exit status 2, not exhaust the machine: real
+# configs are a few KB and a few hundred values. MAX_CONFIG_NODES counts values as every alias expands them (a
+# "billion laughs" file is small but expands exponentially, and the ${VAR} pass copies every reference).
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+MAX_CONFIG_NODES = 100_000
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
 
 
@@ -70,6 +75,46 @@ class _StrictYamlLoader(yaml.SafeLoader):
             seen.add(key)
         return super().construct_mapping(node, deep)
 
+    def compose_document(self) -> yaml.Node:
+        """The document's node graph, refused when an anchor refers to itself or aliases expand it too far."""
+        node = super().compose_document()
+        _check_expansion(node)
+        return node
+
+
+def _children(node: yaml.Node) -> list:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Size of the tree `root` becomes once every alias is copied (iterative, memoized: linear in the file), and no
+    cycles (`a: &a [*a]`), which the constructor would build and every later pass would recurse into forever."""
+    size: dict[int, int] = {}
+    open_nodes: set[int] = set()  # nodes whose subtree is being walked: an alias to one of them is a cycle
+    stack = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        if finished:
+            open_nodes.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(child)] for child in _children(node))
+            if size[id(node)] > MAX_CONFIG_NODES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"aliases expand the document beyond {MAX_CONFIG_NODES:,} values (a \"billion "
+                    "laughs\" file?); write the values out or use fewer nested aliases", node.start_mark)
+            continue
+        if id(node) in size:
+            continue
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        for child in _children(node):
+            if id(child) in open_nodes:
+                raise yaml.composer.ComposerError(
+                    None, None, "an alias refers to an anchor that contains it (a cycle)", child.start_mark)
+            if id(child) not in size:
+                stack.append((child, False))
+
 
 _BOOL_TAG = "tag:yaml.org,2002:bool"
 _StrictYamlLoader.yaml_implicit_resolvers = {
@@ -96,12 +141,22 @@ def find_config_file(name: str, config_dir: Path = DEFAULT_CONFIG_DIR) -> Path:
 
 
 def read_config_file(path: Path) -> dict:
-    """Parse a YAML (safe loader only) or JSON file whose top level must be a mapping."""
+    """Parse a YAML (safe loader only) or JSON file whose top level must be a mapping; size, alias expansion and
+    nesting are bounded (MAX_CONFIG_BYTES, MAX_CONFIG_NODES)."""
     try:
+        if Path(path).stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: the config file is {Path(path).stat().st_size / 2**20:.1f} MiB; configs over "
+                              f"{MAX_CONFIG_BYTES // 2**20} MiB are refused (is it the right file?)")
         text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); save the config as UTF-8") \
+            from error
+    except OSError as error:
         raise ConfigError(f"{path}: cannot read the config file: {error}") from error
-    data = _parse_json(text, path) if Path(path).suffix.lower() == ".json" else _parse_yaml(text, path)
+    try:
+        data = _parse_json(text, path) if Path(path).suffix.lower() == ".json" else _parse_yaml(text, path)
+    except RecursionError as error:  # thousands of nested [ or {: the parsers recurse per level
+        raise ConfigError(f"{path}: the config nests too deeply to be a config") from error
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level of a config must be a mapping (job:, config:, meta:), "
                           f"got {describe_value(data)}")

@@ -83,6 +83,13 @@ class TrainConfig:
         "Steps of linear warm-up from 0 to lr.", GE0, aliases=("warmup_steps",)))
     max_grad_norm: float = field(default=1.0, metadata=_meta(
         "Clip the gradient norm to this value; 0 disables clipping.", GE0, aliases=("clip_grad_norm",)))
+    max_nonfinite_steps: int = field(default=3, metadata=_meta(
+        "A step whose loss or gradient norm is NaN/Inf is skipped (no optimizer or EMA update, nothing saved) and "
+        "logged with its batch's files; after this many in a row the run stops with exit status 1, the last good "
+        "checkpoint intact.", GE1))
+    ddp_timeout_seconds: int = field(default=1800, metadata=_meta(
+        "Multi-process runs: a collective (gradient all-reduce, barrier) that waits longer than this for a stalled "
+        "or dead rank fails and ends every rank instead of hanging.", GE1))
     timestep_type: Literal["sigmoid", "linear", "weighted", "shift", "flux_shift", "lognorm_blend"] = field(
         default="sigmoid", metadata=_meta(
             "How training timesteps are sampled (toolkit/train/timesteps.py): flux_shift draws from 1000 times "

@@ -36,6 +36,17 @@ PIL_ERRORS: tuple[type[BaseException], ...] = (
     Image.DecompressionBombError,
 )
 
+# PIL's default decompression-bomb limit (it warns above it and refuses above twice it).
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+
+def set_max_image_pixels(limit: "int | None") -> None:
+    """PIL's process-wide decompression-bomb limit: above `limit` pixels PIL warns, above 2 x `limit` it refuses to
+    open the file (Image.DecompressionBombError, reported with the file's path by this module); None: no limit (only
+    while a caller checks each header against its own limit)."""
+    Image.MAX_IMAGE_PIXELS = None if limit is None else int(limit)
+
+
 # EXIF orientations 5-8 rotate by 90 or 270 degrees, so width and height swap.
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")

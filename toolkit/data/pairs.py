@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Optional, Protocol, Sequence, Union
 
 from toolkit.data.captions import read_caption
-from toolkit.data.images import IMAGE_EXTENSIONS, is_image_file, verify_image
+from toolkit.data.images import (DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, is_image_file, read_image_size,
+                                 set_max_image_pixels, verify_image)
 from toolkit.data.masks import find_masks
 from toolkit.errors import DatasetError
 
@@ -128,11 +129,16 @@ def _list_images(folder: Path, key: str, problems: list[str]) -> dict[str, Path]
     return {stem: files[0] for stem, files in by_stem.items()}
 
 
-def _verify_all(paths: Sequence[Path]) -> dict[Path, Union[tuple[int, int], str]]:
+def _verify_all(paths: Sequence[Path], max_pixels: int, key: str) -> dict[Path, Union[tuple[int, int], str]]:
     """Size of each image, or the reason it is unusable. Threads: PIL releases the GIL while decoding."""
 
     def check(path: Path) -> Union[tuple[int, int], str]:
         try:
+            width, height = read_image_size(path)  # the header only: a bomb is refused before any decoding
+            if width * height > max_pixels:
+                return (f"{path}: image is {width}x{height} = {width * height:,} pixels, above {key}.max_image_pixels "
+                        f"({max_pixels:,}); a decompression bomb, or far larger than training needs: downscale it "
+                        "or raise the limit")
             width, height = verify_image(path)
         except DatasetError as err:
             return str(err)
@@ -248,7 +254,8 @@ def _discover_one(cfg: DatasetConfigLike, index: int, key: str, problems: list[s
         problems.append(f"{folder}: no {images} images in the folder ({key}.folder_path)")
     all_controls = _list_controls(control_dirs, _control_keys(cfg, key), folder, targets, problems)
 
-    sizes = _verify_all(sorted({*targets.values(), *(p for c in all_controls for p in c.values())}))
+    sizes = _verify_all(sorted({*targets.values(), *(p for c in all_controls for p in c.values())}),
+                        getattr(cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS), key)
     problems.extend(result for result in sizes.values() if isinstance(result, str))
     captions = {stem: _caption_for(path, cfg, key, problems) for stem, path in sorted(targets.items())}
     masks = find_masks(getattr(cfg, "mask_path", None), targets, f"{key}.mask_path", problems)
@@ -311,8 +318,15 @@ def discover_pairs(
     pairs: list[Pair] = []
     if not datasets:
         problems.append(f"{config_path_prefix} is empty; add at least one dataset with folder_path and control_path")
-    for index, cfg in enumerate(datasets):
-        pairs.extend(_discover_one(cfg, index, f"{config_path_prefix}[{index}]", problems))
+    # While checking, each dataset's own limit applies (header read first, nothing decoded above it); afterwards
+    # PIL's process-wide guard (Image.MAX_IMAGE_PIXELS) protects every later decode.
+    set_max_image_pixels(None)
+    try:
+        for index, cfg in enumerate(datasets):
+            pairs.extend(_discover_one(cfg, index, f"{config_path_prefix}[{index}]", problems))
+    finally:
+        set_max_image_pixels(max((getattr(d, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS) for d in datasets),
+                                 default=DEFAULT_MAX_IMAGE_PIXELS))
     if problems:
         raise DatasetError(format_problems(problems))
     pairs.sort(key=lambda pair: (str(pair.target), pair.dataset_index))

@@ -23,6 +23,12 @@ Filling: a bucket whose item count is not a multiple of ``batch_size`` is comple
 bucket from the start of its shuffled order; a bucket with fewer items than ``batch_size`` (e.g. fewer images than
 GPUs) repeats its items, with one warning per run. So every batch is full and no rank ever waits for a batch.
 
+Order independent of the process count: the items of a bucket come in one seeded order per epoch whatever the
+batch size, and batches of different buckets are merged by a random key per item (also drawn regardless of the
+batch size). With one bucket the sequence of items is exactly the same for any global batch (1 process x 2 or
+2 processes x 1), so a resume with another process count continues at the same item; with several buckets the merge
+of the buckets differs slightly between batch sizes (each bucket's own order does not).
+
 Resume: ``state_dict()`` is ``{"epoch", "batches_done"}``; after ``load_state_dict`` the next iteration skips the
 first ``batches_done`` global batches of that epoch (no image is loaded for them) and the epoch after starts at 0.
 ``batches_done`` counts batches handed to the DataLoader, which runs ahead of training when batches are prefetched
@@ -106,16 +112,20 @@ class BucketBatchSampler(Sampler[list[int]]):
         """The full, deterministic list of global batches of an epoch. Same (keys, batch_size, seed, epoch) on
         every rank gives the same list."""
         rng = random.Random(f"bucket-sampler:{self.seed}:{epoch}")
-        batches: list[list[int]] = []
+        keyed: list[tuple[float, list[int]]] = []
         for group in self.groups.values():
             order = list(group)
             if self.shuffle:
                 rng.shuffle(order)
+            # Sorted random keys, one per item, drawn without regard to the batch size: batches are merged across
+            # buckets by the key of their first item, so one bucket's items come in `order` whatever the batch size.
+            keys = sorted(rng.random() for _ in order) if self.shuffle else [0.0] * len(order)
             filled = fill_to_multiple(order, self.batch_size)
-            batches.extend(filled[start : start + self.batch_size] for start in range(0, len(filled), self.batch_size))
+            keyed.extend((keys[start], filled[start : start + self.batch_size])
+                         for start in range(0, len(filled), self.batch_size))
         if self.shuffle:
-            rng.shuffle(batches)
-        return batches
+            keyed.sort(key=lambda item: item[0])  # stable: equal keys (none in practice) keep bucket order
+        return [batch for _, batch in keyed]
 
     def _warn_small_buckets(self) -> None:
         small = self.small_buckets()

@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import random
 import re
 import secrets
@@ -60,6 +61,7 @@ UNHASHED_KEYS = (
     "save.hf_repo_id", "save.hf_private", "train.ema_config.ema_on_cpu",
     "train.resume_from", "train.disable_sampling", "train.skip_first_sample", "train.distributed_training",
     "train.gradient_checkpointing", "train.cache_text_embeddings", "train.num_workers", "train.compile",
+    "train.max_nonfinite_steps", "train.ddp_timeout_seconds", "datasets[].max_image_pixels",
     "model.low_vram",
     "datasets[].cache_latents", "datasets[].cache_latents_to_disk", "datasets[].cache_dir",
     "datasets[].val_folder_path", "datasets[].val_control_path",
@@ -227,11 +229,15 @@ def remove_temporary(run_folder: Path) -> None:
 
 
 def prune_states(run_folder: Path, keep: int, protect: Path) -> list[Path]:
-    """Delete all but the newest max(keep, 1) states; `protect` (the one just written) always stays."""
+    """Delete all but the newest max(keep, 1) states; `protect` (the one just written) always stays. Each doomed
+    state is first renamed to a temporary name (atomic), so a kill mid-prune never leaves a half-deleted state under
+    a final name; remove_temporary deletes what such a kill left."""
     states = [p for _, p in list_states(run_folder)]
     doomed = [p for p in states[:-max(1, keep)] if p.resolve() != Path(protect).resolve()]
     for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
+        trash = p.parent / f".{p.name}.{secrets.token_hex(4)}.old"
+        os.replace(p, trash)
+        shutil.rmtree(trash, ignore_errors=True)
         log.debug("removed old training state %s", p)
     return doomed
 
