@@ -45,7 +45,7 @@ class ItemPlan:
     resolution: int
     bucket: tuple[int, int]
     target_box: Box
-    control_box: Box
+    control_box: Optional[Box]  # None: the pair has no control image (dataset without control_path)
     extra_control_boxes: tuple[Box, ...] = ()  # of Pair.extra_controls
     flip: tuple[bool, bool] = (False, False)  # (mirror left-right, mirror top-bottom) after the resize
     mask_box: Optional[Box] = None  # of Pair.mask (dataset mask_path)
@@ -106,7 +106,7 @@ def plan_items(pairs: Sequence[Pair], datasets: Sequence[DatasetConfigLike]) -> 
             bucket = bucket_for(*pair.target_size, resolution)
             target_box = crop_box(*pair.target_size, *bucket)
             # Every control image is cut to the target's crop and resized to the target's bucket.
-            control_boxes = [scale_box(target_box, pair.target_size, size) for size in pair.control_sizes]
+            control_boxes = [scale_box(target_box, pair.target_size, size) for size in pair.control_sizes] or [None]
             mask_box = scale_box(target_box, pair.target_size, pair.mask_size) if pair.mask else None
             for flip in flips(option(cfg, "flip_x"), option(cfg, "flip_y")):
                 plan = ItemPlan(pair_index, int(resolution), bucket, target_box, control_boxes[0],
@@ -175,12 +175,15 @@ class PairedDataset(Dataset):
     @property
     def batch_keys(self) -> list[tuple]:
         """What BucketBatchSampler groups by: the bucket, plus what a batch must share: the dataset's network_weight
-        when it is not 1 (one LoRA strength per batch) and having a loss mask. Equal to bucket_keys without them."""
+        when it is not 1 (one LoRA strength per batch), having a loss mask, and the number of control images when it
+        is not 1 (paired and plain-image items never share a batch). Equal to bucket_keys without them."""
         keys = []
         for index, plan in enumerate(self.items):
             weight = float(option(self.datasets[self.dataset_index(index)], "network_weight"))
-            extras = (() if weight == 1.0 else (("network_weight", weight),)) + (() if plan.mask_box is None
-                                                                                 else (("mask",),))
+            n_controls = len(self.pairs[plan.pair_index].controls)
+            extras = ((() if weight == 1.0 else (("network_weight", weight),))
+                      + (() if plan.mask_box is None else (("mask",),))
+                      + (() if n_controls == 1 else (("controls", n_controls),)))
             keys.append((*plan.bucket, *extras))
         return keys
 
@@ -203,8 +206,10 @@ class PairedDataset(Dataset):
         """Everything that decides an item's pixels: files, bucket, crop boxes, pixel pipeline (latent cache key)."""
         plan = self.items[index]
         pair = self.pairs[plan.pair_index]
-        sources = {"target": pair.target, "control": pair.control, "bucket": plan.bucket,
-                   "target_box": plan.target_box, "control_box": plan.control_box, "pixels": PIXEL_PIPELINE_VERSION}
+        sources = {"target": pair.target, "bucket": plan.bucket, "target_box": plan.target_box,
+                   "pixels": PIXEL_PIPELINE_VERSION}
+        if pair.control is not None:
+            sources.update({"control": pair.control, "control_box": plan.control_box})
         for k, (path, box) in enumerate(zip(pair.extra_controls, plan.extra_control_boxes), start=1):
             sources.update({control_key(k): path, f"{control_key(k)}_box": box})
         if any(plan.flip):  # only then: unflipped items keep the cache keys they had before flips existed
