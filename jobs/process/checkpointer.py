@@ -19,6 +19,7 @@ from jobs.process.outputs import RunOutputs
 from toolkit.adapters import full_finetune
 from toolkit.config.schema import TrainProcessConfig
 from toolkit.data.sampler import BucketBatchSampler
+from toolkit.train.reg_schedule import RegSchedule
 from toolkit.dist import Runtime, rank_seed
 from toolkit.state import train_state, transformer_folder
 from toolkit.train.ema import EMA, ema_weights
@@ -42,6 +43,8 @@ class Checkpointer:
     generator: torch.Generator
     lora_config: Any
     ema: Optional[EMA] = None
+    reg_sampler: Optional[BucketBatchSampler] = None  # of the is_reg datasets, with `schedule`
+    schedule: Optional[RegSchedule] = None  # which steps drew regularisation batches
 
     @property
     def steps(self) -> int:
@@ -86,10 +89,18 @@ class Checkpointer:
         """Only after the checkpoint of `step` is complete: keep save.max_step_saves_to_keep of each kind."""
         self.outputs.prune(step, self.cfg.save.max_step_saves_to_keep, step_lora, states)
 
+    def _consumed(self, step: int) -> tuple[int, int]:
+        """Global batches the training and the regularisation loader handed out in steps 1..step."""
+        reg_steps = self.schedule.reg_steps(step) if self.reg_sampler is not None and self.schedule else 0
+        accum = self.cfg.train.gradient_accumulation_steps
+        return (step - reg_steps) * accum, reg_steps * accum
+
     def _info(self, step: int) -> dict:
-        consumed = step * self.cfg.train.gradient_accumulation_steps
+        consumed, reg_consumed = self._consumed(step)
         hashed = train_state.training_config(self.cfg)
-        return {**train_state.data_position(consumed, len(self.sampler)), "consumed_batches": consumed,
+        reg = {} if self.reg_sampler is None else {"reg_consumed_batches": reg_consumed,
+                                                    "reg_batches_per_epoch": len(self.reg_sampler)}
+        return {**train_state.data_position(consumed, len(self.sampler)), "consumed_batches": consumed, **reg,
                 "batches_per_epoch": len(self.sampler), "world_size": self.rt.world_size,
                 "global_batch_size": self.sampler.batch_size, "config_hash": train_state.config_hash(hashed),
                 "config": hashed}
@@ -123,6 +134,7 @@ class Checkpointer:
             log.warning("train.lr changed since the state was saved: continuing its lr schedule at lr %g", train.lr)
         full_finetune.check_trainable(self.transformer, self.params, self.full_finetune)
         step, consumed = int(info["step"]), int(info["consumed_batches"])
+        reg_consumed = int(info.get("reg_consumed_batches", 0))
         if self.ema is not None:
             self.ema.restore(path, step)
         if info["world_size"] == rt.world_size and info["global_batch_size"] == self.sampler.batch_size \
@@ -134,9 +146,12 @@ class Checkpointer:
                         "run", info["world_size"], info["global_batch_size"], rt.world_size,
                         self.sampler.batch_size)
             consumed = consumed * int(info["global_batch_size"]) // self.sampler.batch_size
+            reg_consumed = reg_consumed * int(info["global_batch_size"]) // self.sampler.batch_size
             self.generator.manual_seed(rank_seed(train.seed + step, rt.rank))  # new noise, not a replay
         position = train_state.data_position(consumed, len(self.sampler))
-        self.sampler.load_state_dict(position)  # before the first batch is drawn: see BaseSDTrainProcess._batches
+        self.sampler.load_state_dict(position)  # before the first batch is drawn: see training_data.epochs
+        if self.reg_sampler is not None:
+            self.reg_sampler.load_state_dict(train_state.data_position(reg_consumed, len(self.reg_sampler)))
         log.info("resuming from %s: step %d of %d, epoch %d, batch %d of %d", path, step, train.steps,
                  position["epoch"], position["batches_done"], len(self.sampler))
         return step

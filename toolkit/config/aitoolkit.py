@@ -178,7 +178,6 @@ TABLE: dict[str, dict[str, Rule]] = {
         "show_turbo_outputs": NoEffect("debug output only"),
         "switch_boundary_every": NoEffect("two-stage video models only"),
         "audio_loss_multiplier": NoEffect(_AUDIO),
-        "reg_weight": _with("datasets[].is_reg"),
         "next_sample_timesteps": _with("timestep_type next_sample"),
         "adapter_assist_type": _with("adapter_assist_name_or_path"),
         "batch_noise_correction_scale": _with("do_batch_noise_correction"),
@@ -323,8 +322,8 @@ TABLE: dict[str, dict[str, Rule]] = {
         "control_transparent_color": Unsupported(([0, 0, 0],), "another fill color for transparent control "
                                                                "images is not implemented"),
         "full_size_control_images": Unsupported((True,), "control images are always resized to the target here"),
-        "is_reg": Unsupported((False,), "regularization datasets are not implemented"),
-        "prior_reg": Unsupported((False,), "regularization datasets are not implemented"),
+        "prior_reg": Unsupported((False,), "prior regularisation (the base model's prediction as the target of "
+                                           "regularisation images) is not implemented; is_reg is"),
         "random_triggers": Unsupported(EMPTY, "random trigger words are not implemented"),
         "replacements": Unsupported(EMPTY, "caption replacements are not implemented"),
         "use_short_captions": Unsupported((False,), "JSON caption files are not implemented"),

@@ -108,8 +108,11 @@ def _cache_problems(process: TrainProcessConfig, path: str) -> list[str]:
 
 
 def _dataset_problems(datasets: list[DatasetConfig], path: str) -> list[str]:
-    """Datasets that repeat a folder, or use their target folder as control folder."""
+    """Datasets that repeat a folder, or use their target folder as control folder; only regularisation data."""
     problems: list[str] = []
+    if datasets and all(d.is_reg for d in datasets):
+        problems.append(f"{path}: every dataset has is_reg: true; regularisation data only accompanies training "
+                        "data, so at least one dataset must have is_reg: false")
     first_index: dict[str, int] = {}
     for index, dataset in enumerate(datasets):
         folder = os.path.normpath(dataset.folder_path)

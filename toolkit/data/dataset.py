@@ -69,7 +69,7 @@ def control_names(batch: Mapping[str, Any], suffix: str = "") -> list[str]:
 # ai-toolkit's defaults of the dataset options that duck-typed configs (tests, tools) may leave out.
 OPTION_DEFAULTS: dict[str, Any] = {"flip_x": False, "flip_y": False, "loss_multiplier": 1.0, "trigger_word": None,
                                    "keep_tokens": 0, "token_dropout_rate": 0.0, "network_weight": 1.0,
-                                   "mask_path": None, "mask_min_value": 0.0, "invert_mask": False}
+                                   "mask_path": None, "mask_min_value": 0.0, "invert_mask": False, "is_reg": False}
 
 
 def option(cfg: DatasetConfigLike, name: str) -> Any:
@@ -153,8 +153,10 @@ class PairedDataset(Dataset):
         datasets: Sequence[DatasetConfigLike],
         trigger_word: Optional[str],
         seed: int,
+        reg_weight: float = 1.0,
     ) -> None:
         self.pairs = list(pairs)
+        self.reg_weight = float(reg_weight)  # extra loss weight of items of is_reg datasets (train.reg_weight)
         self.datasets = list(datasets)
         self.trigger_word = trigger_word
         self.seed = int(seed)
@@ -240,7 +242,8 @@ class PairedDataset(Dataset):
             raise ValueError(f"{pair.target}: shuffle_tokens or token_dropout_rate is on; its captions cannot be "
                              "listed")
         # prepare_caption without dropout and with certain dropout: the only two outcomes without shuffling.
-        kept = prepare_caption(pair.caption, self.trigger_for(cfg), False, 0.0, random.Random(0))
+        kept = prepare_caption(pair.caption, self.trigger_for(cfg), False, 0.0, random.Random(0),
+                               add_trigger=not option(cfg, "is_reg"))
         rate = cfg.caption_dropout_rate
         return ([kept] if rate < 1.0 else []) + ([""] if rate > 0.0 else [])
 
@@ -256,9 +259,11 @@ class PairedDataset(Dataset):
             caption_rng(self.seed, self.epoch, index),
             token_dropout_rate=option(cfg, "token_dropout_rate"),
             keep_tokens=option(cfg, "keep_tokens"),
+            add_trigger=not option(cfg, "is_reg"),  # as ai-toolkit: regularisation captions stay as written
         )
-        # Per-item loss weight (dataset loss_multiplier), applied by the trainer's compute_loss.
-        item: dict[str, Any] = {"loss_multiplier": torch.tensor(float(option(cfg, "loss_multiplier"))),
+        # Per-item loss weight (dataset loss_multiplier, times reg_weight for is_reg), applied by compute_loss.
+        weight = float(option(cfg, "loss_multiplier")) * (self.reg_weight if option(cfg, "is_reg") else 1.0)
+        item: dict[str, Any] = {"loss_multiplier": torch.tensor(weight),
                                 "network_weight": torch.tensor(float(option(cfg, "network_weight")))}
         if self.cache is None or not self.cache.covers_images:
             item.update(self.load_pixels(index))
