@@ -329,7 +329,6 @@ TABLE: dict[str, dict[str, Rule]] = {
         "use_short_captions": Unsupported((False,), "JSON caption files are not implemented"),
         "augments": Unsupported(EMPTY, "augmentations are not implemented"),
         "augmentations": Unsupported(EMPTY, "augmentations are not implemented"),
-        "random_crop": Unsupported((False,), "random crops are not implemented"),
         "random_scale": Unsupported((False,), "random scaling is not implemented"),
         "scale": Unsupported((1, 1.0), "image scaling is not implemented"),
         "square_crop": Unsupported((False,), "square crops are not implemented; images are bucketed"),

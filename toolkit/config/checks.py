@@ -100,6 +100,11 @@ def _cache_problems(process: TrainProcessConfig, path: str) -> list[str]:
                                 "train.cache_text_embeddings (every caption with parts dropped would need its own "
                                 "embedding); set it to 0 or turn the cache off")
     cached = [d.cache_latents or d.cache_latents_to_disk for d in process.datasets]
+    for index, dataset in enumerate(process.datasets):
+        if dataset.random_crop and cached[index]:
+            problems.append(f"{path}.datasets[{index}].random_crop: cannot be combined with cache_latents / "
+                            "cache_latents_to_disk (every epoch cuts a new crop, so its latents differ); turn one "
+                            "of them off")
     if any(cached) and not all(cached):
         index = cached.index(False)
         problems.append(f"{path}.datasets[{index}].cache_latents: other datasets cache their latents and a batch may "

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, Protocol, Sequence
 
@@ -69,7 +69,8 @@ def control_names(batch: Mapping[str, Any], suffix: str = "") -> list[str]:
 # ai-toolkit's defaults of the dataset options that duck-typed configs (tests, tools) may leave out.
 OPTION_DEFAULTS: dict[str, Any] = {"flip_x": False, "flip_y": False, "loss_multiplier": 1.0, "trigger_word": None,
                                    "keep_tokens": 0, "token_dropout_rate": 0.0, "network_weight": 1.0,
-                                   "mask_path": None, "mask_min_value": 0.0, "invert_mask": False, "is_reg": False}
+                                   "mask_path": None, "mask_min_value": 0.0, "invert_mask": False, "is_reg": False,
+                                   "random_crop": False}
 
 
 def option(cfg: DatasetConfigLike, name: str) -> Any:
@@ -113,6 +114,21 @@ def plan_items(pairs: Sequence[Pair], datasets: Sequence[DatasetConfigLike]) -> 
                                 tuple(control_boxes[1:]), flip, mask_box)
                 plans.extend([plan] * cfg.num_repeats)
     return plans
+
+
+def crop_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The random_crop RNG of one item in one epoch (same on every rank, worker and resume)."""
+    return random.Random(f"crop:{seed}:{epoch}:{index}")
+
+
+def randomly_cropped(plan: ItemPlan, pair: Pair, rng: random.Random) -> ItemPlan:
+    """`plan` with its crop moved to a random place within the image's slack (random_crop, as ai-toolkit), the same
+    relative box for the target, every control image and the mask."""
+    target_box = crop_box(*pair.target_size, *plan.bucket, offset=(rng.random(), rng.random()))
+    boxes = [scale_box(target_box, pair.target_size, size) for size in pair.control_sizes] or [None]
+    mask_box = scale_box(target_box, pair.target_size, pair.mask_size) if plan.mask_box is not None else None
+    return replace(plan, target_box=target_box, control_box=boxes[0], extra_control_boxes=tuple(boxes[1:]),
+                   mask_box=mask_box)
 
 
 def render(path: Path, expected_size: tuple[int, int], box: Box, bucket: tuple[int, int],
@@ -218,10 +234,18 @@ class PairedDataset(Dataset):
             sources["flip"] = plan.flip
         return sources
 
+    def plan(self, index: int) -> ItemPlan:
+        """Item `index` as the current epoch trains it: its plan, with random_crop a crop drawn for this epoch."""
+        plan = self.items[index]
+        pair = self.pairs[plan.pair_index]
+        if option(self.datasets[pair.dataset_index], "random_crop"):
+            return randomly_cropped(plan, pair, crop_rng(self.seed, self.epoch, index))
+        return plan
+
     def load_pixels(self, index: int) -> dict[str, torch.Tensor]:
         """``{"target", "control"[, "control_2", ...]: FloatTensor[3, H, W] in [-1, 1]}`` of item `index`, every
         control image at the target's bucket size."""
-        plan = self.items[index]
+        plan = self.plan(index)
         pair = self.pairs[plan.pair_index]
         pixels = {"target": to_tensor(render(pair.target, pair.target_size, plan.target_box, plan.bucket, plan.flip))}
         boxes = (plan.control_box, *plan.extra_control_boxes)
@@ -248,7 +272,7 @@ class PairedDataset(Dataset):
         return ([kept] if rate < 1.0 else []) + ([""] if rate > 0.0 else [])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        plan = self.items[index]
+        plan = self.plan(index)
         pair = self.pairs[plan.pair_index]
         cfg = self.datasets[pair.dataset_index]
         caption = prepare_caption(
