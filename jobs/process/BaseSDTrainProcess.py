@@ -166,6 +166,8 @@ class BaseSDTrainProcess:
                  len(sampler), "full fine-tune" if self.full_finetune else f"LoRA rank {net.linear}",
                  sum(p.numel() for p in params))
         schedule = training_data.reg_schedule(self.cfg, sampling=bool(requests)) if reg is not None else None
+        if reg is not None:
+            training_data.log_reg(reg, schedule, train.steps, train.reg_weight)
         generator = torch.Generator(device=rt.device).manual_seed(rank_seed(train.seed, rt.rank))
         checkpointer = Checkpointer(cfg=self.cfg, rt=rt, outputs=outputs, full_finetune=self.full_finetune,
                                     transformer=model.transformer, denoiser=denoiser, params=params,

@@ -8,6 +8,7 @@ stream is RegSchedule's choice; StepBatches hands the train loop the right micro
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -19,6 +20,8 @@ from toolkit.data.pairs import Pair
 from toolkit.data.sampler import BucketBatchSampler
 from toolkit.dist import Runtime
 from toolkit.train.reg_schedule import RegSchedule
+
+log = logging.getLogger(__name__)
 
 # The regularisation stream's seed is the training seed plus this: its order and caption randomness are its own.
 REG_SEED_OFFSET = 1
@@ -68,6 +71,12 @@ def reg_schedule(cfg, sampling: bool) -> RegSchedule:
                        sample_start_step=cfg.sample.sample_start_step)
 
 
+def log_reg(reg: Stream, schedule: RegSchedule, steps: int, reg_weight: float) -> None:
+    log.info("regularisation data: %d items, %d batches/epoch; %d of %d steps train on it (odd steps not followed by "
+             "a save or a sampling round), loss x reg_weight %g", len(reg.dataset), len(reg.sampler),
+             schedule.reg_steps(steps), steps, reg_weight)
+
+
 def epochs(stream: Stream) -> Iterator[dict]:
     """Micro-batches forever, epoch after epoch (`steps` counts optimizer steps, not epochs)."""
     loader, sampler, dataset = stream.loader, stream.sampler, stream.dataset
@@ -82,4 +91,5 @@ def epochs(stream: Stream) -> Iterator[dict]:
         epoch += 1
 
 
-__all__ = ["REG_SEED_OFFSET", "Stream", "build_datasets", "epochs", "make_stream", "reg_schedule", "split_pairs"]
+__all__ = ["REG_SEED_OFFSET", "Stream", "build_datasets", "epochs", "log_reg", "make_stream", "reg_schedule",
+           "split_pairs"]
