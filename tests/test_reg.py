@@ -52,9 +52,10 @@ def test_only_reg_datasets_are_refused(tmp_path, tiny_model_dir, demo_data_dir):
 
 
 def reg_config(folder: Path, model_dir: Path, data_dir: Path, reg_dir: Path, **overrides) -> Path:
-    """8 training pairs and 3 plain regularisation images, batch 1, 10 steps, a kept state every 2 steps."""
+    """8 training pairs (random_crop: the demo's non-square images have slack) and 3 plain regularisation images,
+    batch 1, 10 steps, a kept state every 2 steps."""
     cfg = tiny_config_dict(folder / "out", model_dir, data_dir)
-    paired = cfg["config"]["process"][0]["datasets"][0]
+    paired = {**cfg["config"]["process"][0]["datasets"][0], "random_crop": True}
     reg = {"folder_path": str(reg_dir), "is_reg": True, "caption_ext": "txt", "caption_dropout_rate": 0.0,
            "resolution": [64]}
     base = {"datasets": [paired, reg], "train.steps": 10, "train.batch_size": 1, "train.reg_weight": 0.5,
@@ -99,7 +100,7 @@ def test_reg_batches_come_on_the_odd_steps_with_reg_weight(reg_run):
     assert (info["consumed_batches"], info["reg_consumed_batches"]) == (2, 2)
 
 
-def test_resume_with_reg_data_is_exact(reg_run, tmp_path, tiny_model_dir, demo_data_dir):
+def test_resume_with_reg_data_and_random_crop_is_exact(reg_run, tmp_path, tiny_model_dir, demo_data_dir):
     """Resumed from step 4 (mid reg epoch) and from step 6 (after a reg epoch): the same LoRA, bit for bit."""
     for resume_at in (4, 6):
         copy = tmp_path / f"from_{resume_at}"
