@@ -91,6 +91,11 @@ def compare_run(folder: Path, out: Optional[Path] = None, device: str = "auto", 
     requests = build_requests(s.prompts, seed=s.seed, walk_seed=s.walk_seed, width=s.width, height=s.height,
                               guidance_scale=s.guidance_scale, steps=sample_steps or s.sample_steps,
                               key_path=f"{folder / 'config.yaml'}: sample.prompts") if grid else []
+    text_only = [r for r in requests if r.ctrl_img is None]
+    if text_only:  # the grid's first column is the control image
+        log.warning("compare: skipping %d sample prompt(s) without --ctrl_img (the grid compares edits of a control "
+                    "image), e.g. %r", len(text_only), text_only[0].prompt)
+        requests = [r for r in requests if r.ctrl_img is not None]
     datasets = process.datasets
     if val_folder or val_control:
         datasets = [replace(datasets[0], val_folder_path=val_folder, val_control_path=val_control)]

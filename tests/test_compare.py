@@ -18,7 +18,8 @@ from toolkit.train.validation import ValidationSet
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_model_dir, demo_data_dir):
-    """4 steps with a checkpoint every 2 steps, two sample prompts and 2 held-out pairs (validation every 2 steps)."""
+    """4 steps with a checkpoint every 2 steps, two sample prompts (and one without --ctrl_img) and 2 held-out pairs
+    (validation every 2 steps)."""
     root = tmp_path_factory.mktemp("compare")
     val = root / "val"
     for sub in ("target", "control"):
@@ -27,6 +28,7 @@ def trained_run(tmp_path_factory, tiny_model_dir, demo_data_dir):
             for src in (demo_data_dir / sub).glob(f"{stem}.*"):
                 shutil.copy(src, val / sub / src.name)
     prompts = [f"[trigger] invert --ctrl_img {demo_data_dir / 'sample_control' / f'sample_00{i}.png'}" for i in (0, 1)]
+    prompts.append("a plain picture")  # text-to-image: sampled in training, left out of the compare grid
     cfg = tiny_config_dict(root / "out", tiny_model_dir, demo_data_dir)
     cfg["config"]["process"][0]["datasets"][0].update(val_folder_path=str(val / "target"),
                                                        val_control_path=str(val / "control"))

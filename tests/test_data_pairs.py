@@ -170,14 +170,20 @@ def test_folder_path_is_a_file(tmp_path):
     assert f"{file}: is not a folder" in error_text(dataset_cfg(file, tmp_path))
 
 
-def test_control_path_none(tmp_path):
+def test_control_path_none_is_plain_images_still_checked(tmp_path):
     cfg = make_pairs(tmp_path)
     cfg.control_path = None
+    assert [p.control for p in discover_pairs([cfg])] == [None] * 3
     (tmp_path / "targets" / "a.png").write_bytes(b"")
     text = error_text(cfg)
-    assert "config.process[0].datasets[0].control_path is not set" in text
-    assert "set control_path" in text
+    assert text.startswith("The dataset has 1 problem;")
     assert f"{tmp_path / 'targets' / 'a.png'}: empty file" in text  # targets are still checked
+
+
+def test_blank_control_path(tmp_path):
+    cfg = make_pairs(tmp_path)
+    cfg.control_path = " "
+    assert "config.process[0].datasets[0].control_path is empty" in error_text(cfg)
 
 
 def test_same_folder_for_targets_and_controls(tmp_path):
@@ -201,12 +207,11 @@ def test_several_problems_are_reported_together(tmp_path):
     with pytest.raises(DatasetError) as excinfo:
         discover_pairs([good, missing], config_path_prefix="cfg.datasets")
     text = str(excinfo.value)
-    assert text.startswith("The dataset has 5 problems")
+    assert text.startswith("The dataset has 4 problems")
     assert f"{tmp_path / 'one' / 'targets' / 'a.png'}: empty file" in text
     assert "add b.txt" in text
     assert f"{tmp_path / 'one' / 'targets' / 'c.png'}: no control image" in text
     assert "cfg.datasets[1].folder_path" in text
-    assert "cfg.datasets[1].control_path is not set" in text
 
 
 def test_unicode_and_spaces_in_paths(tmp_path):

@@ -41,7 +41,7 @@ class EncodedBatch:
     """Frozen-encoder outputs for one micro-batch: packed latents and text embeddings."""
 
     x0: torch.Tensor  # (B, N, 64) packed target latents
-    control: torch.Tensor  # (B, M1 + M2 + ..., 64) packed latents of every control image, in order
+    control: torch.Tensor  # (B, M1 + M2 + ..., 64) packed latents of every control image, in order; M = 0: none
     target_hw: tuple[int, int]  # latent grid of the target
     control_hws: tuple[tuple[int, int], ...]  # latent grid of each control image (frames 1, 2, ...)
     prompt_embeds: torch.Tensor  # (B, L, D) T5
@@ -174,7 +174,8 @@ class FluxKontext(Architecture):
 
     def encode_batch(self, batch: dict) -> EncodedBatch:
         """Encoders on a collated batch; latents and embeddings the dataset took from a cache are used as they are.
-        Several control images ("control", "control_2", ...) become one token run each, in that order."""
+        Several control images ("control", "control_2", ...) become one token run each, in that order; items without
+        control images (a dataset without control_path) get zero control tokens: text-to-image."""
         if "target_latents" in batch:
             target = batch["target_latents"].to(self.device, non_blocking=True)
             controls = [batch[f"{name}_latents"].to(self.device, non_blocking=True)
@@ -188,8 +189,9 @@ class FluxKontext(Architecture):
             text_ids = self._ids.text_ids(embeds.shape[1], self.device, self.dtype)
         else:
             embeds, pooled, text_ids = self.encode_captions(batch["caption"])
-        return EncodedBatch(x0=pack_latents(target).to(self.dtype),
-                            control=torch.cat([pack_latents(c) for c in controls], dim=1).to(self.dtype),
+        x0 = pack_latents(target).to(self.dtype)
+        return EncodedBatch(x0=x0, control=torch.cat([x0[:, :0], *(pack_latents(c).to(self.dtype) for c in controls)],
+                                                     dim=1),
                             target_hw=tuple(target.shape[-2:]),
                             control_hws=tuple(tuple(c.shape[-2:]) for c in controls),
                             prompt_embeds=embeds.to(self.dtype), pooled=pooled.to(self.dtype), text_ids=text_ids)
@@ -288,7 +290,8 @@ class FluxKontext(Architecture):
     @torch.no_grad()
     def sample(self, requests: Sequence[SampleRequest],
                controls: Sequence[Union[Image.Image, Sequence[Image.Image]]]) -> list[Image.Image]:
-        """One image per request; a request's control is one image or a list of them (several --ctrl_img)."""
+        """One image per request; a request's control is one image or a list of them (several --ctrl_img; an empty
+        list: text-to-image, FluxKontextPipeline with image=None)."""
         was_training = self.transformer.training
         self.transformer.eval()
         try:
@@ -304,7 +307,7 @@ class FluxKontext(Architecture):
         if len(controls) > 1:  # FluxKontextPipeline takes one control image: our loop (multi_control.py)
             return render_multi_control(self.pipe, controls, embeds, pooled, request.width, request.height,
                                         request.steps, request.guidance_scale, generator)
-        control = controls[0]
+        control = controls[0] if controls else None
         out = self.pipe(image=control, prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=request.height,
                         width=request.width,
                         num_inference_steps=request.steps, guidance_scale=request.guidance_scale,

@@ -47,9 +47,8 @@ def kontext_position_ids(target_hw: tuple[int, int], *control_hws: tuple[int, in
     """Ids of the joint sequence [target ; control 1 ; control 2 ; ...] for the latent grids of the target and of
     each control image: frame 0 for the target, frame k for the k-th control, rows and columns from 0 in each.
 
-    With one control this is exactly diffusers' FluxKontextPipeline layout (its image ids have frame 1)."""
-    if not control_hws:
-        raise ValueError("kontext_position_ids needs at least one control grid")
+    With one control this is exactly diffusers' FluxKontextPipeline layout (its image ids have frame 1); with none,
+    the target's ids alone (the pipeline's text-to-image layout, ``image=None``)."""
     grids = [position_ids(*target_hw, frame=0, device=device)]
     grids += [position_ids(*hw, frame=k, device=device) for k, hw in enumerate(control_hws, start=1)]
     return torch.cat(grids, dim=0)

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 
+from jobs.process import training_data
 from jobs.process.checkpointer import Checkpointer
 from jobs.process.outputs import RunOutputs
 from jobs.process.training_run import StepResult, TrainingRun, describe_batch
@@ -30,9 +30,8 @@ from toolkit.adapters.strength import adapter_strength, batch_strength
 from toolkit.arch import Architecture, get_architecture
 from toolkit.config.schema import TrainProcessConfig
 from toolkit.data.cache import CachingModel, cache_dataset, cache_folder_problems
-from toolkit.data.dataset import PairedDataset, collate_batch
+from toolkit.data.dataset import PairedDataset
 from toolkit.data.pairs import discover_pairs
-from toolkit.data.sampler import BucketBatchSampler
 from toolkit.dist import Runtime, rank_seed
 from toolkit.dtypes import compute_dtype
 from toolkit.errors import ConfigError
@@ -47,6 +46,7 @@ from toolkit.train.metrics import TrainingMonitor
 from toolkit.train.nonfinite import NonFiniteGuard
 from toolkit.train.lr_schedule import make_lr_scheduler, planned_lrs, schedule_points
 from toolkit.train.optim import make_optimizer
+from toolkit.train.reg_schedule import StepBatches
 from toolkit.train.signals import GracefulStop
 from toolkit.train.validation import ValidationSet
 
@@ -147,21 +147,15 @@ class BaseSDTrainProcess:
         if train.compile:
             compile_blocks(model.transformer)
 
-        dataset = PairedDataset(pairs, self.cfg.datasets, trigger_word=self.cfg.trigger_word, seed=train.seed)
-        self._attach_caches(rt, model, dataset, requests, validation)
-        sampler = BucketBatchSampler(dataset.batch_keys, batch_size=train.batch_size * rt.world_size,
-                                     seed=train.seed)
-        # Its own generator: starting an epoch's iterator would otherwise draw from the global RNG (LoRA dropout's),
-        # and a resumed run starts one at a point where an uninterrupted run does not.
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batch,
-                            num_workers=rt.data_workers(train.num_workers), pin_memory=rt.device.type == "cuda",
-                            generator=torch.Generator().manual_seed(train.seed))
+        dataset, reg_dataset = training_data.build_datasets(pairs, self.cfg, train.seed)
+        self._attach_caches(rt, model, [d for d in (dataset, reg_dataset) if d is not None], requests, validation)
+        stream = training_data.make_stream(dataset, rt, train, train.seed)
+        reg = None if reg_dataset is None else training_data.make_stream(
+            reg_dataset, rt, train, train.seed + training_data.REG_SEED_OFFSET)
+        sampler = stream.sampler
         optimizer = make_optimizer(train.optimizer, params, train.lr, train.optimizer_params)
         scheduler = make_lr_scheduler(train.lr_scheduler, optimizer, train.lr_warmup_steps, train.steps,
                                       train.lr_scheduler_params)
-        if train.distributed_training:
-            # Data loaders are prepared only for distributed runs: accelerate splits each global batch by rank.
-            loader = rt.prepare(loader)
         optimizer, scheduler = rt.prepare(optimizer, scheduler)
         denoiser = rt.prepare_model(model.denoiser())
         full_finetune.check_trainable(model.transformer, params, self.full_finetune)
@@ -173,11 +167,15 @@ class BaseSDTrainProcess:
                  train.batch_size * rt.world_size * train.gradient_accumulation_steps, len(pairs), len(dataset),
                  len(sampler), "full fine-tune" if self.full_finetune else f"LoRA rank {net.linear}",
                  sum(p.numel() for p in params))
+        schedule = training_data.reg_schedule(self.cfg, sampling=bool(requests)) if reg is not None else None
+        if reg is not None:
+            training_data.log_reg(reg, schedule, train.steps, train.reg_weight)
         generator = torch.Generator(device=rt.device).manual_seed(rank_seed(train.seed, rt.rank))
         checkpointer = Checkpointer(cfg=self.cfg, rt=rt, outputs=outputs, full_finetune=self.full_finetune,
                                     transformer=model.transformer, denoiser=denoiser, params=params,
                                     optimizer=optimizer, scheduler=scheduler, sampler=sampler, generator=generator,
-                                    lora_config=lora_config, ema=ema)
+                                    lora_config=lora_config, ema=ema, reg_sampler=reg and reg.sampler,
+                                    schedule=schedule)
         start = checkpointer.restore(self.resume_state) if self.resume_state is not None else 0
         if rt.is_main:
             outputs.prepare(self.job_config)
@@ -185,12 +183,14 @@ class BaseSDTrainProcess:
             transformer_folder.remove_temporary(outputs.folder)
         monitor = TrainingMonitor(outputs.log_dir, train.steps, min(start, train.steps), enabled=rt.is_main)
         return TrainingRun(rt=rt, model=model, denoiser=denoiser, params=params, optimizer=optimizer,
-                           scheduler=scheduler, batches=self._batches(loader, sampler, dataset), dataset=dataset,
+                           scheduler=scheduler, dataset=dataset,
+                           batches=StepBatches(training_data.epochs(stream), reg and training_data.epochs(reg),
+                                               schedule, start, train.gradient_accumulation_steps),
                            sampler=sampler, outputs=outputs, requests=requests, lora_config=lora_config,
                            generator=generator, checkpointer=checkpointer, monitor=monitor, start_step=start,
                            validation=validation, ema=ema)
 
-    def _attach_caches(self, rt: Runtime, model: Architecture, dataset: PairedDataset, requests,
+    def _attach_caches(self, rt: Runtime, model: Architecture, datasets: Sequence[PairedDataset], requests,
                        validation: Optional[ValidationSet]) -> None:
         """Encode latents / caption embeddings once (toolkit.data.cache); with captions cached, free the text encoders
         after encoding what sampling and validation will still ask for."""
@@ -201,16 +201,17 @@ class BaseSDTrainProcess:
         if not isinstance(model, CachingModel):
             raise ConfigError(f"model.arch {self.cfg.model.arch}: this architecture cannot cache latents or "
                               "text embeddings; turn the cache options off")
-        dataset.attach_cache(cache_dataset(dataset, self.cfg.datasets, rt=rt, batch_size=self.train.batch_size,
-                                           latents=model.latent_encoder() if latents else None,
-                                           text=model.text_encoder() if text else None))
+        latent_encoder, text_encoder = model.latent_encoder() if latents else None, model.text_encoder() if text else None
+        for dataset in datasets:  # the training items, then the regularisation items
+            dataset.attach_cache(cache_dataset(dataset, self.cfg.datasets, rt=rt, batch_size=self.train.batch_size,
+                                               latents=latent_encoder, text=text_encoder))
         if text:
             keep = [r.prompt for r in requests]
             if validation is not None:
                 keep += [c for i in range(len(validation.dataset)) for c in validation.dataset.item_captions(i)]
             if self.train.diff_output_preservation:  # the class captions are encoded at every step
                 keep += preservation.class_captions(
-                    [c for i in range(len(dataset)) for c in dataset.item_captions(i)], self.cfg.trigger_word,
+                    [c for d in datasets for i in range(len(d)) for c in d.item_captions(i)], self.cfg.trigger_word,
                     self.train.diff_output_preservation_class)
             model.unload_text_encoders(keep)
 
@@ -244,19 +245,6 @@ class BaseSDTrainProcess:
         if rt.is_main:
             log.info("done: %d steps in %.1f s; LoRA: %s", train.steps, monitor.elapsed(), final)
         return final
-
-    @staticmethod
-    def _batches(loader, sampler: BucketBatchSampler, dataset: PairedDataset) -> Iterator[dict]:
-        """Micro-batches forever, epoch after epoch (`steps` counts optimizer steps, not epochs)."""
-        epoch = sampler.epoch  # 0, or the epoch a resume restored (the generator body starts at the first next())
-        while True:
-            # accelerate's prepared loader re-applies its own pass counter on iteration; set it too.
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(epoch)
-            sampler.set_epoch(epoch)
-            dataset.set_epoch(epoch)
-            yield from loader
-            epoch += 1
 
     def optimizer_step(self, run: TrainingRun) -> StepResult:
         """gradient_accumulation_steps micro-batches, one all-reduce (on the last), one optimizer step unless the

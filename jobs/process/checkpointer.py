@@ -19,6 +19,7 @@ from jobs.process.outputs import RunOutputs
 from toolkit.adapters import full_finetune
 from toolkit.config.schema import TrainProcessConfig
 from toolkit.data.sampler import BucketBatchSampler
+from toolkit.train.reg_schedule import RegSchedule
 from toolkit.dist import Runtime, rank_seed
 from toolkit.state import train_state, transformer_folder
 from toolkit.train.ema import EMA, ema_weights
@@ -43,10 +44,14 @@ class Checkpointer:
     generator: torch.Generator
     lora_config: Any
     ema: Optional[EMA] = None
+    reg_sampler: Optional[BucketBatchSampler] = None  # of the is_reg datasets, with `schedule`
+    schedule: Optional[RegSchedule] = None  # which steps drew regularisation batches
     # The data position where this process started: samples consumed before `start_step` (a resume may have been
-    # saved with another process count, so it is not start_step x the current global batch).
+    # saved with another process count, so it is not start_step x the current global batch), and the
+    # regularisation loader's global batches.
     start_step: int = field(default=0, init=False)
     start_samples: int = field(default=0, init=False)
+    start_reg_batches: int = field(default=0, init=False)
 
     @property
     def steps(self) -> int:
@@ -107,16 +112,28 @@ class Checkpointer:
         """Only after the checkpoint of `step` is complete: keep save.max_step_saves_to_keep of each kind."""
         self.outputs.prune(step, self.cfg.save.max_step_saves_to_keep, step_lora, states)
 
+    def _reg_steps(self, step: int) -> int:
+        """Steps 1..step that drew regularisation batches."""
+        return self.schedule.reg_steps(step) if self.reg_sampler is not None and self.schedule else 0
+
     def consumed_samples(self, step: int) -> int:
-        """Items of the data order consumed after `step`: where this process started plus what it trained since."""
-        return self.start_samples + (step - self.start_step) * self.cfg.train.gradient_accumulation_steps \
-            * self.sampler.batch_size
+        """Items of the data order consumed after `step`: where this process started plus what it trained since
+        (regularisation steps draw from their own loader)."""
+        main_steps = (step - self.start_step) - (self._reg_steps(step) - self._reg_steps(self.start_step))
+        return self.start_samples + main_steps * self.cfg.train.gradient_accumulation_steps * self.sampler.batch_size
+
+    def _reg_consumed(self, step: int) -> int:
+        """Global batches the regularisation loader handed out after `step`."""
+        return self.start_reg_batches + (self._reg_steps(step) - self._reg_steps(self.start_step)) \
+            * self.cfg.train.gradient_accumulation_steps
 
     def _info(self, step: int) -> dict:
         samples = self.consumed_samples(step)
         consumed = samples // self.sampler.batch_size
         hashed = train_state.training_config(self.cfg)
-        return {**train_state.data_position(consumed, len(self.sampler)), "consumed_batches": consumed,
+        reg = {} if self.reg_sampler is None else {"reg_consumed_batches": self._reg_consumed(step),
+                                                    "reg_batches_per_epoch": len(self.reg_sampler)}
+        return {**train_state.data_position(consumed, len(self.sampler)), "consumed_batches": consumed, **reg,
                 "consumed_samples": samples,
                 "batches_per_epoch": len(self.sampler), "world_size": self.rt.world_size,
                 "global_batch_size": self.sampler.batch_size, "config_hash": train_state.config_hash(hashed),
@@ -152,6 +169,7 @@ class Checkpointer:
             log.warning("train.lr changed since the state was saved: continuing its lr schedule at lr %g", train.lr)
         full_finetune.check_trainable(self.transformer, self.params, self.full_finetune)
         step, consumed = int(info["step"]), int(info["consumed_batches"])
+        reg_consumed = int(info.get("reg_consumed_batches", 0))
         if self.ema is not None:
             self.ema.restore(path, step)
         if info["world_size"] == rt.world_size and info["global_batch_size"] == self.sampler.batch_size \
@@ -166,10 +184,14 @@ class Checkpointer:
             # rounded down to a whole batch of this run (at most one global batch minus one item is seen again).
             samples = int(info.get("consumed_samples", consumed * int(info["global_batch_size"])))
             consumed = samples // self.sampler.batch_size
+            reg_consumed = reg_consumed * int(info["global_batch_size"]) // self.sampler.batch_size
             self.generator.manual_seed(rank_seed(train.seed + step, rt.rank))  # new noise, not a replay
         self.start_step, self.start_samples = step, consumed * self.sampler.batch_size
+        self.start_reg_batches = reg_consumed
         position = train_state.data_position(consumed, len(self.sampler))
-        self.sampler.load_state_dict(position)  # before the first batch is drawn: see BaseSDTrainProcess._batches
+        self.sampler.load_state_dict(position)  # before the first batch is drawn: see training_data.epochs
+        if self.reg_sampler is not None:
+            self.reg_sampler.load_state_dict(train_state.data_position(reg_consumed, len(self.reg_sampler)))
         log.info("resuming from %s: step %d of %d, epoch %d, batch %d of %d", path, step, train.steps,
                  position["epoch"], position["batches_done"], len(self.sampler))
         return step

@@ -4,7 +4,7 @@ Launch it under accelerate exactly like run.py. The probes are switched on by en
 here (production code has no test hooks); each patches the trainer class before run.main builds it:
 
 KONTEXT_TEST_PROBE_DIR   every rank writes probe_rank<R>.json there: world size; per micro-batch the dataset item
-                         indices, image shape, epoch and timesteps it trained on; its own loss per step; the files it
+                         indices and files, image shape, whether it had a mask and a control image, epoch and timesteps it trained on; its own loss per step; the files it
                          wrote itself (LoRA, training state, config copy, sample sheets); the sample prompts it rendered; whether
                          it had a progress bar and a TensorBoard writer; and the sha256 of its LoRA tensors at the
                          final save.
@@ -77,8 +77,9 @@ def install_probes(probe_dir: Path) -> None:
             record["tensorboard"] = self.writer is not None
 
     def compute_loss(self, ctx, batch):
-        record["micro_batches"].append({"index": [int(i) for i in batch["index"]],
-                                        "shape": list(batch["target"].shape[-2:]), "epoch": ctx.sampler.epoch})
+        record["micro_batches"].append({"index": [int(i) for i in batch["index"]], "path": list(batch["path"]),
+                                        "shape": list(batch["target"].shape[-2:]), "epoch": ctx.sampler.epoch,
+                                        "mask": "mask" in batch, "control": "control" in batch})
         return original_loss(self, ctx, batch)
 
     def sample_timesteps(*args, **kwargs):

@@ -100,6 +100,11 @@ def _cache_problems(process: TrainProcessConfig, path: str) -> list[str]:
                                 "train.cache_text_embeddings (every caption with parts dropped would need its own "
                                 "embedding); set it to 0 or turn the cache off")
     cached = [d.cache_latents or d.cache_latents_to_disk for d in process.datasets]
+    for index, dataset in enumerate(process.datasets):
+        if dataset.random_crop and cached[index]:
+            problems.append(f"{path}.datasets[{index}].random_crop: cannot be combined with cache_latents / "
+                            "cache_latents_to_disk (every epoch cuts a new crop, so its latents differ); turn one "
+                            "of them off")
     if any(cached) and not all(cached):
         index = cached.index(False)
         problems.append(f"{path}.datasets[{index}].cache_latents: other datasets cache their latents and a batch may "
@@ -108,8 +113,11 @@ def _cache_problems(process: TrainProcessConfig, path: str) -> list[str]:
 
 
 def _dataset_problems(datasets: list[DatasetConfig], path: str) -> list[str]:
-    """Datasets that repeat a folder, or use their target folder as control folder."""
+    """Datasets that repeat a folder, or use their target folder as control folder; only regularisation data."""
     problems: list[str] = []
+    if datasets and all(d.is_reg for d in datasets):
+        problems.append(f"{path}: every dataset has is_reg: true; regularisation data only accompanies training "
+                        "data, so at least one dataset must have is_reg: false")
     first_index: dict[str, int] = {}
     for index, dataset in enumerate(datasets):
         folder = os.path.normpath(dataset.folder_path)
@@ -118,15 +126,14 @@ def _dataset_problems(datasets: list[DatasetConfig], path: str) -> list[str]:
                             f"datasets[{first_index[folder]}]")
         first_index.setdefault(folder, index)
         problems += _control_problems(dataset, folder, f"{path}[{index}]")
-    counts = [len(folder_list(d.control_path)) for d in datasets if d.control_path is not None]
+    # Datasets may differ in their number of control images (none, one, several): batches never mix them.
     for index, dataset in enumerate(datasets):
-        count = len(folder_list(dataset.control_path))
-        if dataset.control_path is not None and count != counts[0]:
-            problems.append(f"{path}[{index}].control_path: has {count} folder(s) but another dataset has "
-                            f"{counts[0]}; a batch may mix datasets, so every dataset needs the same number of "
-                            "control images")
-        if (dataset.val_folder_path is None) != (dataset.val_control_path is None):
+        paired = dataset.control_path is not None
+        if paired and (dataset.val_folder_path is None) != (dataset.val_control_path is None):
             problems.append(f"{path}[{index}].val_folder_path: set val_folder_path and val_control_path together")
+        if not paired and dataset.val_control_path is not None:
+            problems.append(f"{path}[{index}].val_control_path: the dataset has no control_path, so its held-out "
+                            "images have no control images either; remove val_control_path")
         if dataset.val_folder_path is not None and os.path.normpath(dataset.val_folder_path) in first_index:
             problems.append(f"{path}[{index}].val_folder_path: {dataset.val_folder_path!r} is a training folder; "
                             "held-out pairs must not be trained on")

@@ -70,6 +70,14 @@ class DatasetConfig:
     token_dropout_rate: float = field(default=0.0, metadata=_meta(
         "Probability of dropping each comma-separated caption part (after the first keep_tokens) in a step, as "
         "ai-toolkit; the trigger word is added after dropout. Not with train.cache_text_embeddings.", PROBABILITY))
+    random_crop: bool = field(default=False, metadata=_meta(
+        "Cut each item at a random place along the side that does not fit its bucket, drawn anew every epoch "
+        "(from seed, epoch and item), instead of at the centre, as ai-toolkit; the same cut for the target, its "
+        "control images and mask. Not with latent caching."))
+    is_reg: bool = field(default=False, metadata=_meta(
+        "Regularisation data, as ai-toolkit: every other optimizer step (1, 3, 5, ...; not a step followed by a save "
+        "or a sampling round) trains on these items instead of the others, with their own captions (the trigger word "
+        "is not added), the LoRA on, and the loss times train.reg_weight. Sharded across processes like the rest."))
     val_folder_path: Optional[str] = field(default=None, metadata=_meta(
         "Held-out target images with captions, never trained on; their flow-matching loss is logged as val/loss "
         "every sample.sample_every steps and plotted by `run.py compare`.", NON_EMPTY, normalize=_expand_home,

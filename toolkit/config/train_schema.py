@@ -126,6 +126,8 @@ class TrainConfig:
         "Weight of the preservation loss.", GE0))
     diff_output_preservation_class: str = field(default="", metadata=_meta(
         "Class word that replaces trigger_word in the preservation captions, e.g. 'woman' for a person LoRA."))
+    reg_weight: float = field(default=1.0, metadata=_meta(
+        "Loss weight of regularisation items (datasets with is_reg), times their dataset's loss_multiplier.", GE0))
     ema_config: EMAConfig = field(default_factory=EMAConfig, metadata=_meta(
         "Exponential moving average of the trained LoRA weights (use_ema, ema_decay, ...)."))
     cache_text_embeddings: bool = field(default=False, metadata=_meta(

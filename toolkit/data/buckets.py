@@ -51,8 +51,10 @@ def bucket_for(width: int, height: int, resolution: int, step: int = 16) -> tupl
     return bucket_w, bucket_h
 
 
-def crop_box(src_w: float, src_h: float, bucket_w: int, bucket_h: int) -> Box:
-    """Centred (left, top, right, bottom) box in source pixels with the bucket's aspect ratio, as large as fits.
+def crop_box(src_w: float, src_h: float, bucket_w: int, bucket_h: int,
+             offset: tuple[float, float] = (0.5, 0.5)) -> Box:
+    """(left, top, right, bottom) box in source pixels with the bucket's aspect ratio, as large as fits; centred, or
+    placed `offset` (x, y fractions of the slack, 0 = left/top edge, 1 = right/bottom edge) along the cut side.
 
     Coordinates are floats so the later resize (PIL ``resize(box=...)``) keeps sub-pixel accuracy.
     """
@@ -63,8 +65,8 @@ def crop_box(src_w: float, src_h: float, bucket_w: int, bucket_h: int) -> Box:
         crop_w, crop_h = src_h * bucket_aspect, float(src_h)
     else:
         crop_w, crop_h = float(src_w), src_w / bucket_aspect
-    left = (src_w - crop_w) / 2.0
-    top = (src_h - crop_h) / 2.0
+    left = (src_w - crop_w) * offset[0]
+    top = (src_h - crop_h) * offset[1]
     return (left, top, left + crop_w, top + crop_h)
 
 

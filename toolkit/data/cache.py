@@ -351,7 +351,9 @@ def cache_dataset(dataset: Any, configs: Sequence[Any], *, latents: Optional[Enc
             parts = {**sources[i], **files, "encoder": latents.identity}
             store, key = latent_stores[item_datasets[i]], make_key("latents", parts)
             latent_keys[i] = (store, key)
-            jobs.append(Job(store, key, latents, group=sources[i]["bucket"],
+            # One encode batch holds one bucket and one set of images (items without controls encode apart).
+            group = (sources[i]["bucket"], tuple(name for name, v in sources[i].items() if isinstance(v, Path)))
+            jobs.append(Job(store, key, latents, group=group,
                             load=lambda i=i: dataset.load_pixels(i)))
     text_keys: dict[tuple[int, str], tuple[TensorStore, str]] = {}
     if text is not None:

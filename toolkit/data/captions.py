@@ -48,11 +48,12 @@ def _contains_word(text: str, word: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text) is not None
 
 
-def apply_trigger(caption: str, trigger_word: Optional[str]) -> str:
-    """Replace ``[trigger]`` with the trigger word (or delete it) and prepend the word when it is absent."""
+def apply_trigger(caption: str, trigger_word: Optional[str], add_if_absent: bool = True) -> str:
+    """Replace ``[trigger]`` with the trigger word (or delete it) and, with `add_if_absent`, prepend the word when
+    it is absent (ai-toolkit does not add it to regularisation captions)."""
     if TRIGGER_PLACEHOLDER in caption:
         caption = _tidy(caption.replace(TRIGGER_PLACEHOLDER, trigger_word or ""))
-    if trigger_word and not _contains_word(caption, trigger_word):
+    if add_if_absent and trigger_word and not _contains_word(caption, trigger_word):
         caption = f"{trigger_word}, {caption}" if caption else trigger_word
     return caption
 
@@ -83,6 +84,7 @@ def prepare_caption(
     rng: random.Random,
     token_dropout_rate: float = 0.0,
     keep_tokens: int = 0,
+    add_trigger: bool = True,
 ) -> str:
     """The caption a training step sees. Pure given ``rng``.
 
@@ -97,7 +99,7 @@ def prepare_caption(
     raw = raw.strip()
     if token_dropout_rate > 0.0:
         raw = drop_parts(raw, token_dropout_rate, keep_tokens, rng)
-    caption = apply_trigger(raw, trigger_word)
+    caption = apply_trigger(raw, trigger_word, add_if_absent=add_trigger)
     if shuffle_tokens:
         caption = shuffle_parts(caption, rng)
     return caption

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, Protocol, Sequence
 
@@ -45,7 +45,7 @@ class ItemPlan:
     resolution: int
     bucket: tuple[int, int]
     target_box: Box
-    control_box: Box
+    control_box: Optional[Box]  # None: the pair has no control image (dataset without control_path)
     extra_control_boxes: tuple[Box, ...] = ()  # of Pair.extra_controls
     flip: tuple[bool, bool] = (False, False)  # (mirror left-right, mirror top-bottom) after the resize
     mask_box: Optional[Box] = None  # of Pair.mask (dataset mask_path)
@@ -69,7 +69,8 @@ def control_names(batch: Mapping[str, Any], suffix: str = "") -> list[str]:
 # ai-toolkit's defaults of the dataset options that duck-typed configs (tests, tools) may leave out.
 OPTION_DEFAULTS: dict[str, Any] = {"flip_x": False, "flip_y": False, "loss_multiplier": 1.0, "trigger_word": None,
                                    "keep_tokens": 0, "token_dropout_rate": 0.0, "network_weight": 1.0,
-                                   "mask_path": None, "mask_min_value": 0.0, "invert_mask": False}
+                                   "mask_path": None, "mask_min_value": 0.0, "invert_mask": False, "is_reg": False,
+                                   "random_crop": False}
 
 
 def option(cfg: DatasetConfigLike, name: str) -> Any:
@@ -106,13 +107,28 @@ def plan_items(pairs: Sequence[Pair], datasets: Sequence[DatasetConfigLike]) -> 
             bucket = bucket_for(*pair.target_size, resolution)
             target_box = crop_box(*pair.target_size, *bucket)
             # Every control image is cut to the target's crop and resized to the target's bucket.
-            control_boxes = [scale_box(target_box, pair.target_size, size) for size in pair.control_sizes]
+            control_boxes = [scale_box(target_box, pair.target_size, size) for size in pair.control_sizes] or [None]
             mask_box = scale_box(target_box, pair.target_size, pair.mask_size) if pair.mask else None
             for flip in flips(option(cfg, "flip_x"), option(cfg, "flip_y")):
                 plan = ItemPlan(pair_index, int(resolution), bucket, target_box, control_boxes[0],
                                 tuple(control_boxes[1:]), flip, mask_box)
                 plans.extend([plan] * cfg.num_repeats)
     return plans
+
+
+def crop_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The random_crop RNG of one item in one epoch (same on every rank, worker and resume)."""
+    return random.Random(f"crop:{seed}:{epoch}:{index}")
+
+
+def randomly_cropped(plan: ItemPlan, pair: Pair, rng: random.Random) -> ItemPlan:
+    """`plan` with its crop moved to a random place within the image's slack (random_crop, as ai-toolkit), the same
+    relative box for the target, every control image and the mask."""
+    target_box = crop_box(*pair.target_size, *plan.bucket, offset=(rng.random(), rng.random()))
+    boxes = [scale_box(target_box, pair.target_size, size) for size in pair.control_sizes] or [None]
+    mask_box = scale_box(target_box, pair.target_size, pair.mask_size) if plan.mask_box is not None else None
+    return replace(plan, target_box=target_box, control_box=boxes[0], extra_control_boxes=tuple(boxes[1:]),
+                   mask_box=mask_box)
 
 
 def render(path: Path, expected_size: tuple[int, int], box: Box, bucket: tuple[int, int],
@@ -153,8 +169,10 @@ class PairedDataset(Dataset):
         datasets: Sequence[DatasetConfigLike],
         trigger_word: Optional[str],
         seed: int,
+        reg_weight: float = 1.0,
     ) -> None:
         self.pairs = list(pairs)
+        self.reg_weight = float(reg_weight)  # extra loss weight of items of is_reg datasets (train.reg_weight)
         self.datasets = list(datasets)
         self.trigger_word = trigger_word
         self.seed = int(seed)
@@ -175,12 +193,15 @@ class PairedDataset(Dataset):
     @property
     def batch_keys(self) -> list[tuple]:
         """What BucketBatchSampler groups by: the bucket, plus what a batch must share: the dataset's network_weight
-        when it is not 1 (one LoRA strength per batch) and having a loss mask. Equal to bucket_keys without them."""
+        when it is not 1 (one LoRA strength per batch), having a loss mask, and the number of control images when it
+        is not 1 (paired and plain-image items never share a batch). Equal to bucket_keys without them."""
         keys = []
         for index, plan in enumerate(self.items):
             weight = float(option(self.datasets[self.dataset_index(index)], "network_weight"))
-            extras = (() if weight == 1.0 else (("network_weight", weight),)) + (() if plan.mask_box is None
-                                                                                 else (("mask",),))
+            n_controls = len(self.pairs[plan.pair_index].controls)
+            extras = ((() if weight == 1.0 else (("network_weight", weight),))
+                      + (() if plan.mask_box is None else (("mask",),))
+                      + (() if n_controls == 1 else (("controls", n_controls),)))
             keys.append((*plan.bucket, *extras))
         return keys
 
@@ -203,18 +224,28 @@ class PairedDataset(Dataset):
         """Everything that decides an item's pixels: files, bucket, crop boxes, pixel pipeline (latent cache key)."""
         plan = self.items[index]
         pair = self.pairs[plan.pair_index]
-        sources = {"target": pair.target, "control": pair.control, "bucket": plan.bucket,
-                   "target_box": plan.target_box, "control_box": plan.control_box, "pixels": PIXEL_PIPELINE_VERSION}
+        sources = {"target": pair.target, "bucket": plan.bucket, "target_box": plan.target_box,
+                   "pixels": PIXEL_PIPELINE_VERSION}
+        if pair.control is not None:
+            sources.update({"control": pair.control, "control_box": plan.control_box})
         for k, (path, box) in enumerate(zip(pair.extra_controls, plan.extra_control_boxes), start=1):
             sources.update({control_key(k): path, f"{control_key(k)}_box": box})
         if any(plan.flip):  # only then: unflipped items keep the cache keys they had before flips existed
             sources["flip"] = plan.flip
         return sources
 
+    def plan(self, index: int) -> ItemPlan:
+        """Item `index` as the current epoch trains it: its plan, with random_crop a crop drawn for this epoch."""
+        plan = self.items[index]
+        pair = self.pairs[plan.pair_index]
+        if option(self.datasets[pair.dataset_index], "random_crop"):
+            return randomly_cropped(plan, pair, crop_rng(self.seed, self.epoch, index))
+        return plan
+
     def load_pixels(self, index: int) -> dict[str, torch.Tensor]:
         """``{"target", "control"[, "control_2", ...]: FloatTensor[3, H, W] in [-1, 1]}`` of item `index`, every
         control image at the target's bucket size."""
-        plan = self.items[index]
+        plan = self.plan(index)
         pair = self.pairs[plan.pair_index]
         pixels = {"target": to_tensor(render(pair.target, pair.target_size, plan.target_box, plan.bucket, plan.flip))}
         boxes = (plan.control_box, *plan.extra_control_boxes)
@@ -235,12 +266,13 @@ class PairedDataset(Dataset):
             raise ValueError(f"{pair.target}: shuffle_tokens or token_dropout_rate is on; its captions cannot be "
                              "listed")
         # prepare_caption without dropout and with certain dropout: the only two outcomes without shuffling.
-        kept = prepare_caption(pair.caption, self.trigger_for(cfg), False, 0.0, random.Random(0))
+        kept = prepare_caption(pair.caption, self.trigger_for(cfg), False, 0.0, random.Random(0),
+                               add_trigger=not option(cfg, "is_reg"))
         rate = cfg.caption_dropout_rate
         return ([kept] if rate < 1.0 else []) + ([""] if rate > 0.0 else [])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        plan = self.items[index]
+        plan = self.plan(index)
         pair = self.pairs[plan.pair_index]
         cfg = self.datasets[pair.dataset_index]
         caption = prepare_caption(
@@ -251,9 +283,11 @@ class PairedDataset(Dataset):
             caption_rng(self.seed, self.epoch, index),
             token_dropout_rate=option(cfg, "token_dropout_rate"),
             keep_tokens=option(cfg, "keep_tokens"),
+            add_trigger=not option(cfg, "is_reg"),  # as ai-toolkit: regularisation captions stay as written
         )
-        # Per-item loss weight (dataset loss_multiplier), applied by the trainer's compute_loss.
-        item: dict[str, Any] = {"loss_multiplier": torch.tensor(float(option(cfg, "loss_multiplier"))),
+        # Per-item loss weight (dataset loss_multiplier, times reg_weight for is_reg), applied by compute_loss.
+        weight = float(option(cfg, "loss_multiplier")) * (self.reg_weight if option(cfg, "is_reg") else 1.0)
+        item: dict[str, Any] = {"loss_multiplier": torch.tensor(weight),
                                 "network_weight": torch.tensor(float(option(cfg, "network_weight")))}
         if self.cache is None or not self.cache.covers_images:
             item.update(self.load_pixels(index))

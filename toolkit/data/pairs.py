@@ -3,7 +3,8 @@
 A Kontext LoRA learns "control image + instruction -> target image", so every target in ``folder_path`` needs a
 control image with the same file stem in ``control_path`` and a caption ``STEM.<caption_ext>`` next to it (or a
 ``default_caption``). ``control_path`` may list several folders: then every target needs one control image per
-folder, each matched by file stem and checked like the first. All problems of all datasets are collected and raised
+folder, each matched by file stem and checked like the first. Without ``control_path`` a dataset is plain images
+with captions (text-to-image items with no control tokens, as ai-toolkit's Kontext example allows). All problems of all datasets are collected and raised
 as ONE DatasetError: a user with 40 broken files should fix them in one pass, not in 40 runs that each load a 12 GB
 model first.
 
@@ -57,10 +58,10 @@ class Pair:
     belongs to."""
 
     target: Path
-    control: Path
+    control: Optional[Path]  # None: a dataset without control_path (no control image at all)
     caption: str
     target_size: tuple[int, int]
-    control_size: tuple[int, int]
+    control_size: Optional[tuple[int, int]]
     dataset_index: int = 0
     extra_controls: tuple[Path, ...] = ()  # the 2nd, 3rd ... control images (control_path lists several folders)
     extra_control_sizes: tuple[tuple[int, int], ...] = ()
@@ -69,12 +70,12 @@ class Pair:
 
     @property
     def controls(self) -> tuple[Path, ...]:
-        """Every control image, in sequence order (position-id frames 1, 2, ...)."""
-        return (self.control, *self.extra_controls)
+        """Every control image, in sequence order (position-id frames 1, 2, ...); () without control_path."""
+        return () if self.control is None else (self.control, *self.extra_controls)
 
     @property
     def control_sizes(self) -> tuple[tuple[int, int], ...]:
-        return (self.control_size, *self.extra_control_sizes)
+        return () if self.control_size is None else (self.control_size, *self.extra_control_sizes)
 
 
 def control_folders(value: Union[str, Sequence[str], None]) -> list[str]:
@@ -195,11 +196,9 @@ def _check_settings(
     if cfg.folder_path is None or not str(cfg.folder_path).strip():
         problems.append(f"{key}.folder_path is empty; set it to the folder of target images and captions")
     raw_controls = control_folders(cfg.control_path)
-    if not any(str(raw).strip() for raw in raw_controls):
-        problems.append(
-            f"{key}.control_path is not set; Kontext trains on pairs: set control_path to the folder of control "
-            f"(input) images, named like their targets in {cfg.folder_path}"
-        )
+    if raw_controls and not any(str(raw).strip() for raw in raw_controls):
+        problems.append(f"{key}.control_path is empty; set it to the folder of control (input) images named like "
+                        f"their targets in {cfg.folder_path}, or remove it to train on the images alone")
     control_dirs: list[Optional[Path]] = []
     for raw, control_key in zip(raw_controls, _control_keys(cfg, key)):
         if len(raw_controls) > 1 and not str(raw).strip():
@@ -261,10 +260,11 @@ def _discover_one(cfg: DatasetConfigLike, index: int, key: str, problems: list[s
     masks = find_masks(getattr(cfg, "mask_path", None), targets, f"{key}.mask_path", problems)
 
     pairs: list[Pair] = []
-    stems = set(targets).intersection(*all_controls) if all_controls else set()
+    # Without control_path every target is an item; with it, only targets that every control folder has.
+    stems = set(targets).intersection(*all_controls)
     for stem in sorted(stems):
-        controls = [c[stem] for c in all_controls]
-        control_sizes = [sizes[c] for c in controls]
+        controls = [c[stem] for c in all_controls] or [None]
+        control_sizes = [sizes[c] if c is not None else None for c in controls]
         target_size, caption = sizes[targets[stem]], captions[stem]
         if isinstance(target_size, str) or any(isinstance(s, str) for s in control_sizes) or caption is None:
             continue
@@ -317,7 +317,7 @@ def discover_pairs(
     problems: list[str] = []
     pairs: list[Pair] = []
     if not datasets:
-        problems.append(f"{config_path_prefix} is empty; add at least one dataset with folder_path and control_path")
+        problems.append(f"{config_path_prefix} is empty; add at least one dataset with folder_path (and control_path)")
     # While checking, each dataset's own limit applies (header read first, nothing decoded above it); afterwards
     # PIL's process-wide guard (Image.MAX_IMAGE_PIXELS) protects every later decode.
     set_max_image_pixels(None)

@@ -1,9 +1,9 @@
 """Sample prompts with ai-toolkit's inline flags, and the contact sheet of a sampling round.
 
-A prompt is `text --ctrl_img PATH [--ctrl_img PATH2 ...] [--seed N] [--w N] [--h N] [--cfg F] [--steps N]`. A
+A prompt is `text [--ctrl_img PATH [--ctrl_img PATH2 ...]] [--seed N] [--w N] [--h N] [--cfg F] [--steps N]`. A
 flag's value runs to the next flag, so paths with spaces work without quoting. Several `--ctrl_img` give the model
-several control images, in order (for a LoRA trained with a list of control folders); other repeated flags: the last
-one counts.
+several control images, in order (for a LoRA trained with a list of control folders); none renders text-to-image (as
+datasets without control_path train); other repeated flags: the last one counts.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class SampleRequest:
 
     index: int
     prompt: str
-    ctrl_img: Path
+    ctrl_img: Optional[Path]  # None: no --ctrl_img, a text-to-image sample
     seed: int
     width: int
     height: int
@@ -37,8 +37,8 @@ class SampleRequest:
 
     @property
     def ctrl_imgs(self) -> tuple[Path, ...]:
-        """Every control image, in the order the model sees them (position-id frames 1, 2, ...)."""
-        return (self.ctrl_img, *self.extra_ctrl_imgs)
+        """Every control image, in the order the model sees them (position-id frames 1, 2, ...); () for none."""
+        return () if self.ctrl_img is None else (self.ctrl_img, *self.extra_ctrl_imgs)
 
 
 def parse_prompt_flag_lists(text: str) -> tuple[str, dict[str, list[str]]]:
@@ -76,8 +76,8 @@ def build_requests(prompts: Sequence[str], *, seed: int, walk_seed: bool, width:
             problems.append(f"{where}: bad flag value ({exc})")
             continue
         ctrls = all_flags.get("ctrl_img", [])
-        if not ctrls or not all(ctrls):
-            problems.append(f"{where}: needs --ctrl_img PATH (the image Kontext edits; repeat it for several)")
+        if not all(ctrls):
+            problems.append(f"{where}: --ctrl_img needs a PATH (the image Kontext edits; repeat it for several)")
             continue
         ctrl_paths = [Path(ctrl).expanduser() for ctrl in ctrls]
         missing = [path for path in ctrl_paths if not path.is_file()]
@@ -88,7 +88,7 @@ def build_requests(prompts: Sequence[str], *, seed: int, walk_seed: bool, width:
         if w % 16 or h % 16:
             problems.append(f"{where}: --w/--h must be multiples of 16, got {w}x{h}")
             continue
-        requests.append(SampleRequest(index=i, prompt=prompt, ctrl_img=ctrl_paths[0],
+        requests.append(SampleRequest(index=i, prompt=prompt, ctrl_img=ctrl_paths[0] if ctrl_paths else None,
                                       seed=int(values.get("seed", seed + i if walk_seed else seed)),
                                       width=w, height=h, guidance_scale=cfg, steps=int(values.get("steps", steps)),
                                       extra_ctrl_imgs=tuple(ctrl_paths[1:])))

@@ -65,8 +65,8 @@ class ValidationSet:
         return len(self.dataset)
 
     def _batches(self) -> list[list[int]]:
-        groups: dict[tuple[int, int], list[int]] = {}
-        for index, key in enumerate(self.dataset.bucket_keys):
+        groups: dict[tuple, list[int]] = {}
+        for index, key in enumerate(self.dataset.batch_keys):  # one bucket and one control count per batch
             groups.setdefault(key, []).append(index)
         return [members[i:i + self.batch_size] for members in groups.values()
                 for i in range(0, len(members), self.batch_size)]
