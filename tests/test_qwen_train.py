@@ -1,0 +1,87 @@
+"""The shipped Qwen-Image-Edit-Plus example trains through run.py on the tiny model with two control folders, and
+its LoRA loads in QwenImageEditPlusPipeline, changes its output and gives the trainer's own sample image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+import run
+from tests.helpers import REPO, merge, write_config
+from tests.test_qwen_math import small_reference_area
+from tools.demo_data import build_demo_dataset
+
+EXAMPLE = REPO / "config" / "examples" / "train_lora_qwen_image_edit_plus_tiny.yaml"
+NAME = "tiny_qwen_edit_demo"
+
+
+@pytest.fixture(scope="module")
+def multi_data_dir(tmp_path_factory) -> Path:
+    return build_demo_dataset(tmp_path_factory.mktemp("data") / "demo_multi", num_pairs=4, num_controls=2)
+
+
+def example(folder: Path, model_dir: Path, data_dir: Path, **overrides) -> Path:
+    """The shipped example with its model, data and output moved to the test folders."""
+    text = EXAMPLE.read_text(encoding="utf-8")
+    text = text.replace('"models/tiny-qwen-image-edit-plus"', f'"{model_dir}"')
+    text = text.replace('"data/demo_multi/', f'"{data_dir}/').replace(" data/demo_multi/", f" {data_dir}/")
+    cfg = merge(yaml.safe_load(text), {"training_folder": str(folder / "output"), "log_every": 1, **overrides})
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_config(folder / "qwen.yaml", cfg)
+
+
+def test_example_lora_loads_in_the_pipeline_and_equals_the_trainer_sample(tmp_path, tiny_qwen_dir, multi_data_dir,
+                                                                          monkeypatch):
+    from diffusers import QwenImageEditPlusPipeline
+
+    from extensions.qwen_image_edit.processor import load_processor
+
+    # The pipeline's own reference size (match_target_res off), made small enough for a CPU on both sides.
+    small_reference_area(monkeypatch)
+    steps = 4
+    config = example(tmp_path, tiny_qwen_dir, multi_data_dir, **{
+        "model.match_target_res": False, "train.steps": steps, "train.lr": 1e-2, "save.save_every": 1000,
+        "sample.sample_every": steps, "train.skip_first_sample": True})
+    assert run.main([str(config)]) == 0
+    run_dir = tmp_path / "output" / NAME
+    final = run_dir / f"{NAME}.safetensors"
+    state = load_file(str(final))
+    assert state and all(k.startswith("transformer.transformer_blocks.") for k in state)
+    assert any(".img_mlp." in k for k in state) and any(".attn.add_q_proj." in k for k in state)
+
+    controls = [Image.open(multi_data_dir / sub / "sample_000.png").convert("RGB")
+                for sub in ("sample_control", "sample_control_2")]
+    pipe = QwenImageEditPlusPipeline.from_pretrained(tiny_qwen_dir, processor=load_processor(str(tiny_qwen_dir)),
+                                                     dtype=torch.float32)
+
+    def render() -> np.ndarray:
+        image = pipe(image=controls, prompt="inv3rt invert the colors", true_cfg_scale=1.0, width=64, height=64,
+                     num_inference_steps=4, generator=torch.Generator().manual_seed(42), output_type="np").images[0]
+        return image * 255  # 8-bit scale, before rounding
+
+    without = render()
+    pipe.load_lora_weights(str(final))
+    with_lora = render()
+    assert np.abs(with_lora - without).max() > 2, "the LoRA changed nothing"
+    # The trainer's sample with the adapter it trained is the pipeline's image with the loaded file, rounded to 8 bit.
+    trainer_sample = np.asarray(Image.open(run_dir / "samples" / f"{steps:09d}_00.png").convert("RGB"), dtype=float)
+    assert np.abs(trainer_sample - with_lora).max() <= 0.51
+    assert np.abs(trainer_sample - without).max() > 2
+
+
+def test_example_trains_with_match_target_res_and_the_loss_is_finite(tmp_path, tiny_qwen_dir, multi_data_dir):
+    from tests.example_configs import scalars
+
+    config = example(tmp_path, tiny_qwen_dir, multi_data_dir, **{
+        "train.steps": 3, "save.save_every": 1000, "sample.prompts": []})
+    assert run.main([str(config)]) == 0
+    run_dir = tmp_path / "output" / NAME
+    assert (run_dir / f"{NAME}.safetensors").is_file()
+    losses = scalars(run_dir / "logs", "train/loss")
+    assert sorted(losses) == [1, 2, 3] and all(np.isfinite(v) for v in losses.values())
