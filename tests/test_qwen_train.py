@@ -75,13 +75,26 @@ def test_example_lora_loads_in_the_pipeline_and_equals_the_trainer_sample(tmp_pa
     assert np.abs(trainer_sample - without).max() > 2
 
 
-def test_example_trains_with_match_target_res_and_the_loss_is_finite(tmp_path, tiny_qwen_dir, multi_data_dir):
+def test_example_trains_with_match_target_res_and_resumes_bit_identically(tmp_path, tiny_qwen_dir, multi_data_dir,
+                                                                          capsys):
+    import shutil
+
     from tests.example_configs import scalars
 
     config = example(tmp_path, tiny_qwen_dir, multi_data_dir, **{
-        "train.steps": 3, "save.save_every": 1000, "sample.prompts": []})
+        "train.steps": 4, "save.save_every": 2, "sample.prompts": []})
     assert run.main([str(config)]) == 0
     run_dir = tmp_path / "output" / NAME
-    assert (run_dir / f"{NAME}.safetensors").is_file()
+    final = run_dir / f"{NAME}.safetensors"
+    reference = load_file(str(final))
     losses = scalars(run_dir / "logs", "train/loss")
-    assert sorted(losses) == [1, 2, 3] and all(np.isfinite(v) for v in losses.values())
+    assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(v) for v in losses.values())
+
+    final.unlink()
+    shutil.rmtree(run_dir / "state" / "000000004")
+    capsys.readouterr()
+    assert run.main([str(config)]) == 0
+    assert "resuming from" in capsys.readouterr().err
+    resumed = load_file(str(final))
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
