@@ -110,3 +110,32 @@ def test_batch_prompts_are_padded_with_a_mask(qwen, monkeypatch) -> None:
     assert torch.all(encoded.prompt_embeds[0, lengths[0]:] == 0)
     alone = qwen.encode_batch(batch_of(targets[:1], controls[:1], ["red"]))
     assert torch.equal(alone.prompt_embeds[0], encoded.prompt_embeds[0, :lengths[0]])
+
+
+def test_every_default_lora_layer_gets_a_gradient(tiny_qwen_dir) -> None:
+    """The last block's text-stream output feeds nothing: LoRA there would never train and DDP would stop on it."""
+    import re
+
+    from extensions.qwen_image_edit.model import LORA_TARGETS
+    from toolkit.adapters.lora import add_lora, make_lora_config
+
+    def grads(targets) -> dict[str, bool]:
+        qwen = load_qwen(tiny_qwen_dir, match_target_res=True)
+        params = add_lora(qwen.transformer, make_lora_config(4, 4, targets))
+        encoded = qwen.encode_batch(batch_of([control_image(32, 32, 1)], [[control_image(32, 32, 2)]], ["x"]))
+        x_t = torch.randn_like(encoded.x0)
+        qwen.denoiser()(**qwen.denoiser_inputs(encoded, x_t, torch.tensor([0.5]), 1.0)).square().mean().backward()
+        names = {id(p): n for n, p in qwen.transformer.named_parameters()}
+        return {names[id(p)]: p.grad is not None for p in params if ".lora_B." in names[id(p)]}
+
+    qwen = load_qwen(tiny_qwen_dir, match_target_res=True)
+    assert qwen.lora_targets() != LORA_TARGETS
+    assert re.fullmatch(qwen.lora_targets(), "transformer_blocks.0.txt_mlp.net.2")
+    assert not re.fullmatch(qwen.lora_targets(), "transformer_blocks.1.txt_mlp.net.2")
+    ours = grads(qwen.lora_targets())
+    assert ours and all(ours.values())
+    everything = grads(LORA_TARGETS)
+    assert sorted(n for n, has in everything.items() if not has) == [
+        "transformer_blocks.1.attn.to_add_out.lora_B.default.weight",
+        "transformer_blocks.1.txt_mlp.net.0.proj.lora_B.default.weight",
+        "transformer_blocks.1.txt_mlp.net.2.lora_B.default.weight"]

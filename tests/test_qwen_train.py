@@ -109,3 +109,22 @@ def test_latent_caching_is_refused_by_name(tmp_path, tiny_qwen_dir, multi_data_d
     config = write_config(tmp_path / "cached.yaml", raw)
     assert run.main([str(config)]) == 2
     assert "qwen_image_edit_plus: this architecture cannot cache" in capsys.readouterr().err
+
+
+@pytest.mark.distributed
+def test_two_processes_train_and_sample(tmp_path, tiny_qwen_dir, multi_data_dir):
+    from tests.launch import accelerate_launch, explain
+
+    config = example(tmp_path, tiny_qwen_dir, multi_data_dir, **{
+        "train.steps": 2, "train.distributed_training": True, "save.save_every": 1000, "sample.sample_every": 2,
+        "train.skip_first_sample": True})
+    raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+    prompt = raw["config"]["process"][0]["sample"]["prompts"][0]
+    raw["config"]["process"][0]["sample"]["prompts"] = [prompt, prompt + " --seed 9"]  # one prompt per rank
+    write_config(config, raw)
+    proc = accelerate_launch(REPO / "run.py", config)
+    assert proc.returncode == 0, explain(proc)
+    run_dir = tmp_path / "output" / NAME
+    assert load_file(str(run_dir / f"{NAME}.safetensors"))
+    assert sorted(p.name for p in (run_dir / "samples").glob("000000002_0*.png")) == ["000000002_00.png",
+                                                                                   "000000002_01.png"]

@@ -36,6 +36,11 @@ class Architecture(ABC):
     def load(cls, model_cfg: Any, device: torch.device, dtype: torch.dtype) -> "Architecture":
         """Load every component onto `device`, frozen."""
 
+    def lora_targets(self) -> Union[str, Sequence[str]]:
+        """peft target_modules for this loaded model when network.target_modules is unset: default_lora_targets,
+        narrowed by an architecture whose choice depends on the loaded transformer (e.g. its number of blocks)."""
+        return self.default_lora_targets
+
     @abstractmethod
     def denoiser(self) -> torch.nn.Module:
         """The module the optimizer trains and DDP wraps; forward(**inputs) returns the prediction."""

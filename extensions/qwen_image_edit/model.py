@@ -36,6 +36,17 @@ log = logging.getLogger(__name__)
 # (img_mod / txt_mod) stay frozen, as in the usual Qwen-Image LoRAs.
 LORA_TARGETS = (r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj"
                 r"|to_add_out)|img_mlp\.net\.(0\.proj|2)|txt_mlp\.net\.(0\.proj|2))")
+
+
+def lora_targets_for(num_layers: int) -> str:
+    """LORA_TARGETS without the last block's text-stream output layers (attn.to_add_out, txt_mlp): the transformer
+    drops the text stream after its last block, so they get no gradient (and DDP stops on unused parameters)."""
+    last = num_layers - 1
+    return (r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj)"
+            r"|img_mlp\.net\.(0\.proj|2))"
+            rf"|.*transformer_blocks\.(?!{last}\.)\d+\.(attn\.to_add_out|txt_mlp\.net\.(0\.proj|2))")
+
+
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -94,6 +105,9 @@ class QwenImageEditPlus(Architecture):
         self.match_target_res = model_cfg.match_target_res
         self._denoiser = QwenEditDenoiser(self.transformer)
         pipe.set_progress_bar_config(disable=True)
+
+    def lora_targets(self) -> str:
+        return lora_targets_for(self.transformer.config.num_layers)
 
     # -- loading ----------------------------------------------------------------------------------------------
     @classmethod

@@ -131,7 +131,7 @@ class BaseSDTrainProcess:
             check_compile(rt.device)  # before the model loads
         model = self.arch_cls.load(self.model_cfg, rt.device, dtype)
         net = None if self.full_finetune else self.cfg.network
-        params, lora_config = full_finetune.add_trainable(model.transformer, net, self.arch_cls.default_lora_targets)
+        params, lora_config = full_finetune.add_trainable(model.transformer, net, model.lora_targets())
         if net is not None and net.pretrained_lora:  # every rank loads it; a resume then overwrites it
             count = load_pretrained(model.transformer, net.pretrained_lora, lora_config,
                                     find_conventions(self.cfg.model.arch))
