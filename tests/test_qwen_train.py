@@ -128,3 +128,12 @@ def test_two_processes_train_and_sample(tmp_path, tiny_qwen_dir, multi_data_dir)
     assert load_file(str(run_dir / f"{NAME}.safetensors"))
     assert sorted(p.name for p in (run_dir / "samples").glob("000000002_0*.png")) == ["000000002_00.png",
                                                                                    "000000002_01.png"]
+
+
+def test_match_target_res_on_an_architecture_without_it_is_an_error(tmp_path, tiny_model_dir, demo_data_dir,
+                                                                     no_model_load, capsys):
+    from tests.helpers import tiny_config_dict
+
+    cfg = merge(tiny_config_dict(tmp_path / "out", tiny_model_dir, demo_data_dir), {"model.match_target_res": True})
+    assert run.main([str(write_config(tmp_path / "kontext.yaml", cfg))]) == 2
+    assert "model.match_target_res: flux_kontext always encodes control images" in capsys.readouterr().err

@@ -24,7 +24,18 @@ class Architecture(ABC):
     #: peft target_modules used when network.target_modules is not set (regex string or module-name suffixes).
     default_lora_targets: ClassVar[Union[str, Sequence[str]]]
 
+    #: Whether model.match_target_res changes anything: the architecture gives control images a size of their own.
+    supports_match_target_res: ClassVar[bool] = False
+
     transformer: torch.nn.Module
+
+    @classmethod
+    def check_model_options(cls, model_cfg: Any) -> list[str]:
+        """model options this architecture would silently ignore (run before any model loads)."""
+        if model_cfg.match_target_res and not cls.supports_match_target_res:
+            return [f"model.match_target_res: {cls.name} always encodes control images at the target's size; "
+                    "remove the option"]
+        return []
 
     @classmethod
     def check_source(cls, name_or_path: str) -> list[str]:

@@ -95,6 +95,7 @@ def _pad_prompts(conds: Sequence[Conditioning]) -> tuple[torch.Tensor, torch.Ten
 class QwenImageEditPlus(Architecture):
     name = "qwen_image_edit_plus"
     default_lora_targets = LORA_TARGETS
+    supports_match_target_res = True
     pipeline_class: ClassVar[type] = QwenImageEditPlusPipeline
 
     def __init__(self, pipe: Any, model_cfg: Any, device: torch.device, dtype: torch.dtype) -> None:

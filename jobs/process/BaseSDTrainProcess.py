@@ -73,6 +73,7 @@ class BaseSDTrainProcess:
         """Check model location, dataset and sample prompts; raises a UserError naming what is wrong.
         `upstream`: the results of the job's earlier processes (model.transformer_path '[process:N]')."""
         problems = self.arch_cls.check_source(self.cfg.model.name_or_path)
+        problems += self.arch_cls.check_model_options(self.cfg.model)
         if problems:
             raise ConfigError("\n".join(problems))
         if self.cfg.network is not None:
