@@ -11,11 +11,12 @@ from PIL import Image
 from toolkit.config.schema import ModelConfig
 
 
-def load_qwen(folder: Path, **overrides):
-    from extensions.qwen_image_edit import QwenImageEditPlus
+def load_qwen(folder: Path, arch: str = "qwen_image_edit_plus", **overrides):
+    import extensions.qwen_image_edit  # noqa: F401 (registers the architectures)
+    from toolkit.arch import get_architecture
 
-    cfg = ModelConfig(name_or_path=str(folder), arch="qwen_image_edit_plus", **overrides)
-    return QwenImageEditPlus.load(cfg, torch.device("cpu"), torch.float32)
+    cfg = ModelConfig(name_or_path=str(folder), arch=arch, **overrides)
+    return get_architecture(arch).load(cfg, torch.device("cpu"), torch.float32)
 
 
 def control_image(width: int, height: int, seed: int) -> Image.Image:

@@ -50,8 +50,8 @@ def test_img_shapes_list_target_then_each_reference() -> None:
 
 
 def capture_transformer_call(pipe, **call):
-    """Run the pipeline and return the keyword arguments and output of its first transformer call (two steps: with
-    one, the scheduler's shift_terminal stretch divides 0 by 0 upstream)."""
+    """Run the pipeline (two steps, seed 0) and return the keyword arguments and output of its first transformer
+    call, and the pipeline's result (with one step the scheduler's shift_terminal stretch divides 0 by 0 upstream)."""
     seen = {}
 
     def hook(module, args, kwargs, output):
@@ -60,15 +60,15 @@ def capture_transformer_call(pipe, **call):
 
     handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
     try:
-        pipe(num_inference_steps=2, true_cfg_scale=1.0, generator=torch.Generator().manual_seed(0), **call)
+        result = pipe(num_inference_steps=2, true_cfg_scale=1.0, generator=torch.Generator().manual_seed(0), **call)
     finally:
         handle.remove()
-    return seen["kwargs"], seen["output"]
+    return seen["kwargs"], seen["output"], result
 
 
 def assert_denoiser_matches_pipeline(qwen, controls, target_size=(64, 48), caption="make it blue") -> None:
     width, height = target_size
-    seen, out = capture_transformer_call(qwen.pipe, image=controls, prompt=caption, width=width, height=height)
+    seen, out, _ = capture_transformer_call(qwen.pipe, image=controls, prompt=caption, width=width, height=height)
     target = control_image(width, height, seed=9)  # the target's pixels only set x0, which the pipeline never sees
     encoded = qwen.encode_batch(batch_of([target], [controls], [caption]))
     n = encoded.x0.shape[1]

@@ -1,5 +1,6 @@
-"""Qwen-Image-Edit-Plus (2509 / 2511): several control images, seen by Qwen2.5-VL and as VAE reference tokens."""
+"""Qwen-Image-Edit-Plus (2509 / 2511; several control images) and Qwen-Image-Edit (one): each control image is seen
+by Qwen2.5-VL inside the prompt and as VAE reference tokens. Importing the package registers both architectures."""
 
-from extensions.qwen_image_edit.model import QwenImageEditPlus
+from extensions.qwen_image_edit.model import QwenImageEdit, QwenImageEditPlus
 
-__all__ = ["QwenImageEditPlus"]
+__all__ = ["QwenImageEdit", "QwenImageEditPlus"]

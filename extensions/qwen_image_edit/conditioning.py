@@ -53,20 +53,33 @@ def encode_pixels(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
     return normalize_latents(latents, vae.config.latents_mean, vae.config.latents_std)[:, :, 0]
 
 
-@torch.no_grad()
-def encode_conditioning(pipe: Any, prompt: str, controls: Sequence[Image.Image], reference_area: int,
-                        device: torch.device, dtype: torch.dtype) -> Conditioning:
-    """Prompt embedding with the control images inside it, and their reference tokens."""
-    condition_images = []
-    for image in controls:
-        width, height = reference_size(image.size, CONDITION_IMAGE_SIZE)
-        condition_images.append(pipe.image_processor.resize(image, height, width))
-    embeds, mask = pipe.encode_prompt(prompt, image=condition_images, device=device)
-    references, hws = [], []
+def _pipeline_inputs(pipe: Any, controls: Sequence[Image.Image], reference_area: int,
+                     condition_area: Optional[int]) -> tuple[list[Image.Image], list[torch.Tensor]]:
+    """(images for the VL prompt, VAE input pixels) as the pipeline makes them. With condition_area None (the first
+    Qwen-Image-Edit) one resized image serves both, and the VAE input is made from it."""
+    condition_images, pixels = [], []
     for image in controls:
         width, height = reference_size(image.size, reference_area)
-        pixels = pipe.image_processor.preprocess(image, height, width).to(device, embeds.dtype)
-        latents = encode_pixels(pipe.vae, pixels)
+        if condition_area is None:
+            image = pipe.image_processor.resize(image, height, width)
+            condition_images.append(image)
+        else:
+            c_width, c_height = reference_size(image.size, condition_area)
+            condition_images.append(pipe.image_processor.resize(image, c_height, c_width))
+        pixels.append(pipe.image_processor.preprocess(image, height, width))
+    return condition_images, pixels
+
+
+@torch.no_grad()
+def encode_conditioning(pipe: Any, prompt: str, controls: Sequence[Image.Image], reference_area: int,
+                        device: torch.device, dtype: torch.dtype,
+                        condition_area: Optional[int] = CONDITION_IMAGE_SIZE) -> Conditioning:
+    """Prompt embedding with the control images inside it, and their reference tokens."""
+    condition_images, pixels = _pipeline_inputs(pipe, controls, reference_area, condition_area)
+    embeds, mask = pipe.encode_prompt(prompt, image=condition_images, device=device)
+    references, hws = [], []
+    for image_pixels in pixels:
+        latents = encode_pixels(pipe.vae, image_pixels.to(device, embeds.dtype))
         references.append(pack_latents(latents))
         hws.append(tuple(latents.shape[-2:]))
     return Conditioning(embeds.to(dtype), mask, torch.cat(references, dim=1).to(dtype), hws)

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional, Sequence, Union
 
 import torch
-from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
 from PIL import Image
 
-from extensions.qwen_image_edit.conditioning import (VAE_IMAGE_SIZE, Conditioning, encode_conditioning, encode_pixels,
-                                                     to_pil)
+from extensions.qwen_image_edit.conditioning import (CONDITION_IMAGE_SIZE, VAE_IMAGE_SIZE, Conditioning,
+                                                     encode_conditioning, encode_pixels, to_pil)
 from extensions.qwen_image_edit.packing import img_shapes, pack_latents
 from extensions.qwen_image_edit.processor import load_processor
 from extensions.qwen_image_edit.quantize import TRANSFORMER_EXCLUDE, quantize_frozen
@@ -97,6 +97,9 @@ class QwenImageEditPlus(Architecture):
     default_lora_targets = LORA_TARGETS
     supports_match_target_res = True
     pipeline_class: ClassVar[type] = QwenImageEditPlusPipeline
+    #: pixels of the images Qwen2.5-VL sees; None: the reference-sized image (the first Qwen-Image-Edit)
+    condition_area: ClassVar[Optional[int]] = CONDITION_IMAGE_SIZE
+    max_controls: ClassVar[int] = 3  # "Picture 1" to "Picture 3": what Qwen-Image-Edit-2509 was trained with
 
     def __init__(self, pipe: Any, model_cfg: Any, device: torch.device, dtype: torch.dtype) -> None:
         self.pipe = pipe
@@ -153,8 +156,11 @@ class QwenImageEditPlus(Architecture):
         return width * height if self.match_target_res else VAE_IMAGE_SIZE
 
     def condition(self, prompt: str, controls: Sequence[Image.Image], width: int, height: int) -> Conditioning:
+        if len(controls) > self.max_controls:
+            raise ArchitectureError(f"{self.name} takes at most {self.max_controls} control image(s), got "
+                                    f"{len(controls)}")
         return encode_conditioning(self.pipe, prompt, controls, self.reference_area(width, height), self.device,
-                                   self.dtype)
+                                   self.dtype, self.condition_area)
 
     @torch.no_grad()
     def encode_batch(self, batch: dict) -> EncodedBatch:
@@ -209,3 +215,13 @@ class QwenImageEditPlus(Architecture):
         generator = torch.Generator("cpu").manual_seed(request.seed)  # CPU noise: the same image on any device
         return render(self.pipe, self._denoiser, cond, request.width, request.height, request.steps, generator,
                       true_cfg_scale=request.guidance_scale, negative=negative)
+
+
+@register_architecture
+class QwenImageEdit(QwenImageEditPlus):
+    """The first Qwen-Image-Edit: one control image, seen by Qwen2.5-VL at the reference size (~1024x1024 px)."""
+
+    name = "qwen_image_edit"
+    pipeline_class = QwenImageEditPipeline
+    condition_area = None
+    max_controls = 1
