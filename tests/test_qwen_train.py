@@ -137,3 +137,35 @@ def test_match_target_res_on_an_architecture_without_it_is_an_error(tmp_path, ti
     cfg = merge(tiny_config_dict(tmp_path / "out", tiny_model_dir, demo_data_dir), {"model.match_target_res": True})
     assert run.main([str(write_config(tmp_path / "kontext.yaml", cfg))]) == 2
     assert "model.match_target_res: flux_kontext always encodes control images" in capsys.readouterr().err
+
+
+def test_training_lowers_the_loss_on_the_training_pairs(tmp_path, tiny_qwen_dir, multi_data_dir):
+    """20 steps of the example: the flow-matching loss on two training pairs (fixed noise and times) falls."""
+    from tests.helpers import fixed_inputs
+    from tests.qwen_helpers import batch_of, load_qwen
+    from toolkit.adapters.lora import add_lora, load_lora_state_dict, make_lora_config
+    from toolkit.train import flow_matching
+
+    config = example(tmp_path, tiny_qwen_dir, multi_data_dir, **{
+        "train.steps": 20, "train.lr": 1e-2, "save.save_every": 1000, "sample.prompts": []})
+    assert run.main([str(config)]) == 0
+    names = sorted(p.stem for p in (multi_data_dir / "target").glob("*.png"))[:2]
+
+    def image(sub: str, name: str) -> Image.Image:
+        return Image.open(multi_data_dir / sub / f"{name}.png").convert("RGB").resize((64, 64))
+
+    batch = batch_of([image("target", n) for n in names],
+                     [[image("control", n), image("control_2", n)] for n in names],
+                     [(multi_data_dir / "target" / f"{n}.txt").read_text().strip() for n in names])
+
+    def loss(qwen) -> float:
+        inputs, target = fixed_inputs(qwen, batch)
+        with torch.no_grad():
+            return flow_matching.flow_matching_loss(qwen.denoiser()(**inputs), target, torch.ones(2)).item()
+
+    qwen = load_qwen(tiny_qwen_dir, match_target_res=True)
+    before = loss(qwen)
+    add_lora(qwen.transformer, make_lora_config(8, 8, qwen.lora_targets()))
+    load_lora_state_dict(qwen.transformer, load_file(str(tmp_path / "output" / NAME / f"{NAME}.safetensors")))
+    after = loss(qwen)
+    assert after < before * 0.9, (before, after)
