@@ -169,3 +169,21 @@ def test_training_lowers_the_loss_on_the_training_pairs(tmp_path, tiny_qwen_dir,
     load_lora_state_dict(qwen.transformer, load_file(str(tmp_path / "output" / NAME / f"{NAME}.safetensors")))
     after = loss(qwen)
     assert after < before * 0.9, (before, after)
+
+
+def test_model_card_names_the_qwen_base_license_and_pipeline():
+    import dataclasses
+
+    import extensions.qwen_image_edit  # noqa: F401 (registers the card facts)
+    from toolkit.config import load_job_config
+    from toolkit.publish.model_card import RunFacts, model_card
+
+    process = load_job_config(EXAMPLE).config.process[0]
+    cfg = dataclasses.replace(process, model=dataclasses.replace(process.model,
+                                                                 name_or_path="Qwen/Qwen-Image-Edit-2509"))
+    card = model_card(cfg, RunFacts(name="x", repo_id="me/x", weight_name="x.safetensors"))
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["base_model"] == "Qwen/Qwen-Image-Edit-2509" and meta["license"] == "apache-2.0"
+    assert {"qwen-image-edit", "lora", "image-to-image"} <= set(meta["tags"])
+    assert 'QwenImageEditPlusPipeline.from_pretrained("Qwen/Qwen-Image-Edit-2509"' in body

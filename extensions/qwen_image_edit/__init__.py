@@ -3,5 +3,6 @@ by Qwen2.5-VL inside the prompt and as VAE reference tokens. Importing the packa
 
 from extensions.qwen_image_edit.model import QwenImageEdit, QwenImageEditPlus
 from extensions.qwen_image_edit.generate import QwenEditRenderer  # registers the renderer of both
+from extensions.qwen_image_edit.hub_card import QWEN_EDIT_CARD, QWEN_EDIT_PLUS_CARD  # registers the card facts
 
-__all__ = ["QwenEditRenderer", "QwenImageEdit", "QwenImageEditPlus"]
+__all__ = ["QWEN_EDIT_CARD", "QWEN_EDIT_PLUS_CARD", "QwenEditRenderer", "QwenImageEdit", "QwenImageEditPlus"]
