@@ -187,3 +187,31 @@ def test_model_card_names_the_qwen_base_license_and_pipeline():
     assert meta["base_model"] == "Qwen/Qwen-Image-Edit-2509" and meta["license"] == "apache-2.0"
     assert {"qwen-image-edit", "lora", "image-to-image"} <= set(meta["tags"])
     assert 'QwenImageEditPlusPipeline.from_pretrained("Qwen/Qwen-Image-Edit-2509"' in body
+
+
+def test_gradient_checkpointing_trains_the_same_lora(tmp_path, tiny_qwen_dir, multi_data_dir, monkeypatch):
+    """The 24 GB recipe turns it on: recomputing the blocks' activations must not change what is learned."""
+    import torch.utils.checkpoint
+
+    calls = []
+    original = torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    finals, checkpointed = [], []
+    for checkpointing in (False, True):
+        calls.clear()
+        folder = tmp_path / str(checkpointing)
+        config = example(folder, tiny_qwen_dir, multi_data_dir, **{
+            "train.steps": 2, "train.gradient_checkpointing": checkpointing, "save.save_every": 1000,
+            "sample.prompts": []})
+        assert run.main([str(config)]) == 0
+        finals.append(load_file(str(folder / "output" / NAME / f"{NAME}.safetensors")))
+        checkpointed.append(len(calls))
+    assert checkpointed[0] == 0 and checkpointed[1] >= 2 * 2  # two blocks, two steps
+    assert finals[0].keys() == finals[1].keys()
+    for key in finals[0]:
+        torch.testing.assert_close(finals[0][key], finals[1][key], rtol=0, atol=1e-6)
