@@ -215,3 +215,25 @@ def test_gradient_checkpointing_trains_the_same_lora(tmp_path, tiny_qwen_dir, mu
     assert finals[0].keys() == finals[1].keys()
     for key in finals[0]:
         torch.testing.assert_close(finals[0][key], finals[1][key], rtol=0, atol=1e-6)
+
+
+def test_validation_loss_with_two_control_folders(tmp_path, tiny_qwen_dir, multi_data_dir):
+    from tests.example_configs import scalars
+
+    config = example(tmp_path, tiny_qwen_dir, multi_data_dir, **{
+        "train.steps": 2, "save.save_every": 1000, "sample.prompts": [], "sample.sample_every": 2})
+    import shutil
+
+    val = tmp_path / "val"  # held-out pairs may not be training files: copies of two of them stand in
+    for sub in ("target", "control", "control_2"):
+        (val / sub).mkdir(parents=True)
+        for path in (multi_data_dir / sub).iterdir():
+            if path.stem in ("pair_000", "pair_001"):
+                shutil.copy(path, val / sub / path.name)
+    raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+    raw["config"]["process"][0]["datasets"][0].update(
+        val_folder_path=str(val / "target"), val_control_path=[str(val / "control"), str(val / "control_2")])
+    write_config(config, raw)
+    assert run.main([str(config)]) == 0
+    values = scalars(tmp_path / "output" / NAME / "logs", "val/loss")
+    assert list(values) == [2] and np.isfinite(values[2]) and values[2] > 0
