@@ -237,3 +237,17 @@ def test_validation_loss_with_two_control_folders(tmp_path, tiny_qwen_dir, multi
     assert run.main([str(config)]) == 0
     values = scalars(tmp_path / "output" / NAME / "logs", "val/loss")
     assert list(values) == [2] and np.isfinite(values[2]) and values[2] > 0
+
+
+def test_comfy_format_without_a_known_layout_fails_before_the_model_loads(tmp_path, tiny_qwen_dir, multi_data_dir,
+                                                                         monkeypatch, capsys):
+    from extensions.qwen_image_edit import QwenImageEditPlus
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded although the run should have stopped before that")
+
+    monkeypatch.setattr(QwenImageEditPlus, "load", classmethod(refuse))
+    config = example(tmp_path, tiny_qwen_dir, multi_data_dir, **{"save.format": "comfy"})
+    assert run.main([str(config)]) == 2
+    assert "save.format: comfy: no ComfyUI key layout is known for model.arch qwen_image_edit_plus" in \
+        capsys.readouterr().err

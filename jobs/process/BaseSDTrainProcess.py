@@ -74,6 +74,10 @@ class BaseSDTrainProcess:
         `upstream`: the results of the job's earlier processes (model.transformer_path '[process:N]')."""
         problems = self.arch_cls.check_source(self.cfg.model.name_or_path)
         problems += self.arch_cls.check_model_options(self.cfg.model)
+        if (self.cfg.save.format == "comfy" and self.cfg.network is not None and self.cfg.network.type == "lora"
+                and find_conventions(self.cfg.model.arch) is None):  # found here, not when the first file is saved
+            problems.append(f"save.format: comfy: no ComfyUI key layout is known for model.arch "
+                            f"{self.cfg.model.arch}; use diffusers")
         if problems:
             raise ConfigError("\n".join(problems))
         if self.cfg.network is not None:
