@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup setup-ray demo-assets demo test bench clean-demo
+.PHONY: setup setup-ray demo-assets demo demo-qwen test bench clean-demo
 
 $(VENV)/.installed: requirements.txt
 	$(PY) -m venv $(VENV)
@@ -29,8 +29,15 @@ demo-assets: setup
 demo: demo-assets
 	$(PYTHON) run.py config/examples/train_lora_flux_kontext_tiny.yaml
 
+# Qwen-Image-Edit-Plus: a tiny random 2509 model, two control images per target, trained on the CPU.
+demo-qwen: setup
+	$(PYTHON) -m tools.tiny_model --arch qwen_image_edit_plus --out models/tiny-qwen-image-edit-plus
+	$(PYTHON) -m tools.demo_data --out data/demo_multi --num-controls 2
+	$(PYTHON) run.py config/examples/train_lora_qwen_image_edit_plus_tiny.yaml
+
 test: setup-ray
 	$(PYTHON) -m pytest -q tests
 
 clean-demo:
-	rm -rf models/tiny-flux-kontext data/demo output/tiny_kontext_demo
+	rm -rf models/tiny-flux-kontext data/demo output/tiny_kontext_demo models/tiny-qwen-image-edit-plus data/demo_multi \
+		output/tiny_qwen_edit_demo

@@ -29,6 +29,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A diffusers-format Qwen-Image-Edit-Plus (2509) folder with random weights, read-only for the session."""
+    from tools.tiny_qwen import build_tiny_qwen_pipeline
+
+    return build_tiny_qwen_pipeline(tmp_path_factory.mktemp("models") / "tiny-qwen-image-edit-plus")
+
+
+@pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic invert-colors dataset (8 pairs, 3 aspect ratios), read-only for the whole session."""
     from tools.demo_data import build_demo_dataset

@@ -24,7 +24,18 @@ class Architecture(ABC):
     #: peft target_modules used when network.target_modules is not set (regex string or module-name suffixes).
     default_lora_targets: ClassVar[Union[str, Sequence[str]]]
 
+    #: Whether model.match_target_res changes anything: the architecture gives control images a size of their own.
+    supports_match_target_res: ClassVar[bool] = False
+
     transformer: torch.nn.Module
+
+    @classmethod
+    def check_model_options(cls, model_cfg: Any) -> list[str]:
+        """model options this architecture would silently ignore (run before any model loads)."""
+        if model_cfg.match_target_res and not cls.supports_match_target_res:
+            return [f"model.match_target_res: {cls.name} always encodes control images at the target's size; "
+                    "remove the option"]
+        return []
 
     @classmethod
     def check_source(cls, name_or_path: str) -> list[str]:
@@ -35,6 +46,11 @@ class Architecture(ABC):
     @abstractmethod
     def load(cls, model_cfg: Any, device: torch.device, dtype: torch.dtype) -> "Architecture":
         """Load every component onto `device`, frozen."""
+
+    def lora_targets(self) -> Union[str, Sequence[str]]:
+        """peft target_modules for this loaded model when network.target_modules is unset: default_lora_targets,
+        narrowed by an architecture whose choice depends on the loaded transformer (e.g. its number of blocks)."""
+        return self.default_lora_targets
 
     @abstractmethod
     def denoiser(self) -> torch.nn.Module:

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from toolkit.errors import UserError
-from tools.tiny_model import install_atomically
+from tools.tiny_common import install_atomically
 
 logger = logging.getLogger(__name__)
 

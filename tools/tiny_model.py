@@ -29,12 +29,13 @@ import io
 import json
 import logging
 import os
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
 from toolkit.errors import UserError
+from tools.tiny_common import corpus_lines, install_atomically
+from tools.tiny_qwen import VARIANTS, build_tiny_qwen_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -76,37 +77,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
-# Shared by both tokenizers; covers lower/upper case letters, digits and common punctuation so that
-# ordinary English prompts rarely hit the unknown token.
-CORPUS = """\
-Make it red. Make the sky blue and the grass green. Turn the car yellow, the house white and the door black.
-Invert the colors of the image. Invert the colours of this photo, please. Change the background to a sunset.
-Add a small red hat to the cat. Remove the dog from the picture. Replace the apple with an orange.
-Put a blue umbrella in the girl's hand. Give the man a beard and glasses. Make the woman smile.
-Convert the photo into a pencil sketch. Make it look like a watercolor painting. Turn the scene into night.
-Add snow on the roof, rain on the street and fog over the river. Make the lighting warm and golden.
-The circle is purple, the square is pink, the triangle is brown, the rectangle is gray and the ellipse is cyan.
-Draw a large green tree next to the small stone bridge. Move the chair to the left side of the table.
-Zoom out and show the whole city. Crop the edges. Make the image brighter, darker, sharper or softer.
-Keep the face the same but change the shirt to orange. Keep the pose; change only the hair color to silver.
-A red ball, a blue box, a yellow cup, a green bottle, a white plate and a black phone lie on the desk.
-Replace the text on the sign with "OPEN". Write HELLO in big letters. Add the number 42 to the jersey.
-Colors: red, orange, yellow, green, blue, indigo, violet, magenta, teal, gold, beige, navy, olive, maroon.
-Objects: cat, dog, bird, horse, car, bus, bicycle, boat, tree, flower, house, bridge, mountain, lake, cloud.
-Swap day for night. Restore the old photograph. Remove the scratches, noise and blur. Colorize it.
-Place 3 birds on the wire and 2 boats on the lake; 1 sun, 10 stars, 5 clouds, 7 apples, 8 pears, 9 plums.
-Make the shapes bigger. Rotate the picture 90 degrees. Mirror the image horizontally? Flip it vertically!
-Quickly jump over the lazy fox: qu, x, z, j, k, v, w. ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz 0123456789.
-Style of an oil painting, a comic book, pixel art, a 3D render, a charcoal drawing or a vintage postcard.
-Edit: make the walls light blue (not dark blue) & the floor wooden; add a rug + a lamp - nothing else.
-"""
-
 _CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _CLIP_BOS, _CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-def _corpus_lines() -> list[str]:
-    return [line for line in CORPUS.splitlines() if line.strip()]
 
 
 def _clip_words() -> Counter[tuple[str, ...]]:
@@ -123,7 +95,7 @@ def _clip_words() -> Counter[tuple[str, ...]]:
         ]
     )
     words: Counter[tuple[str, ...]] = Counter()
-    for line in _corpus_lines():
+    for line in corpus_lines():
         for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)):
             words[tuple(word[:-1]) + (word[-1] + "</w>",)] += 1
     return words
@@ -193,7 +165,7 @@ def train_t5_sentencepiece(vocab_size: int = 400) -> bytes:
 
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus_lines()), model_writer=buffer, model_type="unigram", vocab_size=vocab_size,
+        sentence_iterator=iter(corpus_lines()), model_writer=buffer, model_type="unigram", vocab_size=vocab_size,
         hard_vocab_limit=False, character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
         num_threads=1, minloglevel=2,
     )
@@ -253,51 +225,6 @@ def _build_modules(shapes: dict[str, dict[str, Any]], clip_tok: Any, t5_tok: Any
     }
 
 
-def _read_marker(folder: Path, marker_name: str) -> dict[str, Any] | None:
-    try:
-        return json.loads((folder / marker_name).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def install_atomically(
-    out_dir: str | Path, marker_name: str, marker: dict[str, Any], overwrite: bool, write: Callable[[Path], None]
-) -> Path:
-    """Run write(tmp) in a sibling folder, add the marker, then rename it to out_dir.
-
-    Readers never see a half-built folder, and the marker (written last) tells a later call that the build is
-    complete and which build it is, so it is reused. Anything else already at out_dir is only replaced with
-    overwrite=True (or when it is an empty folder), so a typo in --out cannot delete someone's data.
-    """
-    out_dir = Path(out_dir).resolve()
-    if out_dir.exists() and not overwrite:
-        if _read_marker(out_dir, marker_name) == marker:
-            logger.info("reusing complete build at %s", out_dir)
-            return out_dir
-        if any(out_dir.iterdir()):
-            raise UserError(f"{out_dir} exists and is not a build of {marker}; pass --overwrite to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        write(tmp)
-        (tmp / marker_name).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            out_dir.rename(old)
-        try:
-            tmp.rename(out_dir)
-        except OSError:
-            # Another process finished the same build between our check and our rename: theirs is as good.
-            if _read_marker(out_dir, marker_name) != marker:
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return out_dir
-
-
 def _write_pipeline(workdir: Path, preset: str, seed: int) -> None:
     """Write every component of the pipeline into workdir (a fresh folder)."""
     from diffusers import FluxKontextPipeline
@@ -319,17 +246,28 @@ def build_tiny_pipeline(out_dir: str | Path, preset: str = "tiny", seed: int = 0
     return install_atomically(out_dir, MARKER_NAME, marker, overwrite, lambda tmp: _write_pipeline(tmp, preset, seed))
 
 
+ARCHS = ("flux_kontext", "qwen_image_edit_plus", "qwen_image_edit")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build a random-weight FLUX.1 Kontext pipeline folder offline.")
+    parser = argparse.ArgumentParser(description="Build a random-weight pipeline folder offline (FLUX.1 Kontext by "
+                                                 "default, or Qwen-Image-Edit(-Plus) with --arch).")
     parser.add_argument("--out", required=True, type=Path, help="folder to write (created atomically)")
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model shapes")
+    parser.add_argument("--arch", default="flux_kontext", choices=ARCHS, help="which pipeline to build")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model shapes (flux_kontext)")
+    parser.add_argument("--variant", default="2509", choices=VARIANTS,
+                        help="Qwen-Image-Edit-Plus release whose transformer config to follow (2511: zero_cond_t)")
     parser.add_argument("--seed", default=0, type=int, help="weight seed; same seed gives byte-identical files")
     parser.add_argument("--overwrite", action="store_true", help="replace whatever is at --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = build_tiny_pipeline(args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite)
-    logger.info("tiny FLUX Kontext pipeline ready at %s", path)
+    if args.arch == "flux_kontext":
+        path = build_tiny_pipeline(args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite)
+    else:
+        path = build_tiny_qwen_pipeline(args.out, arch=args.arch, variant=args.variant, seed=args.seed,
+                                        overwrite=args.overwrite)
+    logger.info("tiny %s pipeline ready at %s", args.arch, path)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,11 @@ class BaseSDTrainProcess:
         """Check model location, dataset and sample prompts; raises a UserError naming what is wrong.
         `upstream`: the results of the job's earlier processes (model.transformer_path '[process:N]')."""
         problems = self.arch_cls.check_source(self.cfg.model.name_or_path)
+        problems += self.arch_cls.check_model_options(self.cfg.model)
+        if (self.cfg.save.format == "comfy" and self.cfg.network is not None and self.cfg.network.type == "lora"
+                and find_conventions(self.cfg.model.arch) is None):  # found here, not when the first file is saved
+            problems.append(f"save.format: comfy: no ComfyUI key layout is known for model.arch "
+                            f"{self.cfg.model.arch}; use diffusers")
         if problems:
             raise ConfigError("\n".join(problems))
         if self.cfg.network is not None:
@@ -136,7 +141,7 @@ class BaseSDTrainProcess:
             check_compile(rt.device)  # before the model loads
         model = self.arch_cls.load(self.model_cfg, rt.device, dtype)
         net = None if self.full_finetune else self.cfg.network
-        params, lora_config = full_finetune.add_trainable(model.transformer, net, self.arch_cls.default_lora_targets)
+        params, lora_config = full_finetune.add_trainable(model.transformer, net, model.lora_targets())
         if net is not None and net.pretrained_lora:  # every rank loads it; a resume then overwrites it
             count = load_pretrained(model.transformer, net.pretrained_lora, lora_config,
                                     find_conventions(self.cfg.model.arch))

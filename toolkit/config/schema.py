@@ -108,6 +108,11 @@ class ModelConfig:
         "it to the device, so the device never holds the full-precision transformer; slower to load."))
     max_sequence_length: int = field(default=512, metadata=_meta(
         "T5 prompt length in tokens; shorter is faster.", T5_LENGTH))
+    match_target_res: bool = field(default=False, metadata=_meta(
+        "Encode the control images for the transformer at the target's size instead of the architecture's fixed "
+        "reference size (Qwen-Image-Edit-Plus: about 1024x1024 pixels, as its pipeline does); much cheaper for small "
+        "targets, but samples then differ from the upstream pipeline's (ai-toolkit's model_kwargs.match_target_res). "
+        "An error for architectures that always use the target's size (flux_kontext)."))
     transformer_path: Optional[str] = field(default=None, metadata=_meta(
         "A diffusers transformer folder (config.json + safetensors) used instead of the base model's transformer, "
         "e.g. a full fine-tune's <run folder>/transformer; '[process:N]' means the final transformer of the earlier "

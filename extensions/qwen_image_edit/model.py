@@ -1,0 +1,227 @@
+"""Qwen-Image-Edit-Plus (2509 / 2511) behind toolkit.arch.Architecture: one or more control images per target.
+
+The training conditioning is the pipeline's (conditioning.py): every control image is seen by Qwen2.5-VL inside the
+prompt and, as VAE reference tokens, by the transformer after the noisy target tokens; img_shapes lists the target's
+token grid then each reference's, which is all the transformer's RoPE (and 2511's zero_cond_t) needs. The
+transformer takes sigma in [0, 1] as its timestep (the pipeline passes scheduler timesteps / 1000), the same t the
+trainer's flow-matching objective uses: x_t = (1 - t) x0 + t noise, target noise - x0, as the Euler scheduler steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Optional, Sequence, Union
+
+import torch
+from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+from PIL import Image
+
+from extensions.qwen_image_edit.conditioning import (CONDITION_IMAGE_SIZE, VAE_IMAGE_SIZE, Conditioning,
+                                                     encode_conditioning, encode_pixels, to_pil)
+from extensions.qwen_image_edit.packing import img_shapes, pack_latents
+from extensions.qwen_image_edit.processor import load_processor
+from extensions.qwen_image_edit.quantize import TRANSFORMER_EXCLUDE, quantize_frozen
+from extensions.qwen_image_edit.sampling import render
+from toolkit.arch import Architecture, register_architecture
+from toolkit.data.dataset import control_names
+from toolkit.errors import ArchitectureError
+from toolkit.render.sampling import SampleRequest
+
+log = logging.getLogger(__name__)
+
+# Attention (image and text streams) and MLP linears of every transformer block; the modulation linears
+# (img_mod / txt_mod) stay frozen, as in the usual Qwen-Image LoRAs.
+LORA_TARGETS = (r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj"
+                r"|to_add_out)|img_mlp\.net\.(0\.proj|2)|txt_mlp\.net\.(0\.proj|2))")
+
+
+def lora_targets_for(num_layers: int) -> str:
+    """LORA_TARGETS without the last block's text-stream output layers (attn.to_add_out, txt_mlp): the transformer
+    drops the text stream after its last block, so they get no gradient (and DDP stops on unused parameters)."""
+    last = num_layers - 1
+    return (r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj)"
+            r"|img_mlp\.net\.(0\.proj|2))"
+            rf"|.*transformer_blocks\.(?!{last}\.)\d+\.(attn\.to_add_out|txt_mlp\.net\.(0\.proj|2))")
+
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass
+class EncodedBatch:
+    x0: torch.Tensor  # (B, N, 64) packed normalised target latents
+    references: torch.Tensor  # (B, M, 64) packed reference latents of every control image, in order
+    target_hw: tuple[int, int]  # latent (H, W) of the target
+    reference_hws: list[tuple[int, int]]  # latent (H, W) of each control image
+    prompt_embeds: torch.Tensor  # (B, L, D) Qwen2.5-VL hidden states, zero-padded to the longest
+    prompt_mask: torch.Tensor  # (B, L) 1 for real tokens
+
+
+class QwenEditDenoiser(torch.nn.Module):
+    """transformer([x_t ; references]) sliced back to the target tokens. The module DDP wraps, and the one our
+    sampler calls."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, reference_tokens, encoder_hidden_states, encoder_hidden_states_mask, timestep,
+                img_shapes):
+        n_target = hidden_states.shape[1]
+        out = self.transformer(hidden_states=torch.cat([hidden_states, reference_tokens], dim=1), timestep=timestep,
+                               guidance=None, encoder_hidden_states=encoder_hidden_states,
+                               encoder_hidden_states_mask=encoder_hidden_states_mask, img_shapes=img_shapes,
+                               attention_kwargs={}, return_dict=False)[0]
+        return out[:, :n_target]
+
+
+def _pad_prompts(conds: Sequence[Conditioning]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample prompt embeddings (lengths differ with the caption) -> zero-padded batch and its mask."""
+    length = max(c.prompt_embeds.shape[1] for c in conds)
+    embeds = torch.zeros(len(conds), length, conds[0].prompt_embeds.shape[-1],
+                         dtype=conds[0].prompt_embeds.dtype, device=conds[0].prompt_embeds.device)
+    mask = torch.zeros(len(conds), length, dtype=torch.long, device=embeds.device)
+    for i, cond in enumerate(conds):
+        n = cond.prompt_embeds.shape[1]
+        embeds[i, :n] = cond.prompt_embeds[0]
+        mask[i, :n] = 1 if cond.prompt_mask is None else cond.prompt_mask[0]
+    return embeds, mask
+
+
+@register_architecture
+class QwenImageEditPlus(Architecture):
+    name = "qwen_image_edit_plus"
+    default_lora_targets = LORA_TARGETS
+    supports_match_target_res = True
+    pipeline_class: ClassVar[type] = QwenImageEditPlusPipeline
+    #: pixels of the images Qwen2.5-VL sees; None: the reference-sized image (the first Qwen-Image-Edit)
+    condition_area: ClassVar[Optional[int]] = CONDITION_IMAGE_SIZE
+    max_controls: ClassVar[int] = 3  # "Picture 1" to "Picture 3": what Qwen-Image-Edit-2509 was trained with
+
+    def __init__(self, pipe: Any, model_cfg: Any, device: torch.device, dtype: torch.dtype) -> None:
+        self.pipe = pipe
+        self.transformer = pipe.transformer
+        self.vae = pipe.vae
+        self.device, self.dtype = device, dtype
+        self.match_target_res = model_cfg.match_target_res
+        self._denoiser = QwenEditDenoiser(self.transformer)
+        pipe.set_progress_bar_config(disable=True)
+
+    def lora_targets(self) -> str:
+        return lora_targets_for(self.transformer.config.num_layers)
+
+    # -- loading ----------------------------------------------------------------------------------------------
+    @classmethod
+    def check_source(cls, name_or_path: str) -> list[str]:
+        path = Path(name_or_path).expanduser()
+        if path.exists():
+            problems = [f"model.name_or_path: {path} has no {part}" for part in ("model_index.json", "processor")
+                        if not (path / part).exists()]
+            return problems
+        if not _HUB_ID.match(name_or_path):
+            return [f"model.name_or_path: {name_or_path} is neither an existing folder nor a Hub id (org/name)"]
+        return []
+
+    @classmethod
+    def load(cls, model_cfg: Any, device: torch.device, dtype: torch.dtype) -> "QwenImageEditPlus":
+        if model_cfg.low_vram:
+            raise ArchitectureError(f"model.low_vram is not implemented for {cls.name} yet; use model.quantize")
+        log.info("loading %s (%s) on %s", model_cfg.name_or_path, dtype, device)
+        local = Path(model_cfg.name_or_path).expanduser()
+        source = str(local) if local.exists() else model_cfg.name_or_path
+        components: dict[str, Any] = {"processor": load_processor(source)}
+        if model_cfg.transformer_path:
+            components["transformer"] = QwenImageTransformer2DModel.from_pretrained(model_cfg.transformer_path,
+                                                                                    dtype=dtype)
+        pipe = cls.pipeline_class.from_pretrained(source, dtype=dtype, **components)
+        for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        if model_cfg.quantize_te:
+            quantize_frozen(pipe.text_encoder.to(device), model_cfg.qtype)
+        if model_cfg.quantize:
+            quantize_frozen(pipe.transformer.to(device), model_cfg.qtype, TRANSFORMER_EXCLUDE)
+        pipe.to(device)
+        return cls(pipe, model_cfg, device, dtype)
+
+    # -- training ---------------------------------------------------------------------------------------------
+    def denoiser(self) -> torch.nn.Module:
+        return self._denoiser
+
+    def reference_area(self, width: int, height: int) -> int:
+        """Pixels of each reference image: the target's with match_target_res, else the pipeline's fixed size."""
+        return width * height if self.match_target_res else VAE_IMAGE_SIZE
+
+    def condition(self, prompt: str, controls: Sequence[Image.Image], width: int, height: int) -> Conditioning:
+        if len(controls) > self.max_controls:
+            raise ArchitectureError(f"{self.name} takes at most {self.max_controls} control image(s), got "
+                                    f"{len(controls)}")
+        return encode_conditioning(self.pipe, prompt, controls, self.reference_area(width, height), self.device,
+                                   self.dtype, self.condition_area)
+
+    @torch.no_grad()
+    def encode_batch(self, batch: dict) -> EncodedBatch:
+        """Target latents, and per sample its prompt with its control images and their reference tokens."""
+        target = batch["target"].to(self.device, self.vae.dtype, non_blocking=True)
+        x0 = encode_pixels(self.vae, target)
+        width, height = target.shape[-1], target.shape[-2]
+        names = control_names(batch)
+        conds = [self.condition(caption, [to_pil(batch[name][i]) for name in names], width, height)
+                 for i, caption in enumerate(batch["caption"])]
+        if any(c.reference_hws != conds[0].reference_hws for c in conds):
+            raise ValueError("control images of one batch must share their size (one bucket per batch)")
+        embeds, mask = _pad_prompts(conds)
+        return EncodedBatch(x0=pack_latents(x0).to(self.dtype),
+                            references=torch.cat([c.references for c in conds]).to(self.dtype),
+                            target_hw=tuple(x0.shape[-2:]), reference_hws=conds[0].reference_hws,
+                            prompt_embeds=embeds.to(self.dtype), prompt_mask=mask)
+
+    def clean_latents(self, encoded: EncodedBatch) -> torch.Tensor:
+        return encoded.x0
+
+    def denoiser_inputs(self, encoded: EncodedBatch, x_t: torch.Tensor, t: torch.Tensor, guidance: float
+                        ) -> dict[str, Any]:
+        """`guidance` is unused: Qwen-Image has no guidance embedding (its sampler uses true CFG)."""
+        return {
+            "hidden_states": x_t,
+            "reference_tokens": encoded.references,
+            "encoder_hidden_states": encoded.prompt_embeds,
+            "encoder_hidden_states_mask": encoded.prompt_mask,
+            "timestep": t.to(self.device, self.dtype),
+            "img_shapes": img_shapes(encoded.target_hw, encoded.reference_hws, x_t.shape[0]),
+        }
+
+    # -- sampling ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, requests: Sequence[SampleRequest],
+               controls: Sequence[Union[Image.Image, Sequence[Image.Image]]]) -> list[Image.Image]:
+        """One image per request; guidance_scale > 1 is the pipeline's true CFG against an empty negative prompt."""
+        was_training = self.transformer.training
+        self.transformer.eval()
+        try:
+            return [self._render(r, c) for r, c in zip(requests, controls)]
+        finally:
+            self.transformer.train(was_training)
+
+    def _render(self, request: SampleRequest, control: Union[Image.Image, Sequence[Image.Image]]) -> Image.Image:
+        images = [control] if isinstance(control, Image.Image) else list(control)
+        cond = self.condition(request.prompt, images, request.width, request.height)
+        negative: Optional[Conditioning] = None
+        if request.guidance_scale > 1:
+            negative = self.condition("", images, request.width, request.height)
+        generator = torch.Generator("cpu").manual_seed(request.seed)  # CPU noise: the same image on any device
+        return render(self.pipe, self._denoiser, cond, request.width, request.height, request.steps, generator,
+                      true_cfg_scale=request.guidance_scale, negative=negative)
+
+
+@register_architecture
+class QwenImageEdit(QwenImageEditPlus):
+    """The first Qwen-Image-Edit: one control image, seen by Qwen2.5-VL at the reference size (~1024x1024 px)."""
+
+    name = "qwen_image_edit"
+    pipeline_class = QwenImageEditPipeline
+    condition_area = None
+    max_controls = 1
