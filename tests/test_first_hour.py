@@ -1,0 +1,55 @@
+"""The first hour of a new user (issue 22): file modes, extending a finished run, starting outside the venv, and
+the traps around the first sample round."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+import run
+from tests.helpers import merge, tiny_config_dict, write_config
+
+
+def _config(folder: Path, model_dir: Path, data_dir: Path, name: str = "tiny", **overrides) -> Path:
+    cfg = merge(tiny_config_dict(folder / "out", model_dir, data_dir, name=name), overrides)
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_config(folder / f"{name}.yaml", cfg)
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_atomic_writes_follow_the_umask():
+    from toolkit.state.atomic import atomic_write_bytes
+
+    old = os.umask(0o027)
+    try:
+        target = Path(os.environ.get("TMPDIR", "/tmp")) / f"t22-umask-{os.getpid()}"
+        atomic_write_bytes(target, b"x")
+        assert _mode(target) == 0o640
+        target.unlink()
+    finally:
+        os.umask(old)
+
+
+def test_every_output_file_is_0644_under_umask_022(tmp_path, tiny_model_dir, demo_data_dir, umask_022):
+    config = _config(tmp_path, tiny_model_dir, demo_data_dir,
+                     **{"train.steps": 2, "save.save_every": 1, "sample.sample_every": 2})
+    assert run.main([str(config)]) == 0
+    folder = tmp_path / "out" / "tiny"
+    files = [p for p in folder.rglob("*") if p.is_file() and "logs" not in p.parts]
+    kinds = {p.suffix for p in files}
+    assert {".safetensors", ".png", ".yaml"} <= kinds, kinds
+    wrong = {str(p.relative_to(folder)): oct(_mode(p)) for p in files if _mode(p) != 0o644}
+    assert wrong == {}
