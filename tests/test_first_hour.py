@@ -53,3 +53,34 @@ def test_every_output_file_is_0644_under_umask_022(tmp_path, tiny_model_dir, dem
     assert {".safetensors", ".png", ".yaml"} <= kinds, kinds
     wrong = {str(p.relative_to(folder)): oct(_mode(p)) for p in files if _mode(p) != 0o644}
     assert wrong == {}
+
+
+def test_raising_steps_extends_a_finished_run_and_keeps_its_final_lora(tmp_path, tiny_model_dir, demo_data_dir,
+                                                                       capsys):
+    from safetensors.torch import load_file
+
+    from toolkit.state.train_state import find_latest_state, read_info
+
+    base = {"train.steps": 3, "save.save_every": 2, "save.max_step_saves_to_keep": 1}
+    assert run.main([str(_config(tmp_path, tiny_model_dir, demo_data_dir, **base))]) == 0
+    folder = tmp_path / "out" / "tiny"
+    finished = (folder / "tiny.safetensors").read_bytes()
+    capsys.readouterr()
+    # Only train.steps changed, no train.resume_from: the run continues instead of being refused.
+    assert run.main([str(_config(tmp_path, tiny_model_dir, demo_data_dir, **{**base, "train.steps": 6}))]) == 0
+    assert read_info(find_latest_state(folder))["step"] == 6
+    kept = folder / "tiny_000000003.safetensors"
+    assert kept.read_bytes() == finished, "the finished 3-step LoRA must survive the extension (and rotation)"
+    assert load_file(str(folder / "tiny.safetensors")).keys() == load_file(str(kept)).keys()
+    assert (folder / "tiny.safetensors").read_bytes() != finished
+    err = capsys.readouterr().err
+    assert "kept as tiny_000000003.safetensors" in err
+    assert "3 steps trained" in err  # this run trained steps 4-6, not 6
+
+
+def test_other_changes_besides_steps_are_still_refused(tmp_path, tiny_model_dir, demo_data_dir, capsys):
+    base = {"train.steps": 2, "save.save_every": 2}
+    assert run.main([str(_config(tmp_path, tiny_model_dir, demo_data_dir, **base))]) == 0
+    changed = {**base, "train.steps": 4, "train.lr": 2e-3}
+    assert run.main([str(_config(tmp_path, tiny_model_dir, demo_data_dir, **changed))]) == 2
+    assert "train.lr: 0.001 -> 0.002" in capsys.readouterr().err

@@ -178,6 +178,8 @@ class BaseSDTrainProcess:
             outputs.prepare(self.job_config)
             train_state.remove_temporary(outputs.folder)
             transformer_folder.remove_temporary(outputs.folder)
+            if 0 < start < train.steps and train_state.is_finished(self.resume_state):
+                outputs.keep_final(start, train.steps)
         monitor = TrainingMonitor(outputs.log_dir, train.steps, min(start, train.steps), enabled=rt.is_main)
         return TrainingRun(rt=rt, model=model, denoiser=denoiser, params=params, optimizer=optimizer,
                            scheduler=scheduler, batches=self._batches(loader, sampler, dataset), dataset=dataset,
@@ -230,7 +232,8 @@ class BaseSDTrainProcess:
         finally:
             monitor.close()
         if rt.is_main:
-            log.info("done: %d steps in %.1f s; LoRA: %s", train.steps, monitor.elapsed(), final)
+            log.info("done: step %d of %d, %d steps trained in %.1f s; LoRA: %s", train.steps, train.steps,
+                     max(train.steps - start, 0), monitor.elapsed(), final)
         return final
 
     @staticmethod

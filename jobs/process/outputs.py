@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -18,7 +19,7 @@ from PIL import Image
 
 from toolkit.state import train_state
 from toolkit.state import transformer_folder
-from toolkit.state.atomic import atomic_write_bytes
+from toolkit.state.atomic import atomic_write_bytes, swap_in_folder
 from toolkit.state.checkpoint import list_step_files, prune_step_files, step_file_name
 from toolkit.config.loader import write_resolved_config
 from toolkit.dtypes import torch_dtype
@@ -39,6 +40,7 @@ class RunOutputs:
         self.full_finetune = full_finetune  # weights are transformer folders instead of LoRA files
         self.sample_dir = self.folder / "samples"
         self.log_dir = self.folder / "logs"
+        self.kept: list[Path] = []  # finished LoRAs kept as step files (keep_final): rotation never removes them
 
     def check_writable(self) -> None:
         """Fail before any model loads when the output folder cannot be created or written."""
@@ -117,6 +119,28 @@ class RunOutputs:
             log.info("saved %s", path)
         return path
 
+    def keep_final(self, step: int, steps: int) -> Path | None:
+        """A finished run continued for longer (train.steps raised to `steps`): copy its final LoRA (or transformer
+        folder) of `step` to the step name before training overwrites it."""
+        if not self.final_path.exists():
+            return None
+        if self.full_finetune:
+            kept = self.folder / transformer_folder.step_folder_name(step)
+            if not kept.exists():
+                tmp = self.folder / f".{kept.name}.keep.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(self.final_path, tmp)
+                swap_in_folder(tmp, kept)
+        else:
+            kept = self.folder / step_file_name(self.name, step)
+            if not kept.exists():
+                atomic_write_bytes(kept, self.final_path.read_bytes())
+        self.kept.append(kept)
+        log.info("train.steps raised to %d: continuing from step %d; the finished %s of step %d is kept as %s "
+                 "before %s is overwritten", steps, step, "LoRA" if not self.full_finetune else "transformer", step,
+                 kept.name, self.final_path.name)
+        return kept
+
     def save_state(self, step: int, write_state: bool = True, **state) -> Path | None:
         """The training state of `step` (toolkit.state.train_state.save_state arguments); none with write_state
         false (multi-process FSDP)."""
@@ -135,7 +159,8 @@ class RunOutputs:
             transformer_folder.prune_step_folders(self.folder, keep,
                                                   protect=self.folder / transformer_folder.step_folder_name(step))
         elif step_lora:
-            prune_step_files(self.folder, self.name, keep, protect=[self.folder / step_file_name(self.name, step)])
+            prune_step_files(self.folder, self.name, keep,
+                             protect=[self.folder / step_file_name(self.name, step), *self.kept])
 
     def save_final(self, transformer, lora_config, cfg, step: int, rt, wrapped=None) -> Path:
         """Every process calls it; a full fine-tune, or any run under FSDP, gathers the transformer's weights from

@@ -276,6 +276,13 @@ def read_info(path: Path) -> dict:
     return json.loads((Path(path) / TRAINER_FILE).read_text(encoding="utf-8"))
 
 
+def is_finished(path: Path) -> bool:
+    """The state is the end of a finished run (its step is the train.steps it was saved with), so the run's final
+    LoRA belongs to this step."""
+    info = read_info(path)
+    return info.get("step") == ((info.get("config") or {}).get("train") or {}).get("steps")
+
+
 # -- deciding where to resume from ------------------------------------------------------------------------------
 def plan_resume(run_folder: Path, resume_from: Optional[str], training_cfg: Mapping,
                 existing_outputs: Sequence[Path] = ()) -> Optional[Path]:
@@ -322,6 +329,9 @@ def _check_config(path: Path, training_cfg: Mapping, forced: bool) -> None:
     if info.get("config_hash") == config_hash(training_cfg):
         return
     changes = config_diff(info.get("config", {}), dict(training_cfg)) or ["(the saved config differs)"]
+    if _only_more_steps(info.get("config", {}), dict(training_cfg)):  # extending a run needs no permission
+        log.info("continuing %s for longer (%s)", path, changes[0])
+        return
     listed = "\n  ".join(changes[:20]) + ("\n  ..." if len(changes) > 20 else "")
     if forced:
         log.warning("resuming from %s although the training config changed since it was saved:\n  %s", path, listed)
@@ -329,6 +339,15 @@ def _check_config(path: Path, training_cfg: Mapping, forced: bool) -> None:
     raise StateError(f"the config changed since the training state {path} was saved:\n  {listed}\nTo start over "
                      "with the new config, run with --fresh (a new folder; this run is kept). To continue this run "
                      "with the changed config, set train.resume_from: latest (or a state folder). Or undo the change.")
+
+
+def _only_more_steps(old: Mapping, new: Mapping) -> bool:
+    """True when the one difference is a raised train.steps (continuing a run, finished or not, for longer)."""
+    old_steps = (old.get("train") or {}).get("steps")
+    new_steps = (new.get("train") or {}).get("steps")
+    if not isinstance(old_steps, int) or not isinstance(new_steps, int) or new_steps <= old_steps:
+        return False
+    return config_diff(old, {**new, "train": {**new["train"], "steps": old_steps}}) == []
 
 
 # -- loading ----------------------------------------------------------------------------------------------------
