@@ -17,6 +17,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 
+if __name__ == "__main__":  # before any dependency import: `python run.py` from outside .venv re-runs inside it
+    from toolkit.venv import use_repo_venv
+
+    use_repo_venv(REPO)
+
 from dotenv import load_dotenv  # noqa: E402
 
 from toolkit.errors import UserError  # noqa: E402

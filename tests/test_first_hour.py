@@ -84,3 +84,57 @@ def test_other_changes_besides_steps_are_still_refused(tmp_path, tiny_model_dir,
     changed = {**base, "train.steps": 4, "train.lr": 2e-3}
     assert run.main([str(_config(tmp_path, tiny_model_dir, demo_data_dir, **changed))]) == 2
     assert "train.lr: 0.001 -> 0.002" in capsys.readouterr().err
+
+
+def _clone_without_venv(tmp_path: Path) -> Path:
+    """A checkout whose interpreter-facing files are real (run.py resolves its repo from its own path)."""
+    import shutil
+
+    from tests.helpers import REPO
+
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    shutil.copy(REPO / "run.py", clone / "run.py")
+    for name in ("jobs", "toolkit", "extensions", "tools", "config"):
+        (clone / name).symlink_to(REPO / name)
+    return clone
+
+
+def _system_python() -> str:
+    """The interpreter the project's venv was made from: no project dependencies installed."""
+    import subprocess
+    import sys
+
+    base = Path(sys.base_prefix) / "bin" / "python3"
+    probe = subprocess.run([str(base), "-c", "import diffusers"], capture_output=True)
+    if probe.returncode == 0:
+        pytest.skip(f"{base} has diffusers installed: nothing to test")
+    return str(base)
+
+
+def test_run_py_outside_the_venv_reruns_itself_inside_it(tmp_path):
+    import subprocess
+    import sys
+
+    clone = _clone_without_venv(tmp_path)
+    python = _system_python()
+    (clone / ".venv").symlink_to(Path(sys.prefix))
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "KONTEXT_VENV_REEXEC")}
+    done = subprocess.run([python, "run.py", "--help-config"], cwd=clone, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resume_from" in done.stdout
+    tool = subprocess.run([python, "-m", "tools.demo_data", "--help"], cwd=clone, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert tool.returncode == 0, tool.stderr[-2000:]
+
+
+def test_run_py_without_any_venv_says_how_to_install(tmp_path):
+    import subprocess
+
+    clone = _clone_without_venv(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "KONTEXT_VENV_REEXEC")}
+    done = subprocess.run([_system_python(), "run.py", "--help-config"], cwd=clone, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "make setup" in done.stderr and "Traceback" not in done.stderr
