@@ -138,3 +138,109 @@ def test_run_py_without_any_venv_says_how_to_install(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "make setup" in done.stderr and "Traceback" not in done.stderr
+
+
+# -- item 1: the first sample round ------------------------------------------------------------------------------
+@pytest.fixture
+def slow_sampling(monkeypatch):
+    """A stand-in for a slow device: every sample image takes `delay` seconds more; `on_render(n)` runs before the
+    n-th image (1-based), e.g. to send this process a stop signal."""
+    import time
+
+    from extensions.flux_kontext import FluxKontext
+
+    original = FluxKontext._render
+    calls = {"n": 0, "delay": 0.3, "on_render": None}
+
+    def slow(self, request, control, stop=None):
+        calls["n"] += 1
+        if calls["on_render"]:
+            calls["on_render"](calls["n"])
+        time.sleep(calls["delay"])
+        return original(self, request, control, *([stop] if stop is not None else []))
+
+    monkeypatch.setattr(FluxKontext, "_render", slow)
+    return calls
+
+
+def _three_prompts(data_dir: Path) -> list[str]:
+    control = data_dir / "sample_control" / "sample_000.png"
+    return [f"[trigger] invert {i} --ctrl_img {control}" for i in range(3)]
+
+
+def test_sigterm_during_the_first_samples_stops_between_images_without_saving(
+        tmp_path, tiny_model_dir, demo_data_dir, slow_sampling, capsys):
+    import signal
+
+    from toolkit.state.train_state import list_states
+
+    slow_sampling["on_render"] = lambda n: n == 2 and os.kill(os.getpid(), signal.SIGTERM)
+    overrides = {"train.steps": 3, "train.skip_first_sample": False, "sample.prompts": _three_prompts(demo_data_dir)}
+    assert run.main([str(_config(tmp_path, tiny_model_dir, demo_data_dir, **overrides))]) == 143
+    assert slow_sampling["n"] == 2, "the third image must not be rendered after the signal"
+    err = capsys.readouterr().err
+    assert "samples of step 0: 1/3 done" in err and "left" in err
+    assert "no step was trained, nothing saved" in err
+    folder = tmp_path / "out" / "tiny"
+    assert list_states(folder) == [] and not list(folder.glob("*.safetensors"))
+    # Nothing was trained, so the corrected config is not blocked by the stopped one.
+    slow_sampling["on_render"] = None
+    fixed = {**overrides, "train.lr": 2e-3, "train.skip_first_sample": True}
+    assert run.main([str(_config(tmp_path, tiny_model_dir, demo_data_dir, **fixed))]) == 0
+
+
+def test_a_long_first_sample_round_says_how_to_skip_it(tmp_path, tiny_model_dir, demo_data_dir, slow_sampling,
+                                                        monkeypatch, capsys):
+    from jobs.process import sample_round
+
+    monkeypatch.setattr(sample_round, "LONG_FIRST_ROUND_S", 0.5)  # 3 images x 0.3 s here; minutes on a real device
+    overrides = {"train.steps": 1, "train.skip_first_sample": False, "sample.prompts": _three_prompts(demo_data_dir)}
+    assert run.main([str(_config(tmp_path, tiny_model_dir, demo_data_dir, **overrides))]) == 0
+    err = capsys.readouterr().err
+    assert err.count("train.skip_first_sample: true") == 1
+    assert "samples of step 0: 3/3 done" in err
+
+
+def test_sampling_time_is_not_step_time(tmp_path):
+    import time
+
+    from toolkit.train.metrics import TrainingMonitor
+
+    monitor = TrainingMonitor(tmp_path / "logs", total_steps=10, start_step=0, enabled=True)
+    try:
+        with monitor.paused():
+            time.sleep(0.5)
+        monitor.step_done()
+        seconds, steps = monitor.window()
+        assert steps == 1 and seconds < 0.2
+        assert monitor.bar.format_dict["elapsed"] < 0.2  # the bar's rate and ETA are computed from this
+    finally:
+        monitor.close()
+
+
+def test_a_changed_config_is_not_blocked_by_a_run_stopped_before_its_first_save(tmp_path, tiny_model_dir,
+                                                                               demo_data_dir, monkeypatch, capsys):
+    import signal
+
+    from jobs.process.BaseSDTrainProcess import BaseSDTrainProcess
+    from toolkit.state.train_state import list_states
+
+    original, calls = BaseSDTrainProcess.compute_loss, {"n": 0}
+
+    def stop_in_step_2(self, run_, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, run_, batch)
+
+    monkeypatch.setattr(BaseSDTrainProcess, "compute_loss", stop_in_step_2)
+    base = {"train.steps": 6, "save.save_every": 100}
+    assert run.main([str(_config(tmp_path, tiny_model_dir, demo_data_dir, **base))]) == 143
+    folder = tmp_path / "out" / "tiny"
+    assert [step for step, _ in list_states(folder)] == [2]
+    monkeypatch.setattr(BaseSDTrainProcess, "compute_loss", original)
+    capsys.readouterr()
+    assert run.main([str(_config(tmp_path, tiny_model_dir, demo_data_dir, **{**base, "train.lr": 2e-3}))]) == 0
+    assert "starting over in" in capsys.readouterr().err
+    assert (folder.parent / "tiny_v2" / "tiny_v2.safetensors").is_file()
+    assert [step for step, _ in list_states(folder)] == [2]  # the stopped run is kept as it was

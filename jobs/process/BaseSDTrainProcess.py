@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from jobs.process.checkpointer import Checkpointer
 from jobs.process.outputs import RunOutputs
+from jobs.process.sample_round import render_round
 from jobs.process.training_run import StepResult, TrainingRun, describe_batch
 from toolkit.adapters import full_finetune
 from toolkit.adapters.lora_convert import find_conventions
@@ -36,7 +37,7 @@ from toolkit.dist import Runtime, rank_seed
 from toolkit.dtypes import compute_dtype
 from toolkit.errors import ConfigError
 from toolkit.publish.hub import check_hub_access, retry_hint
-from toolkit.render.sampling import build_requests, load_controls
+from toolkit.render.sampling import build_requests
 from toolkit.state import train_state, transformer_folder
 from toolkit.state.checkpoint import resolve_run_folder
 from toolkit.train import flow_matching, stages
@@ -94,10 +95,28 @@ class BaseSDTrainProcess:
                              full_finetune=self.full_finetune)
         if self.fresh and self.train.resume_from == "latest":
             raise ConfigError("--fresh starts a new run but train.resume_from is 'latest': drop one of them")
-        self.resume_state = train_state.plan_resume(outputs.folder, self.train.resume_from,
-                                                    train_state.training_config(self.cfg), outputs.lora_files())
+        outputs = self._plan_resume(outputs)
         outputs.check_writable()
         return pairs, requests, outputs
+
+    def _plan_resume(self, outputs: RunOutputs) -> RunOutputs:
+        """Choose the state to resume from. A first run stopped before its first scheduled save (no final LoRA) does
+        not block a changed config: the new run goes to a new versioned folder, as --fresh would, and the stopped one
+        is kept."""
+        try:
+            self.resume_state = train_state.plan_resume(outputs.folder, self.train.resume_from,
+                                                        train_state.training_config(self.cfg), outputs.lora_files())
+        except train_state.ConfigChangedError as exc:
+            if exc.step >= self.cfg.save.save_every or outputs.final_path.exists():
+                raise
+            aside = RunOutputs(*resolve_run_folder(Path(self.cfg.training_folder), self.name, fresh=True),
+                               full_finetune=self.full_finetune)
+            log.warning("the config changed since %s was stopped after %d step(s), before its first scheduled save: "
+                        "starting over in %s (the stopped run is kept; --fresh does the same)", outputs.folder,
+                        exc.step, aside.folder)
+            self.resume_state = None
+            return aside
+        return outputs
 
     # -- the run ----------------------------------------------------------------------------------------------
     def run(self, upstream: Sequence[Path] = ()) -> Path:
@@ -216,6 +235,7 @@ class BaseSDTrainProcess:
             monitor.scalars(step, {"train/lr_schedule": lr})  # the plan, from a copy: the real one is untouched
         try:
             with GracefulStop() as stop:
+                run.stop = stop
                 if requests and not train.skip_first_sample and start == 0:
                     self._sample(run, step=0)
                 for step in range(start + 1, train.steps + 1):
@@ -310,12 +330,16 @@ class BaseSDTrainProcess:
             log.info("step %d: val/loss %.5f", step, val_loss)
 
     def _sample(self, run: TrainingRun, step: int) -> None:
-        """Each rank renders its share of the prompts; the main process writes the images and the contact sheet."""
+        """Each rank renders its share of the prompts; the main process writes the images and the contact sheet.
+        A stop signal ends the round between images (or denoising steps) and stops the run here."""
         mine = [run.requests[i] for i in run.rt.my_share(len(run.requests))]
-        controls = [load_controls(r) for r in mine]  # one image per --ctrl_img
-        with ema_weights(run.ema):
-            images = run.model.sample(mine, controls)
-        rendered = run.rt.gather([(r.index, img) for r, img in zip(mine, images)])
+        stop = run.stop
+        with run.monitor.paused():  # sampling is not step time: the bar's ETA and perf/step_seconds leave it out
+            mine_rendered = render_round(run.model, mine, step, run.ema, stop=stop and (lambda: stop.requested),
+                                         total=len(run.requests))
+        if stop is not None and run.rt.any_rank(stop.requested):
+            run.checkpointer.stop(step, stop.signum, during="samples")
+        rendered = run.rt.gather(mine_rendered)
         if run.rt.is_main:
             by_index = dict(rendered)
             run.outputs.write_samples(step, [(r, by_index[r.index]) for r in run.requests])

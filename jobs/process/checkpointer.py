@@ -42,6 +42,7 @@ class Checkpointer:
     generator: torch.Generator
     lora_config: Any
     ema: Optional[EMA] = None
+    saved_step: int = 0  # the step of the newest complete checkpoint (or the restored state): a stop saves only after it
 
     @property
     def steps(self) -> int:
@@ -81,6 +82,7 @@ class Checkpointer:
         if errors:
             raise train_state.CheckpointSaveError(errors[0])
         rt.checkpoint_saved(step, train_state.state_root(self.outputs.folder) / f"{step:09d}")
+        self.saved_step = step
 
     def prune(self, step: int, step_lora: bool, states: bool = True) -> None:
         """Only after the checkpoint of `step` is complete: keep save.max_step_saves_to_keep of each kind."""
@@ -139,12 +141,19 @@ class Checkpointer:
         self.sampler.load_state_dict(position)  # before the first batch is drawn: see BaseSDTrainProcess._batches
         log.info("resuming from %s: step %d of %d, epoch %d, batch %d of %d", path, step, train.steps,
                  position["epoch"], position["batches_done"], len(self.sampler))
+        self.saved_step = step
         return step
 
-    def stop(self, step: int, signum: Optional[int]) -> None:
-        """A stop was requested (on this or another rank): save this step's checkpoint and raise."""
-        self.save(step)
+    def stop(self, step: int, signum: Optional[int], during: str = "") -> None:
+        """A stop was requested (on this or another rank): save this step's checkpoint, unless no step was trained
+        since the last one (a stop during sampling), and raise."""
         why = signal_name(signum) if signum else "a stop request on another process"
-        raise TrainingInterrupted(f"stopped by {why} after step {step} of {self.steps}; checkpoint saved in "
+        when = f"during the {during} of step {step}" if during else f"after step {step}"
+        if step <= self.saved_step:
+            kept = (f"the checkpoint of step {step} is complete" if step else
+                    "no step was trained, nothing saved (a changed config starts afresh)")
+            raise TrainingInterrupted(f"stopped by {why} {when} of {self.steps}; {kept}", signum or 15)
+        self.save(step)
+        raise TrainingInterrupted(f"stopped by {why} {when} of {self.steps}; checkpoint saved in "
                                   f"{train_state.state_root(self.outputs.folder) / f'{step:09d}'}; run the same "
                                   "command again to resume", signum or 15)

@@ -17,6 +17,7 @@ from toolkit.data.sampler import BucketBatchSampler
 from toolkit.dist import Runtime
 from toolkit.train.ema import EMA
 from toolkit.train.metrics import TrainingMonitor
+from toolkit.train.signals import GracefulStop
 from toolkit.train.validation import ValidationSet
 
 
@@ -50,6 +51,7 @@ class TrainingRun:
     start_step: int  # 0, or the step a resumed training state ended at
     validation: Optional[ValidationSet] = None  # held-out pairs, None when no dataset has val_folder_path
     ema: Optional[EMA] = None  # train.ema_config: averaged LoRA weights for samples, validation and saves
+    stop: Optional[GracefulStop] = None  # the stop-signal flag while the loop runs (sampling checks it per image)
 
 
 def describe_batch(batch: dict) -> str:

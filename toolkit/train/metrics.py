@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -33,6 +34,18 @@ class TrainingMonitor:
         self._window_steps += 1
         if self.bar is not None:
             self.bar.update(1)
+
+    @contextmanager
+    def paused(self):
+        """Time spent inside (sampling, validation) is not step time: neither the bar's rate and ETA nor
+        window()'s seconds per step count it."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._window_start += time.perf_counter() - started
+            if self.bar is not None:
+                self.bar.unpause()
 
     def window(self) -> tuple[float, int]:
         """Seconds per step over the steps since the last call, and how many steps that was."""
