@@ -244,3 +244,40 @@ def test_a_changed_config_is_not_blocked_by_a_run_stopped_before_its_first_save(
     assert "starting over in" in capsys.readouterr().err
     assert (folder.parent / "tiny_v2" / "tiny_v2.safetensors").is_file()
     assert [step for step, _ in list_states(folder)] == [2]  # the stopped run is kept as it was
+
+
+# -- item 6: every pre-flight problem at once --------------------------------------------------------------------
+def test_every_preflight_problem_is_reported_in_one_run(tmp_path, tiny_model_dir, demo_data_dir, no_model_load,
+                                                        capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_data_dir, data)
+    (data / "control" / "pair_003.png").unlink()  # a target without its control
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    overrides = {"sample.prompts": [f"x --ctrl_img {data / 'nope.png'}"],  # a bad --ctrl_img
+                 "training_folder": str(blocker / "out"),  # an output folder that cannot exist
+                 "network.pretrained_lora": str(tmp_path / "missing.safetensors")}
+    config = _config(tmp_path, tiny_model_dir, data, **overrides)
+    assert run.main([str(config)]) == 2
+    err = capsys.readouterr().err
+    for expected in ("4 checks failed", "target/pair_003.png: no control image", "nope.png does not exist",
+                     "training_folder: cannot write to", "missing.safetensors"):
+        assert expected in err, expected
+    assert "fix it and run again" in err  # the dataset's one problem, in the singular
+
+
+def test_the_example_placeholders_report_the_folders_and_the_prompt_control(tmp_path, no_model_load, capsys):
+    """config/examples/train_lora_flux_kontext_24gb.yaml as shipped: /path/to placeholders everywhere."""
+    from tests.helpers import REPO
+
+    config = REPO / "config" / "examples" / "train_lora_flux_kontext_24gb.yaml"
+    text = config.read_text(encoding="utf-8").replace('training_folder: "output"',
+                                                      f'training_folder: "{tmp_path / "output"}"')
+    copy = tmp_path / "example.yaml"
+    copy.write_text(text, encoding="utf-8")
+    assert run.main([str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert "folder does not exist" in err and "--ctrl_img" in err, err[-3000:]
+    assert not (tmp_path / "output").exists()  # a failed start leaves no empty run folder

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from jobs.process.checkpointer import Checkpointer
 from jobs.process.outputs import RunOutputs
+from jobs.process.preflight import Problems
 from jobs.process.sample_round import render_round
 from jobs.process.training_run import StepResult, TrainingRun, describe_batch
 from toolkit.adapters import full_finetune
@@ -71,32 +72,33 @@ class BaseSDTrainProcess:
 
     # -- before any model loads -------------------------------------------------------------------------------
     def preflight(self, upstream: Sequence[Path] = ()):
-        """Check model location, dataset and sample prompts; raises a UserError naming what is wrong.
+        """Check model location, dataset, sample prompts, Hub access and the output folder, all of them; raises one
+        UserError naming everything that is wrong. Writes nothing.
         `upstream`: the results of the job's earlier processes (model.transformer_path '[process:N]')."""
-        problems = self.arch_cls.check_source(self.cfg.model.name_or_path)
-        if problems:
-            raise ConfigError("\n".join(problems))
+        problems = Problems()
+        problems.add(self.arch_cls.check_source(self.cfg.model.name_or_path))
         if self.cfg.network is not None:
-            check_pretrained_file(self.cfg.network.pretrained_lora, self.cfg.network.type)
-        self.model_cfg = stages.resolve_model(self.cfg.model, list(upstream), self.index)
-        pairs = discover_pairs(self.cfg.datasets)
-        problems = cache_folder_problems(self.cfg.datasets)
-        if problems:
-            raise ConfigError("\n".join(problems))
+            problems.run(check_pretrained_file, self.cfg.network.pretrained_lora, self.cfg.network.type)
+        self.model_cfg = problems.run(stages.resolve_model, self.cfg.model, list(upstream), self.index,
+                                      default=self.cfg.model)
+        pairs = problems.run(discover_pairs, self.cfg.datasets, default=[])
+        problems.add(cache_folder_problems(self.cfg.datasets))
         requests = []
         if not self.train.disable_sampling and self.cfg.sample.prompts:
             s = self.cfg.sample
-            requests = build_requests(s.prompts, seed=s.seed, walk_seed=s.walk_seed, width=s.width,
-                                      height=s.height, guidance_scale=s.guidance_scale, steps=s.sample_steps,
-                                      key_path="config.process[0].sample.prompts")
+            requests = problems.run(build_requests, s.prompts, seed=s.seed, walk_seed=s.walk_seed, width=s.width,
+                                    height=s.height, guidance_scale=s.guidance_scale, steps=s.sample_steps,
+                                    key_path="config.process[0].sample.prompts", default=[])
         if self.cfg.save.push_to_hub:  # token, network and write access, before hours of training
-            check_hub_access(self.cfg.save.hf_repo_id)
+            problems.run(check_hub_access, self.cfg.save.hf_repo_id)
         outputs = RunOutputs(*resolve_run_folder(Path(self.cfg.training_folder), self.name, self.fresh),
                              full_finetune=self.full_finetune)
         if self.fresh and self.train.resume_from == "latest":
-            raise ConfigError("--fresh starts a new run but train.resume_from is 'latest': drop one of them")
-        outputs = self._plan_resume(outputs)
-        outputs.check_writable()
+            problems.add(["--fresh starts a new run but train.resume_from is 'latest': drop one of them"])
+        else:
+            outputs = problems.run(self._plan_resume, outputs, default=outputs)
+        problems.run(outputs.check_writable)
+        problems.raise_if_any()
         return pairs, requests, outputs
 
     def _plan_resume(self, outputs: RunOutputs) -> RunOutputs:

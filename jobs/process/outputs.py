@@ -43,10 +43,15 @@ class RunOutputs:
         self.kept: list[Path] = []  # finished LoRAs kept as step files (keep_final): rotation never removes them
 
     def check_writable(self) -> None:
-        """Fail before any model loads when the output folder cannot be created or written."""
+        """Fail before any model loads when the output folder cannot be created or written. Creates nothing: the
+        nearest existing folder on its path must take a file (a failed start leaves no empty run folder behind)."""
+        existing = self.folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UserError(f"training_folder: cannot write to {self.folder}: {existing} is not a folder")
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=self.folder, prefix=".write-test-"):
+            with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
                 pass
         except OSError as exc:
             raise UserError(f"training_folder: cannot write to {self.folder}: {exc.strerror or exc}") from exc
