@@ -281,3 +281,30 @@ def test_the_example_placeholders_report_the_folders_and_the_prompt_control(tmp_
     err = capsys.readouterr().err
     assert "folder does not exist" in err and "--ctrl_img" in err, err[-3000:]
     assert not (tmp_path / "output").exists()  # a failed start leaves no empty run folder
+
+
+# -- item 8: training samples ------------------------------------------------------------------------------------
+def test_training_samples_follow_the_control_shape_and_carry_their_parameters(tmp_path, tiny_model_dir,
+                                                                              demo_data_dir):
+    from PIL import Image
+
+    from toolkit.render.pngmeta import read_png_params
+
+    portrait = tmp_path / "portrait.png"
+    Image.new("RGB", (96, 192), (200, 30, 30)).save(portrait)
+    prompts = [f"[trigger] tall --ctrl_img {portrait}", f"[trigger] fixed --ctrl_img {portrait} --w 64 --h 64"]
+    overrides = {"train.steps": 2, "save.save_every": 2, "sample.sample_every": 2, "sample.width": 64,
+                 "sample.height": 64, "sample.prompts": prompts}
+    assert run.main([str(_config(tmp_path, tiny_model_dir, demo_data_dir, **overrides))]) == 0
+    samples = tmp_path / "out" / "tiny" / "samples"
+    with Image.open(samples / "000000002_00.png") as tall, Image.open(samples / "000000002_01.png") as fixed:
+        assert tall.height > tall.width and tall.size == (32, 80)  # 1:2 within 64x64 px, sides multiples of 16
+        assert fixed.size == (64, 64)  # --w/--h win
+    params = read_png_params(samples / "000000002_00.png")
+    assert params["prompt"] == "inv3rt tall" and params["seed"] == 42 and params["training_step"] == 2
+    assert params["lora"].endswith("tiny.safetensors") or params["lora"].endswith("tiny_000000002.safetensors") \
+        or "step 2" in params["lora"]
+    sheet = read_png_params(samples / "000000002_sheet.png")
+    assert sheet["training_step"] == 2
+    with Image.open(samples / "000000002_sheet.png") as img:  # a title row (control | tiny, step 2) above 2 rows
+        assert img.height == 20 + 2 * (128 + 20)

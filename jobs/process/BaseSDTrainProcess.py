@@ -344,7 +344,8 @@ class BaseSDTrainProcess:
         rendered = run.rt.gather(mine_rendered)
         if run.rt.is_main:
             by_index = dict(rendered)
-            run.outputs.write_samples(step, [(r, by_index[r.index]) for r in run.requests])
+            run.outputs.write_samples(step, [(r, by_index[r.index]) for r in run.requests],
+                                      base_model=self.cfg.model.name_or_path)
 
 
 __all__ = ["BaseSDTrainProcess"]

@@ -8,7 +8,6 @@ atomically so a crash never leaves a half-written LoRA where a finished one is e
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import shutil
 import tempfile
@@ -28,6 +27,7 @@ from toolkit.adapters import lokr
 from toolkit.adapters.network import lokr_converter
 from toolkit.adapters.lora import ecosystem_metadata, lora_state_dict, save_lora
 from toolkit.adapters.lora_convert import find_conventions, to_comfy
+from toolkit.render.pngmeta import png_bytes
 from toolkit.render.sampling import SampleRequest, contact_sheet, load_controls, sample_file_name
 
 log = logging.getLogger(__name__)
@@ -182,21 +182,34 @@ class RunOutputs:
         return path
 
     # -- samples ----------------------------------------------------------------------------------------------
-    def write_samples(self, step: int, rendered: Sequence[tuple[SampleRequest, Image.Image]]) -> Path:
-        rows = []
+    def write_samples(self, step: int, rendered: Sequence[tuple[SampleRequest, Image.Image]],
+                      base_model: str = "") -> Path:
+        """Each sample as a PNG with its generation parameters (as `generate` writes them), and a contact sheet
+        with column titles (control(s), the sample of this step) and each row's prompt and seed."""
+        rows, lora = [], self._lora_of(step)
         for request, image in rendered:
-            _write_png(self.sample_dir / sample_file_name(step, request.index), image)
-            rows.append((*load_controls(request), image, request.prompt))  # every control, then the sample
+            params = {"prompt": request.prompt, "seed": request.seed, "steps": request.steps,
+                      "guidance_scale": request.guidance_scale, "width": image.width, "height": image.height,
+                      "control_image": str(request.ctrl_img), "base_model": base_model, "training_step": step,
+                      "lora": lora}
+            atomic_write_bytes(self.sample_dir / sample_file_name(step, request.index), png_bytes(image, params))
+            rows.append((*load_controls(request), image, f"{request.prompt} (seed {request.seed})"))
+        controls = max((len(row) - 2 for row in rows), default=1)
+        titles = ["control" if controls == 1 else f"control {i + 1}" for i in range(controls)]
         sheet_path = self.sample_dir / f"{step:09d}_sheet.png"
-        _write_png(sheet_path, contact_sheet(rows))
+        sheet = contact_sheet(rows, column_titles=[*titles, f"{self.name}, step {step}"])
+        atomic_write_bytes(sheet_path, png_bytes(sheet, {"prompt": f"{self.name}: samples of step {step}",
+                                                         "training_step": step, "lora": lora}))
         log.info("samples of step %d: %s", step, sheet_path)
         return sheet_path
 
-
-def _write_png(path: Path, image: Image.Image) -> None:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    def _lora_of(self, step: int) -> str | None:
+        """The weights a sample of `step` was rendered with: the step's saved file, else the run at that step."""
+        if step == 0:
+            return None  # before training: the LoRA is freshly initialised (a no-op)
+        saved = self.folder / (transformer_folder.step_folder_name(step) if self.full_finetune
+                               else step_file_name(self.name, step))
+        return str(saved) if saved.exists() else f"{self.name} at step {step} (not saved)"
 
 
 __all__ = ["RunOutputs"]
