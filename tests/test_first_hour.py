@@ -308,3 +308,99 @@ def test_training_samples_follow_the_control_shape_and_carry_their_parameters(tm
     assert sheet["training_step"] == 2
     with Image.open(samples / "000000002_sheet.png") as img:  # a title row (control | tiny, step 2) above 2 rows
         assert img.height == 20 + 2 * (128 + 20)
+
+
+# -- item 2: a Hub model id without network or token -------------------------------------------------------------
+HUB_ID = "black-forest-labs/FLUX.1-Kontext-dev"
+
+
+def test_an_uncached_hub_model_offline_is_one_line_and_exit_2(tmp_path, tiny_model_dir, demo_data_dir,
+                                                               no_model_load, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    config = _config(tmp_path, tiny_model_dir, demo_data_dir, **{"model.name_or_path": HUB_ID})
+    assert run.main([str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"model.name_or_path: {HUB_ID} is not in the local Hugging Face cache" in err
+    assert "Traceback" not in err and len([line for line in err.splitlines() if "ERROR" in line]) == 1
+    assert not (tmp_path / "out").exists()  # no empty run folder
+
+
+def _fake_cache(root: Path, repo_id: str) -> Path:
+    """The layout huggingface_hub's cache uses: refs/main names a snapshot folder that holds the files."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40, encoding="utf-8")
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}", encoding="utf-8")
+    return root
+
+
+def test_a_cached_hub_model_needs_no_network(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from toolkit.publish.model_source import hub_model_problem
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(_fake_cache(tmp_path / "cache", HUB_ID)))
+    assert hub_model_problem(HUB_ID) is None
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """A local HTTP server standing in for the Hub: every request answers `status` with the Hub's error headers."""
+    import http.server
+    import threading
+
+    from huggingface_hub import constants
+
+    answer = {"status": 401, "code": "GatedRepo"}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _reply(self):
+            self.send_response(answer["status"])
+            self.send_header("X-Error-Code", answer["code"])
+            self.send_header("X-Error-Message", "Access to model is restricted.")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET = _reply
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        f"http://127.0.0.1:{server.server_port}" + "/{repo_id}/resolve/{revision}/{filename}")
+    yield answer
+    server.shutdown()
+
+
+def test_a_gated_hub_model_without_token_says_accept_the_license_and_set_hf_token(tmp_path, fake_hub, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from toolkit.publish.model_source import hub_model_problem
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    problem = hub_model_problem(HUB_ID, timeout_s=5)
+    assert problem is not None and "gated" in problem and "HF_TOKEN" in problem and "\n" not in problem
+
+
+def test_an_unreachable_hub_is_named(tmp_path, fake_hub, monkeypatch):
+    from huggingface_hub import constants
+
+    from toolkit.publish.model_source import hub_model_problem
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}")
+    problem = hub_model_problem(HUB_ID, timeout_s=5)
+    assert problem is not None and "cannot be reached" in problem and "local diffusers folder" in problem

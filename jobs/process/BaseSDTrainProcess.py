@@ -38,6 +38,7 @@ from toolkit.dist import Runtime, rank_seed
 from toolkit.dtypes import compute_dtype
 from toolkit.errors import ConfigError
 from toolkit.publish.hub import check_hub_access, retry_hint
+from toolkit.publish.model_source import hub_model_problem
 from toolkit.render.sampling import build_requests
 from toolkit.state import train_state, transformer_folder
 from toolkit.state.checkpoint import resolve_run_folder
@@ -75,8 +76,11 @@ class BaseSDTrainProcess:
         """Check model location, dataset, sample prompts, Hub access and the output folder, all of them; raises one
         UserError naming everything that is wrong. Writes nothing.
         `upstream`: the results of the job's earlier processes (model.transformer_path '[process:N]')."""
-        problems = Problems()
-        problems.add(self.arch_cls.check_source(self.cfg.model.name_or_path))
+        problems, source = Problems(), self.cfg.model.name_or_path
+        source_problems = self.arch_cls.check_source(source)
+        problems.add(source_problems)
+        if not source_problems and not Path(source).expanduser().exists():  # a Hub id: cached, or reachable + token
+            problems.add(filter(None, [hub_model_problem(source)]))
         if self.cfg.network is not None:
             problems.run(check_pretrained_file, self.cfg.network.pretrained_lora, self.cfg.network.type)
         self.model_cfg = problems.run(stages.resolve_model, self.cfg.model, list(upstream), self.index,
