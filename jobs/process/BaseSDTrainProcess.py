@@ -54,6 +54,10 @@ from toolkit.train.validation import ValidationSet
 log = logging.getLogger(__name__)
 
 
+CPU_QUANTIZE_NOTE = ("model.quantize on a CPU: the 8-bit transformer saves memory but trains about 2x slower "
+                     "per step here; set model.quantize: false unless the model does not fit in memory")
+
+
 class BaseSDTrainProcess:
     """One `sd_trainer` entry of `config.process`."""
 
@@ -152,6 +156,8 @@ class BaseSDTrainProcess:
         validation = ValidationSet.from_datasets(self.cfg.datasets, self.cfg.trigger_word, train.seed, train.guidance)
         set_seed(train.seed)  # same LoRA init on every rank
         dtype = compute_dtype(train.dtype, rt.device)
+        if rt.device.type == "cpu" and self.model_cfg.quantize:
+            log.warning(CPU_QUANTIZE_NOTE)
         if train.compile:
             check_compile(rt.device)  # before the model loads
         model = self.arch_cls.load(self.model_cfg, rt.device, dtype)
@@ -237,7 +243,8 @@ class BaseSDTrainProcess:
         run = self.setup(rt, pairs, requests, outputs)
         start, monitor, checkpointer = run.start_step, run.monitor, run.checkpointer
         for step, lr in schedule_points(planned_lrs(train.lr_scheduler, train.lr, train.lr_warmup_steps,
-                                                    train.steps, train.lr_scheduler_params)):
+                                                    train.steps, train.lr_scheduler_params)) \
+                if monitor.first_in_folder else ():  # once per run folder: a resume must not redraw it from step 1
             monitor.scalars(step, {"train/lr_schedule": lr})  # the plan, from a copy: the real one is untouched
         try:
             with GracefulStop() as stop:
@@ -246,7 +253,7 @@ class BaseSDTrainProcess:
                     self._sample(run, step=0)
                 for step in range(start + 1, train.steps + 1):
                     result = self.optimizer_step(run)
-                    monitor.step_done()
+                    monitor.step_done(result.loss)
                     if step < train.steps and rt.any_rank(stop.requested):  # every rank stops after the same step
                         checkpointer.stop(step, stop.signum)
                     self._after_step(run, step, result)
@@ -258,8 +265,8 @@ class BaseSDTrainProcess:
         finally:
             monitor.close()
         if rt.is_main:
-            log.info("done: step %d of %d, %d steps trained in %.1f s; LoRA: %s", train.steps, train.steps,
-                     max(train.steps - start, 0), monitor.elapsed(), final)
+            resumed = f" ({train.steps - start} steps trained by this run, from step {start})" if start else ""
+            log.info("done: %d steps%s in %.1f s; LoRA: %s", train.steps, resumed, monitor.elapsed(), final)
         return final
 
     @staticmethod

@@ -13,6 +13,19 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 
+BAR_LOSS_EVERY_S = 1.0  # the bar's loss is this step's, read from the device at most this often (a host sync)
+
+
+class TqdmLogHandler(logging.StreamHandler):
+    """Log records printed above the progress bar (tqdm.write clears and redraws it), not glued onto its line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # logging's own contract: a failing handler reports and never raises
+            self.handleError(record)
+
+
 class TrainingMonitor:
     """Writes scalars and drives the progress bar; a silent no-op on non-main ranks."""
 
@@ -20,6 +33,9 @@ class TrainingMonitor:
         self.enabled = enabled
         self.writer = None
         self.bar = None
+        self._bar_loss_at = 0.0
+        # No TensorBoard file yet: this is the run folder's first run (the lr plan is written once per folder).
+        self.first_in_folder = enabled and not any(Path(log_dir).glob("events.out.tfevents.*"))
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -30,10 +46,16 @@ class TrainingMonitor:
         self._window_start = self._t0
         self._window_steps = 0
 
-    def step_done(self) -> None:
+    def step_done(self, loss=None) -> None:
+        """One optimizer step; `loss` (a device tensor) shows in the bar, fresh, at most every BAR_LOSS_EVERY_S."""
         self._window_steps += 1
-        if self.bar is not None:
-            self.bar.update(1)
+        if self.bar is None:
+            return
+        now = time.perf_counter()
+        if loss is not None and now - self._bar_loss_at >= BAR_LOSS_EVERY_S:
+            self._bar_loss_at = now
+            self.bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+        self.bar.update(1)
 
     @contextmanager
     def paused(self):
