@@ -174,6 +174,9 @@ class BaseSDTrainProcess:
             compile_blocks(model.transformer)
 
         dataset = PairedDataset(pairs, self.cfg.datasets, trigger_word=self.cfg.trigger_word, seed=train.seed)
+        for level, note in dataset.fit_buckets(train.batch_size * rt.world_size):  # before caches key on buckets
+            if rt.is_main:
+                log.log(level, note)
         self._attach_caches(rt, model, dataset, requests, validation)
         sampler = BucketBatchSampler(dataset.bucket_keys, batch_size=train.batch_size * rt.world_size,
                                      seed=train.seed)

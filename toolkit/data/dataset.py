@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Protocol, Sequence
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from toolkit.data.buckets import Box, bucket_for, crop_box, scale_box
+from toolkit.data.buckets import Box, bucket_for, crop_box, merge_small_buckets, scale_box
 from toolkit.data.captions import prepare_caption
 from toolkit.data.images import load_rgb, to_tensor
 from toolkit.data.pairs import DatasetConfigLike, Pair
@@ -88,6 +89,13 @@ def plan_items(pairs: Sequence[Pair], datasets: Sequence[DatasetConfigLike]) -> 
     return plans
 
 
+def replan(plan: ItemPlan, pair: Pair, bucket: tuple[int, int]) -> ItemPlan:
+    """The same item cut for another bucket (a merged one; toolkit.data.buckets.merge_small_buckets)."""
+    target_box = crop_box(*pair.target_size, *bucket)
+    boxes = [scale_box(target_box, pair.target_size, size) for size in pair.control_sizes]
+    return ItemPlan(plan.pair_index, plan.resolution, bucket, target_box, boxes[0], tuple(boxes[1:]))
+
+
 def render(path: Path, expected_size: tuple[int, int], box: Box, bucket: tuple[int, int]) -> Image.Image:
     """Decode once, then crop and resize in one LANCZOS pass (PIL's ``resize(box=...)``) to the bucket size."""
     img = load_rgb(path)
@@ -136,6 +144,28 @@ class PairedDataset(Dataset):
     def bucket_keys(self) -> list[tuple[int, int]]:
         """The (width, height) bucket of every item, in item order: what BucketBatchSampler groups by."""
         return [plan.bucket for plan in self.items]
+
+    def fit_buckets(self, global_batch: int) -> list[tuple[int, str]]:
+        """Merge buckets with fewer items than `global_batch` (toolkit.data.buckets.merge_small_buckets) and re-cut
+        their items; before any cache or sampler is built. Returns (log level, message) to tell the user (main process
+        only: every rank computes the same)."""
+        counts = Counter(self.bucket_keys)
+        mapping = merge_small_buckets(dict(counts), global_batch)
+        moved = {old: new for old, new in mapping.items() if old != new}
+        for i, plan in enumerate(self.items):
+            if plan.bucket in moved:
+                self.items[i] = replan(plan, self.pairs[plan.pair_index], moved[plan.bucket])
+        notes = []
+        if moved:
+            merged = ", ".join(f"{w}x{h}" for w, h in sorted(set(moved.values())))
+            notes.append((logging.INFO, f"bucketing: {len(counts)} buckets -> {len(set(self.bucket_keys))} so that each fills a "
+                         f"global batch of {global_batch} (merged into {merged}; images cropped, never upscaled)"))
+        left = Counter(self.bucket_keys)
+        if min(left.values()) < global_batch:
+            notes.append((logging.WARNING, f"the dataset has {len(self.items)} item(s), fewer items than the global batch of "
+                         f"{global_batch} (train.batch_size x processes), so items repeat within a batch: add images, "
+                         "lower train.batch_size or use fewer processes"))
+        return notes
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose caption randomness __getitem__ uses."""

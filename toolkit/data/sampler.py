@@ -21,7 +21,8 @@ resumed run would be reset to epoch 0 and lose its skip. Both calls are idempote
 
 Filling: a bucket whose item count is not a multiple of ``batch_size`` is completed by repeating items of the same
 bucket from the start of its shuffled order; a bucket with fewer items than ``batch_size`` (e.g. fewer images than
-GPUs) repeats its items, with one warning per run. So every batch is full and no rank ever waits for a batch.
+GPUs) repeats its items (PairedDataset.fit_buckets merges such buckets first, and tells the user once on the main
+process what remains; here it is a debug line on every rank). So every batch is full and no rank ever waits for a batch.
 
 Resume: ``state_dict()`` is ``{"epoch", "batches_done"}``; after ``load_state_dict`` the next iteration skips the
 first ``batches_done`` global batches of that epoch (no image is loaded for them) and the epoch after starts at 0.
@@ -123,7 +124,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         if small and self._warned_epoch is None:
             self._warned_epoch = self.epoch
             described = ", ".join(f"{key}: {count} item(s)" for key, count in small.items())
-            logger.warning(
+            logger.debug(
                 "Epoch %d: %d bucket(s) have fewer items than the global batch of %d, so their items repeat within "
                 "a batch (%s)", self.epoch, len(small), self.batch_size, described,
             )
