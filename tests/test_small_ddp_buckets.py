@@ -79,3 +79,8 @@ def _dataset_cfg():
     from toolkit.config.schema import DatasetConfig
 
     return DatasetConfig(folder_path="t", control_path="c", resolution=[64], caption_dropout_rate=0.0)
+
+
+def test_very_different_shapes_are_not_merged_into_heavy_crops():
+    counts = {(80, 48): 1, (48, 80): 1}  # 5:3 and 3:5: a shared 48x48 bucket would cut 40% of each image
+    assert merge_small_buckets(counts, 2) == {(80, 48): (80, 48), (48, 80): (48, 80)}

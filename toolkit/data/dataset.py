@@ -160,11 +160,12 @@ class PairedDataset(Dataset):
             merged = ", ".join(f"{w}x{h}" for w, h in sorted(set(moved.values())))
             notes.append((logging.INFO, f"bucketing: {len(counts)} buckets -> {len(set(self.bucket_keys))} so that each fills a "
                          f"global batch of {global_batch} (merged into {merged}; images cropped, never upscaled)"))
-        left = Counter(self.bucket_keys)
-        if min(left.values()) < global_batch:
-            notes.append((logging.WARNING, f"the dataset has {len(self.items)} item(s), fewer items than the global batch of "
-                         f"{global_batch} (train.batch_size x processes), so items repeat within a batch: add images, "
-                         "lower train.batch_size or use fewer processes"))
+        short = {bucket: n for bucket, n in Counter(self.bucket_keys).items() if n < global_batch}
+        if short:
+            listed = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(short.items()))
+            notes.append((logging.WARNING, f"{len(short)} bucket(s) have fewer items than the global batch of "
+                          f"{global_batch} (train.batch_size x processes), so their items repeat within a batch "
+                          f"({listed}): add images of those shapes, lower train.batch_size or use fewer processes"))
         return notes
 
     def set_epoch(self, epoch: int) -> None:
