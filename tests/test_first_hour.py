@@ -244,3 +244,23 @@ def test_a_changed_config_is_not_blocked_by_a_run_stopped_before_its_first_save(
     assert "starting over in" in capsys.readouterr().err
     assert (folder.parent / "tiny_v2" / "tiny_v2.safetensors").is_file()
     assert [step for step, _ in list_states(folder)] == [2]  # the stopped run is kept as it was
+
+
+def test_a_stop_ends_the_denoising_loop_of_the_image_being_rendered(tiny_model_dir, demo_data_dir):
+    import torch
+
+    from extensions.flux_kontext import FluxKontext
+    from toolkit.config.schema import ModelConfig
+    from toolkit.render.sampling import build_requests, load_controls
+
+    model = FluxKontext.load(ModelConfig(name_or_path=str(tiny_model_dir), arch="flux_kontext", max_sequence_length=16),
+                             torch.device("cpu"), torch.float32)
+    (request,) = build_requests([f"x --ctrl_img {demo_data_dir / 'sample_control' / 'sample_000.png'}"], seed=0,
+                                walk_seed=False, width=64, height=64, guidance_scale=1.0, steps=6)
+    calls = []
+    hook = model.pipe.transformer.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        model.sample([request], [load_controls(request)], stop=lambda: len(calls) >= 2)
+    finally:
+        hook.remove()
+    assert len(calls) == 2, "denoising must end at the first step after the stop, not run all 6"
