@@ -30,15 +30,13 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def test_atomic_writes_follow_the_umask():
+def test_atomic_writes_follow_the_umask(tmp_path):
     from toolkit.state.atomic import atomic_write_bytes
 
     old = os.umask(0o027)
     try:
-        target = Path(os.environ.get("TMPDIR", "/tmp")) / f"t22-umask-{os.getpid()}"
-        atomic_write_bytes(target, b"x")
-        assert _mode(target) == 0o640
-        target.unlink()
+        atomic_write_bytes(tmp_path / "file", b"x")
+        assert _mode(tmp_path / "file") == 0o640
     finally:
         os.umask(old)
 
