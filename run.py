@@ -17,6 +17,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 
+if __name__ == "__main__":  # before any dependency import: `python run.py` from outside .venv re-runs inside it
+    from toolkit.venv import use_repo_venv
+
+    use_repo_venv(REPO)
+
 from dotenv import load_dotenv  # noqa: E402
 
 from toolkit.errors import UserError  # noqa: E402
@@ -79,7 +84,9 @@ def run_job(job, args) -> None:
 def setup_logging(log_file: str | None) -> None:
     # Only rank 0 of a multi-process run talks at INFO; other ranks report warnings and errors.
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
-    handlers = [logging.StreamHandler()]
+    from toolkit.train.metrics import TqdmLogHandler  # lines above the progress bar, never glued onto it
+
+    handlers = [TqdmLogHandler()]
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
@@ -89,7 +96,12 @@ def setup_logging(log_file: str | None) -> None:
                         format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Library chatter (per-component loading bars, optional-backend notices) drowns the training log.
+    install_log_redaction()
+
+
+def quiet_libraries() -> None:
+    """Library chatter (per-component loading bars, optional-backend notices) drowns the training log. Called only
+    when real work starts: importing diffusers takes seconds, and --help must not wait for it."""
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 
@@ -97,13 +109,21 @@ def setup_logging(log_file: str | None) -> None:
     diffusers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
-    install_log_redaction()
+
+
+def _naming(config: str, exc: Exception) -> str:
+    """The error prefixed with its config file, once: loader messages already start with the file's name."""
+    message = str(exc)
+    head = message.split(":", 1)[0]
+    return message if head and (head == config or Path(config).name == Path(head).name) else f"{config}: {message}"
 
 
 def run_subcommand(name: str, argv: list[str]) -> int:
     load_dotenv(REPO / ".env", override=False)
     load_dotenv(Path.cwd() / ".env", override=False)
     setup_logging(None)
+    if not {"-h", "--help"} & set(argv):
+        quiet_libraries()
     from jobs.commands import COMMANDS
 
     try:
@@ -131,6 +151,7 @@ def main(argv=None) -> int:
         sys.stdout.write(config_help() + "\n")
         return 0
 
+    quiet_libraries()
     from jobs import get_job
 
     status = 0
@@ -146,7 +167,7 @@ def main(argv=None) -> int:
             log.error("%s: %s", config, exc)
             status = exc.exit_code
         except UserError as exc:
-            log.error("%s: %s", config, exc)
+            log.error("%s", _naming(config, exc))
             status = status or 2
         except Exception:
             log.exception("%s: training failed", config)

@@ -65,10 +65,13 @@ def generate_job_dict(args: argparse.Namespace) -> dict:
 
 
 def generate_main(argv: Sequence[str]) -> int:
+    parser = _generate_parser()
+    args = parser.parse_args(argv)  # before the heavy imports: --help and flag errors come at once
+    if (args.width is None) != (args.height is None):
+        parser.error("give --width and --height together (or neither: the control's aspect ratio at ~1 megapixel)")
     from jobs.ExtensionJob import ExtensionJob
     from toolkit.config.loader import load_job_dict
 
-    args = _generate_parser().parse_args(argv)
     job = load_job_dict(generate_job_dict(args), "run.py generate (command line)", environ={})
     ExtensionJob(job).run()
     return 0

@@ -104,8 +104,9 @@ def compare_run(folder: Path, out: Optional[Path] = None, device: str = "auto", 
     if not requests and validation is None:
         raise UserError("nothing to compare: the run has no sample prompts and no held-out pairs "
                         "(set datasets[].val_folder_path / val_control_path, or pass --val-folder/--val-control)")
-    log.info("comparing %d checkpoints of %s: %d prompts, %s held-out items", len(checkpoints) - 1, name,
-             len(requests), len(validation) if validation else "no")
+    log.info("comparing %d columns of %s (the base model and %d checkpoint%s): %d prompts, %s held-out items",
+             len(checkpoints), name, len(checkpoints) - 1, "" if len(checkpoints) == 2 else "s", len(requests),
+             len(validation) if validation else "no")
     dev = torch.device(resolve_device(device))
     renderer = get_renderer(process.model.arch).load(process.model, dev, compute_dtype(process.train.dtype, dev))
     result = CompareResult(checkpoints)
@@ -127,7 +128,7 @@ def _evaluate(renderer: LoraRenderer, checkpoints: list[Checkpoint], requests, v
     controls = [load_control(r.ctrl_img, r.width, r.height) for r in requests]
     batches = plan_batches([batch_key(r, c.size) for r, c in zip(requests, controls)], batch_size)
     cells: dict[int, list] = {r.index: [] for r in requests}
-    for checkpoint in tqdm(checkpoints, desc="checkpoints", unit="ckpt", dynamic_ncols=True):
+    for checkpoint in tqdm(checkpoints, desc="columns", unit="column", dynamic_ncols=True):  # the base is one
         adapter = None if checkpoint.path is None else f"step_{checkpoint.step}"
         if adapter is not None:
             renderer.add_lora(checkpoint.path, adapter)

@@ -46,11 +46,13 @@ def _tensorboard_scalars(log_dir, tag):
     return {e.step: e.value for e in events.Scalars(tag)}
 
 
-def test_compare_writes_grid_and_validation_loss(trained_run, tmp_path):
+def test_compare_writes_grid_and_validation_loss(trained_run, tmp_path, capsys):
     name, _ = load_run(trained_run)
     assert [c.step for c in find_checkpoints(trained_run, name)] == [0, 2, 4]
     out = tmp_path / "cmp"
     assert run.main(["compare", str(trained_run), "--out", str(out), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err  # the log line and the bar count the same columns (base + 2 checkpoints)
+    assert "comparing 3 columns" in err and "2 checkpoints" in err and "3/3" in err
 
     # rows: 2 prompts; columns: control | base | step 2 | step 4; 64 px samples in 128 px cells, with titles.
     assert Image.open(out / "grid.png").size == (4 * 128, 20 + 2 * (128 + 20))

@@ -74,9 +74,9 @@ def ema_run(tmp_path_factory, tiny_model_dir, demo_data_dir):
     sampled = []
     original = FluxKontext.sample
 
-    def recording_sample(self, requests, controls):
+    def recording_sample(self, requests, controls, **kwargs):
         sampled.append({k: v.clone() for k, v in lora_state_dict(self.transformer).items()})  # views on CPU
-        return original(self, requests, controls)
+        return original(self, requests, controls, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(FluxKontext, "sample", recording_sample)

@@ -7,7 +7,7 @@ toolkit/ never names an architecture: packages under extensions/ register themse
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Sequence, TypeVar, Union
+from typing import Any, Callable, ClassVar, Optional, Sequence, TypeVar, Union
 
 import torch
 from PIL import Image
@@ -93,8 +93,10 @@ class Architecture(ABC):
         return cls.loss_weights is not Architecture.loss_weights
 
     @abstractmethod
-    def sample(self, requests: Sequence[SampleRequest], controls: Sequence[Image.Image]) -> list[Image.Image]:
-        """Render each request with the current weights."""
+    def sample(self, requests: Sequence[SampleRequest], controls: Sequence[Image.Image],
+               stop: Optional[Callable[[], bool]] = None) -> list[Image.Image]:
+        """Render each request with the current weights; `stop()` true ends the denoising loop early (a stop signal
+        during sampling: the caller discards the image)."""
 
 
 A = TypeVar("A", bound=type)

@@ -8,7 +8,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from diffusers import FluxKontextPipeline, FluxTransformer2DModel
@@ -289,17 +289,20 @@ class FluxKontext(Architecture):
     # -- sampling ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, requests: Sequence[SampleRequest],
-               controls: Sequence[Union[Image.Image, Sequence[Image.Image]]]) -> list[Image.Image]:
+               controls: Sequence[Union[Image.Image, Sequence[Image.Image]]],
+               stop: Optional[Callable[[], bool]] = None) -> list[Image.Image]:
         """One image per request; a request's control is one image or a list of them (several --ctrl_img; an empty
-        list: text-to-image, FluxKontextPipeline with image=None)."""
+        list: text-to-image, FluxKontextPipeline with image=None). `stop()` is asked after every denoising step: true
+        ends the loop early (the image is then unfinished)."""
         was_training = self.transformer.training
         self.transformer.eval()
         try:
-            return [self._render(r, c) for r, c in zip(requests, controls)]
+            return [self._render(r, c, stop) for r, c in zip(requests, controls)]
         finally:
             self.transformer.train(was_training)
 
-    def _render(self, request: SampleRequest, control: Union[Image.Image, Sequence[Image.Image]]) -> Image.Image:
+    def _render(self, request: SampleRequest, control: Union[Image.Image, Sequence[Image.Image]],
+                stop: Optional[Callable[[], bool]] = None) -> Image.Image:
         generator = torch.Generator("cpu").manual_seed(request.seed)  # CPU noise: same image on any device
         # Through our caption cache: works after the text encoders were unloaded (cache_text_embeddings).
         embeds, pooled, _ = self.encode_captions([request.prompt])
@@ -314,6 +317,18 @@ class FluxKontext(Architecture):
                         # without max_area the pipeline rescales every request to 1024x1024 pixels
                         max_area=request.width * request.height, generator=generator,
                         max_sequence_length=self.max_sequence_length,
-                        _auto_resize=False, output_type="pil")
+                        _auto_resize=False, output_type="pil", callback_on_step_end=_interrupt_on(stop))
         return out.images[0]
 
+
+def _interrupt_on(stop: Optional[Callable[[], bool]]):
+    """A diffusers step-end callback that ends the denoising loop once `stop()` is true (the pipeline then skips the
+    remaining steps)."""
+    if stop is None:
+        return None
+
+    def callback(pipe, step, timestep, kwargs):
+        if stop():
+            pipe._interrupt = True
+        return {}
+    return callback

@@ -22,21 +22,22 @@ from accelerate.utils import set_seed
 from jobs.process import training_data
 from jobs.process.checkpointer import Checkpointer
 from jobs.process.outputs import RunOutputs
+from jobs.process.preflight import Problems
+from jobs.process.sample_round import render_round
 from jobs.process.training_run import StepResult, TrainingRun, describe_batch
 from toolkit.adapters import full_finetune
 from toolkit.adapters.lora_convert import find_conventions
 from toolkit.adapters.network import adapters_disabled, check_pretrained_file, load_pretrained
 from toolkit.adapters.strength import adapter_strength, batch_strength
-from toolkit.arch import Architecture, get_architecture
+from toolkit.arch import get_architecture
 from toolkit.config.schema import TrainProcessConfig
-from toolkit.data.cache import CachingModel, cache_dataset, cache_folder_problems
-from toolkit.data.dataset import PairedDataset
+from toolkit.data.cache import cache_folder_problems
 from toolkit.data.pairs import discover_pairs
 from toolkit.dist import Runtime, rank_seed
 from toolkit.dtypes import compute_dtype
-from toolkit.errors import ConfigError
 from toolkit.publish.hub import check_hub_access, retry_hint
-from toolkit.render.sampling import build_requests, load_controls
+from toolkit.publish.model_source import hub_model_problem
+from toolkit.render.sampling import build_requests
 from toolkit.state import train_state, transformer_folder
 from toolkit.state.checkpoint import resolve_run_folder
 from toolkit.train import flow_matching, preservation, stages
@@ -51,6 +52,10 @@ from toolkit.train.signals import GracefulStop
 from toolkit.train.validation import ValidationSet
 
 log = logging.getLogger(__name__)
+
+
+CPU_QUANTIZE_NOTE = ("model.quantize on a CPU: the 8-bit transformer saves memory but trains about 2x slower "
+                     "per step here; set model.quantize: false unless the model does not fit in memory")
 
 
 class BaseSDTrainProcess:
@@ -72,41 +77,63 @@ class BaseSDTrainProcess:
 
     # -- before any model loads -------------------------------------------------------------------------------
     def preflight(self, upstream: Sequence[Path] = ()):
-        """Check model location, dataset and sample prompts; raises a UserError naming what is wrong.
+        """Check model location, dataset, sample prompts, Hub access and the output folder, all of them; raises one
+        UserError naming everything that is wrong. Writes nothing.
         `upstream`: the results of the job's earlier processes (model.transformer_path '[process:N]')."""
-        problems = self.arch_cls.check_source(self.cfg.model.name_or_path)
-        problems += self.arch_cls.check_model_options(self.cfg.model)
+        problems, source = Problems(), self.cfg.model.name_or_path
+        source_problems = self.arch_cls.check_source(source)
+        problems.add(source_problems)
+        if not source_problems and not Path(source).expanduser().exists():  # a Hub id: cached, or reachable + token
+            problems.add(filter(None, [hub_model_problem(source)]))
+        problems.add(self.arch_cls.check_model_options(self.cfg.model))
         if (self.cfg.save.format == "comfy" and self.cfg.network is not None and self.cfg.network.type == "lora"
                 and find_conventions(self.cfg.model.arch) is None):  # found here, not when the first file is saved
-            problems.append(f"save.format: comfy: no ComfyUI key layout is known for model.arch "
-                            f"{self.cfg.model.arch}; use diffusers")
-        if problems:
-            raise ConfigError("\n".join(problems))
+            problems.add([f"save.format: comfy: no ComfyUI key layout is known for model.arch "
+                          f"{self.cfg.model.arch}; use diffusers"])
         if self.cfg.network is not None:
-            check_pretrained_file(self.cfg.network.pretrained_lora, self.cfg.network.type)
-        self.model_cfg = stages.resolve_model(self.cfg.model, list(upstream), self.index)
+            problems.run(check_pretrained_file, self.cfg.network.pretrained_lora, self.cfg.network.type)
+        self.model_cfg = problems.run(stages.resolve_model, self.cfg.model, list(upstream), self.index,
+                                      default=self.cfg.model)
         if any(d.mask_path for d in self.cfg.datasets) and not self.arch_cls.supports_loss_masks():
-            raise ConfigError(f"datasets[].mask_path: model.arch {self.cfg.model.arch} cannot train with loss masks")
-        pairs = discover_pairs(self.cfg.datasets)
-        problems = cache_folder_problems(self.cfg.datasets)
-        if problems:
-            raise ConfigError("\n".join(problems))
+            problems.add([f"datasets[].mask_path: model.arch {self.cfg.model.arch} cannot train with loss masks"])
+        pairs = problems.run(discover_pairs, self.cfg.datasets, default=[])
+        problems.add(cache_folder_problems(self.cfg.datasets))
         requests = []
         if not self.train.disable_sampling and self.cfg.sample.prompts:
             s = self.cfg.sample
-            requests = build_requests(s.prompts, seed=s.seed, walk_seed=s.walk_seed, width=s.width,
-                                      height=s.height, guidance_scale=s.guidance_scale, steps=s.sample_steps,
-                                      key_path="config.process[0].sample.prompts")
+            requests = problems.run(build_requests, s.prompts, seed=s.seed, walk_seed=s.walk_seed, width=s.width,
+                                    height=s.height, guidance_scale=s.guidance_scale, steps=s.sample_steps,
+                                    key_path="config.process[0].sample.prompts", default=[])
         if self.cfg.save.push_to_hub:  # token, network and write access, before hours of training
-            check_hub_access(self.cfg.save.hf_repo_id)
+            problems.run(check_hub_access, self.cfg.save.hf_repo_id)
         outputs = RunOutputs(*resolve_run_folder(Path(self.cfg.training_folder), self.name, self.fresh),
                              full_finetune=self.full_finetune)
         if self.fresh and self.train.resume_from == "latest":
-            raise ConfigError("--fresh starts a new run but train.resume_from is 'latest': drop one of them")
-        self.resume_state = train_state.plan_resume(outputs.folder, self.train.resume_from,
-                                                    train_state.training_config(self.cfg), outputs.lora_files())
-        outputs.check_writable()
+            problems.add(["--fresh starts a new run but train.resume_from is 'latest': drop one of them"])
+        else:
+            outputs = problems.run(self._plan_resume, outputs, default=outputs)
+        problems.run(outputs.check_writable)
+        problems.raise_if_any()
         return pairs, requests, outputs
+
+    def _plan_resume(self, outputs: RunOutputs) -> RunOutputs:
+        """Choose the state to resume from. A first run stopped before its first scheduled save (no final LoRA) does
+        not block a changed config: the new run goes to a new versioned folder, as --fresh would, and the stopped one
+        is kept."""
+        try:
+            self.resume_state = train_state.plan_resume(outputs.folder, self.train.resume_from,
+                                                        train_state.training_config(self.cfg), outputs.lora_files())
+        except train_state.ConfigChangedError as exc:
+            if exc.step >= self.cfg.save.save_every or outputs.final_path.exists():
+                raise
+            aside = RunOutputs(*resolve_run_folder(Path(self.cfg.training_folder), self.name, fresh=True),
+                               full_finetune=self.full_finetune)
+            log.warning("the config changed since %s was stopped after %d step(s), before its first scheduled save: "
+                        "starting over in %s (the stopped run is kept; --fresh does the same)", outputs.folder,
+                        exc.step, aside.folder)
+            self.resume_state = None
+            return aside
+        return outputs
 
     # -- the run ----------------------------------------------------------------------------------------------
     def run(self, upstream: Sequence[Path] = ()) -> Path:
@@ -137,6 +164,8 @@ class BaseSDTrainProcess:
         validation = ValidationSet.from_datasets(self.cfg.datasets, self.cfg.trigger_word, train.seed, train.guidance)
         set_seed(train.seed)  # same LoRA init on every rank
         dtype = compute_dtype(train.dtype, rt.device)
+        if rt.device.type == "cpu" and self.model_cfg.quantize:
+            log.warning(CPU_QUANTIZE_NOTE)
         if train.compile:
             check_compile(rt.device)  # before the model loads
         model = self.arch_cls.load(self.model_cfg, rt.device, dtype)
@@ -153,7 +182,12 @@ class BaseSDTrainProcess:
             compile_blocks(model.transformer)
 
         dataset, reg_dataset = training_data.build_datasets(pairs, self.cfg, train.seed)
-        self._attach_caches(rt, model, [d for d in (dataset, reg_dataset) if d is not None], requests, validation)
+        for data in (dataset, reg_dataset):  # before caches key on buckets and samplers group by them
+            for level, note in data.fit_buckets(train.batch_size * rt.world_size) if data is not None else ():
+                if rt.is_main:
+                    log.log(level, note)
+        training_data.attach_caches(self.cfg, rt, model, [d for d in (dataset, reg_dataset) if d is not None],
+                                    requests, validation)
         stream = training_data.make_stream(dataset, rt, train, train.seed)
         reg = None if reg_dataset is None else training_data.make_stream(
             reg_dataset, rt, train, train.seed + training_data.REG_SEED_OFFSET)
@@ -186,6 +220,8 @@ class BaseSDTrainProcess:
             outputs.prepare(self.job_config)
             train_state.remove_temporary(outputs.folder)
             transformer_folder.remove_temporary(outputs.folder)
+            if 0 < start < train.steps and train_state.is_finished(self.resume_state):
+                outputs.keep_final(start, train.steps)
         monitor = TrainingMonitor(outputs.log_dir, train.steps, min(start, train.steps), enabled=rt.is_main)
         return TrainingRun(rt=rt, model=model, denoiser=denoiser, params=params, optimizer=optimizer,
                            scheduler=scheduler, dataset=dataset,
@@ -195,38 +231,14 @@ class BaseSDTrainProcess:
                            generator=generator, checkpointer=checkpointer, monitor=monitor, start_step=start,
                            validation=validation, ema=ema)
 
-    def _attach_caches(self, rt: Runtime, model: Architecture, datasets: Sequence[PairedDataset], requests,
-                       validation: Optional[ValidationSet]) -> None:
-        """Encode latents / caption embeddings once (toolkit.data.cache); with captions cached, free the text encoders
-        after encoding what sampling and validation will still ask for."""
-        latents = any(d.cache_latents or d.cache_latents_to_disk for d in self.cfg.datasets)
-        text = self.train.cache_text_embeddings
-        if not (latents or text):
-            return
-        if not isinstance(model, CachingModel):
-            raise ConfigError(f"model.arch {self.cfg.model.arch}: this architecture cannot cache latents or "
-                              "text embeddings; turn the cache options off")
-        latent_encoder, text_encoder = model.latent_encoder() if latents else None, model.text_encoder() if text else None
-        for dataset in datasets:  # the training items, then the regularisation items
-            dataset.attach_cache(cache_dataset(dataset, self.cfg.datasets, rt=rt, batch_size=self.train.batch_size,
-                                               latents=latent_encoder, text=text_encoder))
-        if text:
-            keep = [r.prompt for r in requests]
-            if validation is not None:
-                keep += [c for i in range(len(validation.dataset)) for c in validation.dataset.item_captions(i)]
-            if self.train.diff_output_preservation:  # the class captions are encoded at every step
-                keep += preservation.class_captions(
-                    [c for d in datasets for i in range(len(d)) for c in d.item_captions(i)], self.cfg.trigger_word,
-                    self.train.diff_output_preservation_class)
-            model.unload_text_encoders(keep)
-
     def _train(self, rt: Runtime, pairs, requests, outputs: RunOutputs) -> Path:
         train = self.train
         run = self.setup(rt, pairs, requests, outputs)
         start, monitor, checkpointer = run.start_step, run.monitor, run.checkpointer
         guard = NonFiniteGuard(train.max_nonfinite_steps)
         for step, lr in schedule_points(planned_lrs(train.lr_scheduler, train.lr, train.lr_warmup_steps,
-                                                    train.steps, train.lr_scheduler_params)):
+                                                    train.steps, train.lr_scheduler_params)) \
+                if monitor.first_in_folder else ():  # once per run folder: a resume must not redraw it from step 1
             monitor.scalars(step, {"train/lr_schedule": lr})  # the plan, from a copy: the real one is untouched
         try:
             with GracefulStop() as stop:
@@ -235,7 +247,7 @@ class BaseSDTrainProcess:
                     self._sample(run, step=start)
                 for step in range(start + 1, train.steps + 1):
                     result = self.optimizer_step(run)
-                    monitor.step_done()
+                    monitor.step_done(result.loss)
                     guard.record(step, result.applied, result.files, checkpointer.last_checkpoint())
                     if step < train.steps and result.stop:  # agreed by every rank: all stop after the same step
                         checkpointer.stop(step, stop.signum)
@@ -248,7 +260,8 @@ class BaseSDTrainProcess:
         finally:
             monitor.close()
         if rt.is_main:
-            log.info("done: %d steps in %.1f s; LoRA: %s", train.steps, monitor.elapsed(), final)
+            resumed = f" ({train.steps - start} steps trained by this run, from step {start})" if start else ""
+            log.info("done: %d steps%s in %.1f s; LoRA: %s", train.steps, resumed, monitor.elapsed(), final)
         return final
 
     def optimizer_step(self, run: TrainingRun) -> StepResult:
@@ -348,15 +361,20 @@ class BaseSDTrainProcess:
             log.info("step %d: val/loss %.5f", step, val_loss)
 
     def _sample(self, run: TrainingRun, step: int) -> None:
-        """Each rank renders its share of the prompts; the main process writes the images and the contact sheet."""
+        """Each rank renders its share of the prompts; the main process writes the images and the contact sheet.
+        A stop signal ends the round between images (or denoising steps) and stops the run here."""
         mine = [run.requests[i] for i in run.rt.my_share(len(run.requests))]
-        controls = [load_controls(r) for r in mine]  # one image per --ctrl_img
-        with ema_weights(run.ema):
-            images = run.model.sample(mine, controls)
-        rendered = run.rt.gather([(r.index, img) for r, img in zip(mine, images)])
+        stop = run.stop
+        with run.monitor.paused():  # sampling is not step time: the bar's ETA and perf/step_seconds leave it out
+            mine_rendered = render_round(run.model, mine, step, run.ema, stop=stop and (lambda: stop.requested),
+                                         total=len(run.requests))
+        if stop is not None and run.rt.any_rank(stop.requested):
+            run.checkpointer.stop(step, stop.signum, during="samples")
+        rendered = run.rt.gather(mine_rendered)
         if run.rt.is_main:
             by_index = dict(rendered)
-            run.outputs.write_samples(step, [(r, by_index[r.index]) for r in run.requests])
+            run.outputs.write_samples(step, [(r, by_index[r.index]) for r in run.requests],
+                                      base_model=self.cfg.model.name_or_path)
 
 
 __all__ = ["BaseSDTrainProcess"]

@@ -52,6 +52,7 @@ class Checkpointer:
     start_step: int = field(default=0, init=False)
     start_samples: int = field(default=0, init=False)
     start_reg_batches: int = field(default=0, init=False)
+    saved_step: int = 0  # the step of the newest complete checkpoint (or the restored state): a stop saves only after it
 
     @property
     def steps(self) -> int:
@@ -92,6 +93,7 @@ class Checkpointer:
         if errors:
             raise train_state.CheckpointSaveError(errors[0])
         rt.checkpoint_saved(step, train_state.state_root(self.outputs.folder) / f"{step:09d}")
+        self.saved_step = step
 
     def _refuse_nonfinite(self, step: int) -> None:
         """Never write NaN/Inf weights (every rank agrees; FSDP: each checks its shard). Since every checkpoint is
@@ -194,12 +196,19 @@ class Checkpointer:
             self.reg_sampler.load_state_dict(train_state.data_position(reg_consumed, len(self.reg_sampler)))
         log.info("resuming from %s: step %d of %d, epoch %d, batch %d of %d", path, step, train.steps,
                  position["epoch"], position["batches_done"], len(self.sampler))
+        self.saved_step = step
         return step
 
-    def stop(self, step: int, signum: Optional[int]) -> None:
-        """A stop was requested (on this or another rank): save this step's checkpoint and raise."""
-        self.save(step)
+    def stop(self, step: int, signum: Optional[int], during: str = "") -> None:
+        """A stop was requested (on this or another rank): save this step's checkpoint, unless no step was trained
+        since the last one (a stop during sampling), and raise."""
         why = signal_name(signum) if signum else "a stop request on another process"
-        raise TrainingInterrupted(f"stopped by {why} after step {step} of {self.steps}; checkpoint saved in "
+        when = f"during the {during} of step {step}" if during else f"after step {step}"
+        if step <= self.saved_step:
+            kept = (f"the checkpoint of step {step} is complete" if step else
+                    "no step was trained, nothing saved (a changed config starts afresh)")
+            raise TrainingInterrupted(f"stopped by {why} {when} of {self.steps}; {kept}", signum or 15)
+        self.save(step)
+        raise TrainingInterrupted(f"stopped by {why} {when} of {self.steps}; checkpoint saved in "
                                   f"{train_state.state_root(self.outputs.folder) / f'{step:09d}'}; run the same "
                                   "command again to resume", signum or 15)

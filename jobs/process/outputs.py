@@ -8,8 +8,8 @@ atomically so a crash never leaves a half-written LoRA where a finished one is e
 from __future__ import annotations
 
 import functools
-import io
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -18,7 +18,7 @@ from PIL import Image
 
 from toolkit.state import train_state
 from toolkit.state import transformer_folder
-from toolkit.state.atomic import atomic_write_bytes
+from toolkit.state.atomic import atomic_write_bytes, swap_in_folder
 from toolkit.state.checkpoint import list_step_files, prune_step_files, step_file_name
 from toolkit.config.loader import write_resolved_config
 from toolkit.dtypes import torch_dtype
@@ -27,6 +27,7 @@ from toolkit.adapters import lokr
 from toolkit.adapters.network import lokr_converter
 from toolkit.adapters.lora import ecosystem_metadata, lora_state_dict, save_lora
 from toolkit.adapters.lora_convert import find_conventions, to_comfy
+from toolkit.render.pngmeta import png_bytes
 from toolkit.render.sampling import SampleRequest, contact_sheet, load_controls, sample_file_name
 
 log = logging.getLogger(__name__)
@@ -39,12 +40,18 @@ class RunOutputs:
         self.full_finetune = full_finetune  # weights are transformer folders instead of LoRA files
         self.sample_dir = self.folder / "samples"
         self.log_dir = self.folder / "logs"
+        self.kept: list[Path] = []  # finished LoRAs kept as step files (keep_final): rotation never removes them
 
     def check_writable(self) -> None:
-        """Fail before any model loads when the output folder cannot be created or written."""
+        """Fail before any model loads when the output folder cannot be created or written. Creates nothing: the
+        nearest existing folder on its path must take a file (a failed start leaves no empty run folder behind)."""
+        existing = self.folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UserError(f"training_folder: cannot write to {self.folder}: {existing} is not a folder")
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=self.folder, prefix=".write-test-"):
+            with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
                 pass
         except OSError as exc:
             raise UserError(f"training_folder: cannot write to {self.folder}: {exc.strerror or exc}") from exc
@@ -118,6 +125,28 @@ class RunOutputs:
             log.info("saved %s", path)
         return path
 
+    def keep_final(self, step: int, steps: int) -> Path | None:
+        """A finished run continued for longer (train.steps raised to `steps`): copy its final LoRA (or transformer
+        folder) of `step` to the step name before training overwrites it."""
+        if not self.final_path.exists():
+            return None
+        if self.full_finetune:
+            kept = self.folder / transformer_folder.step_folder_name(step)
+            if not kept.exists():
+                tmp = self.folder / f".{kept.name}.keep.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(self.final_path, tmp)
+                swap_in_folder(tmp, kept)
+        else:
+            kept = self.folder / step_file_name(self.name, step)
+            if not kept.exists():
+                atomic_write_bytes(kept, self.final_path.read_bytes())
+        self.kept.append(kept)
+        log.info("train.steps raised to %d: continuing from step %d; the finished %s of step %d is kept as %s "
+                 "before %s is overwritten", steps, step, "LoRA" if not self.full_finetune else "transformer", step,
+                 kept.name, self.final_path.name)
+        return kept
+
     def save_state(self, step: int, write_state: bool = True, **state) -> Path | None:
         """The training state of `step` (toolkit.state.train_state.save_state arguments); none with write_state
         false (multi-process FSDP)."""
@@ -136,7 +165,8 @@ class RunOutputs:
             transformer_folder.prune_step_folders(self.folder, keep,
                                                   protect=self.folder / transformer_folder.step_folder_name(step))
         elif step_lora:
-            prune_step_files(self.folder, self.name, keep, protect=[self.folder / step_file_name(self.name, step)])
+            prune_step_files(self.folder, self.name, keep,
+                             protect=[self.folder / step_file_name(self.name, step), *self.kept])
 
     def save_final(self, transformer, lora_config, cfg, step: int, rt, wrapped=None) -> Path:
         """Every process calls it; a full fine-tune, or any run under FSDP, gathers the transformer's weights from
@@ -153,21 +183,34 @@ class RunOutputs:
         return path
 
     # -- samples ----------------------------------------------------------------------------------------------
-    def write_samples(self, step: int, rendered: Sequence[tuple[SampleRequest, Image.Image]]) -> Path:
-        rows = []
+    def write_samples(self, step: int, rendered: Sequence[tuple[SampleRequest, Image.Image]],
+                      base_model: str = "") -> Path:
+        """Each sample as a PNG with its generation parameters (as `generate` writes them), and a contact sheet
+        with column titles (control(s), the sample of this step) and each row's prompt and seed."""
+        rows, lora = [], self._lora_of(step)
         for request, image in rendered:
-            _write_png(self.sample_dir / sample_file_name(step, request.index), image)
-            rows.append((*load_controls(request), image, request.prompt))  # every control, then the sample
+            params = {"prompt": request.prompt, "seed": request.seed, "steps": request.steps,
+                      "guidance_scale": request.guidance_scale, "width": image.width, "height": image.height,
+                      "control_image": str(request.ctrl_img), "base_model": base_model, "training_step": step,
+                      "lora": lora}
+            atomic_write_bytes(self.sample_dir / sample_file_name(step, request.index), png_bytes(image, params))
+            rows.append((*load_controls(request), image, f"{request.prompt} (seed {request.seed})"))
+        controls = max((len(row) - 2 for row in rows), default=1)
+        titles = ["control" if controls == 1 else f"control {i + 1}" for i in range(controls)]
         sheet_path = self.sample_dir / f"{step:09d}_sheet.png"
-        _write_png(sheet_path, contact_sheet(rows))
+        sheet = contact_sheet(rows, column_titles=[*titles, f"{self.name}, step {step}"])
+        atomic_write_bytes(sheet_path, png_bytes(sheet, {"prompt": f"{self.name}: samples of step {step}",
+                                                         "training_step": step, "lora": lora}))
         log.info("samples of step %d: %s", step, sheet_path)
         return sheet_path
 
-
-def _write_png(path: Path, image: Image.Image) -> None:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    def _lora_of(self, step: int) -> str | None:
+        """The weights a sample of `step` was rendered with: the step's saved file, else the run at that step."""
+        if step == 0:
+            return None  # before training: the LoRA is freshly initialised (a no-op)
+        saved = self.folder / (transformer_folder.step_folder_name(step) if self.full_finetune
+                               else step_file_name(self.name, step))
+        return str(saved) if saved.exists() else f"{self.name} at step {step} (not saved)"
 
 
 __all__ = ["RunOutputs"]

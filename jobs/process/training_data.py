@@ -15,11 +15,16 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from toolkit.arch import Architecture
+from toolkit.data.cache import CachingModel, cache_dataset
 from toolkit.data.dataset import PairedDataset, collate_batch, option
 from toolkit.data.pairs import Pair
 from toolkit.data.sampler import BucketBatchSampler
 from toolkit.dist import Runtime
+from toolkit.errors import ConfigError
+from toolkit.train import preservation
 from toolkit.train.reg_schedule import RegSchedule
+from toolkit.train.validation import ValidationSet
 
 log = logging.getLogger(__name__)
 
@@ -91,5 +96,31 @@ def epochs(stream: Stream) -> Iterator[dict]:
         epoch += 1
 
 
-__all__ = ["REG_SEED_OFFSET", "Stream", "build_datasets", "epochs", "log_reg", "make_stream", "reg_schedule",
-           "split_pairs"]
+def attach_caches(cfg, rt: Runtime, model: Architecture, datasets: Sequence[PairedDataset], requests,
+                  validation: Optional[ValidationSet]) -> None:
+    """Encode latents / caption embeddings once (toolkit.data.cache); with captions cached, free the text encoders
+    after encoding what sampling and validation will still ask for."""
+    latents = any(d.cache_latents or d.cache_latents_to_disk for d in cfg.datasets)
+    text = cfg.train.cache_text_embeddings
+    if not (latents or text):
+        return
+    if not isinstance(model, CachingModel):
+        raise ConfigError(f"model.arch {cfg.model.arch}: this architecture cannot cache latents or "
+                          "text embeddings; turn the cache options off")
+    latent_encoder, text_encoder = model.latent_encoder() if latents else None, model.text_encoder() if text else None
+    for dataset in datasets:  # the training items, then the regularisation items
+        dataset.attach_cache(cache_dataset(dataset, cfg.datasets, rt=rt, batch_size=cfg.train.batch_size,
+                                           latents=latent_encoder, text=text_encoder))
+    if text:
+        keep = [r.prompt for r in requests]
+        if validation is not None:
+            keep += [c for i in range(len(validation.dataset)) for c in validation.dataset.item_captions(i)]
+        if cfg.train.diff_output_preservation:  # the class captions are encoded at every step
+            keep += preservation.class_captions(
+                [c for d in datasets for i in range(len(d)) for c in d.item_captions(i)], cfg.trigger_word,
+                cfg.train.diff_output_preservation_class)
+        model.unload_text_encoders(keep)
+
+
+__all__ = ["REG_SEED_OFFSET", "Stream", "attach_caches", "build_datasets", "epochs", "log_reg", "make_stream",
+           "reg_schedule", "split_pairs"]

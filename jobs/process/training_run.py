@@ -54,7 +54,8 @@ class TrainingRun:
     start_step: int  # 0, or the step a resumed training state ended at
     validation: Optional[ValidationSet] = None  # held-out pairs, None when no dataset has val_folder_path
     ema: Optional[EMA] = None  # train.ema_config: averaged LoRA weights for samples, validation and saves
-    stop: Optional[GracefulStop] = None  # set by the loop: its stop-signal flag is agreed on at each step
+    stop: Optional[GracefulStop] = None  # the stop-signal flag while the loop runs: agreed on at each step, and
+    # sampling checks it per image
 
 
 def describe_batch(batch: dict) -> str:

@@ -104,13 +104,13 @@ def install_probes(probe_dir: Path) -> None:
         record["writes"].append(f"state:{step}")
         return original_state(self, step, *args, **kwargs)
 
-    def write_samples(self, step, rendered):
+    def write_samples(self, step, rendered, **kwargs):
         record["writes"].append(f"samples:{step}")
-        return original_samples(self, step, rendered)
+        return original_samples(self, step, rendered, **kwargs)
 
-    def sample(self, requests, controls):
+    def sample(self, requests, controls, **kwargs):
         record["rendered"].extend(r.index for r in requests)
-        return original_sample(self, requests, controls)
+        return original_sample(self, requests, controls, **kwargs)
 
     def save_final(self, transformer, *args, **kwargs):
         result = original_final(self, transformer, *args, **kwargs)

@@ -130,8 +130,10 @@ class SampleConfig:
     sample_start_step: int = field(default=0, metadata=_meta(
         "No periodic samples before this step (ai-toolkit's rule: steps >= it that are multiples of sample_every); "
         "the before-training and final samples are still made.", GE0))
-    width: int = field(default=1024, metadata=_meta("Sample width in pixels.", SIZE16))
-    height: int = field(default=1024, metadata=_meta("Sample height in pixels.", SIZE16))
+    width: int = field(default=1024, metadata=_meta(
+        "Sample width in pixels; width x height is the pixel area of a sample, whose aspect ratio follows its "
+        "control image (a prompt's --w/--h set an exact size).", SIZE16))
+    height: int = field(default=1024, metadata=_meta("Sample height in pixels; see width.", SIZE16))
     prompts: list[str] = field(default_factory=list, metadata=_meta(
         "Sample prompts; flags such as --ctrl_img PATH may follow the text; [trigger] becomes trigger_word."))
     neg: str = field(default="", metadata=_meta("Negative prompt (unused by FLUX).", aliases=("negative_prompt",)))

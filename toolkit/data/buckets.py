@@ -76,3 +76,37 @@ def scale_box(box: Box, from_size: tuple[float, float], to_size: tuple[float, fl
     sx, sy = to_w / from_w, to_h / from_h
     left, top, right, bottom = box
     return (left * sx, top * sy, right * sx, bottom * sy)
+
+
+MAX_MERGE_ASPECT = 1.4  # merge only buckets whose aspect ratios differ by at most this factor (crops stay modest)
+
+
+def merge_small_buckets(counts: dict[tuple[int, int], int], global_batch: int) -> dict[tuple[int, int], tuple[int, int]]:
+    """Old bucket -> merged bucket, so that no bucket has fewer items than one global batch when the data allows it.
+
+    With few images and several processes most buckets hold fewer items than a global batch, and their items would
+    repeat within a batch (an epoch of 12 photos took 9 batches of 2 instead of 6). The smallest such bucket is
+    merged with the bucket of the closest aspect ratio (within MAX_MERGE_ASPECT), until none is short or none can
+    merge. A merged bucket is the sides' minimum of the two, so it is never larger than any member image (rule 3: no
+    upscaling); members are cropped to its aspect ratio (rule 4)."""
+    groups = {bucket: [bucket] for bucket in counts}
+    sizes = dict(counts)
+
+    def distance(a: tuple[int, int], b: tuple[int, int]) -> float:
+        return abs(math.log((a[0] / a[1]) / (b[0] / b[1])))
+
+    while len(groups) > 1:
+        # the smallest bucket first; a short partner before a full one (two short buckets may fill each other), and
+        # one that leaves whole batches (no item repeats) before one that leaves a remainder
+        pairs = [(sizes[s], sizes[b] >= global_batch, (sizes[s] + sizes[b]) % global_batch != 0, distance(s, b),
+                  -sizes[b], s, b) for s in groups
+                 if sizes[s] < global_batch
+                 for b in groups if b != s and distance(s, b) <= math.log(MAX_MERGE_ASPECT) + 1e-9]
+        if not pairs:
+            break
+        *_, small, partner = min(pairs)
+        merged = (min(small[0], partner[0]), min(small[1], partner[1]))
+        members = groups.pop(small) + groups.pop(partner) + groups.pop(merged, [])
+        total = sizes.pop(small) + sizes.pop(partner) + sizes.pop(merged, 0)
+        groups[merged], sizes[merged] = members, total
+    return {old: new for new, members in groups.items() for old in members}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, Protocol, Sequence
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from toolkit.data.buckets import Box, bucket_for, crop_box, scale_box
+from toolkit.data.buckets import Box, bucket_for, crop_box, merge_small_buckets, scale_box
 from toolkit.data.captions import prepare_caption
 from toolkit.data.images import load_rgb, to_tensor
 from toolkit.data.masks import load_mask
@@ -131,6 +132,16 @@ def randomly_cropped(plan: ItemPlan, pair: Pair, rng: random.Random) -> ItemPlan
                    mask_box=mask_box)
 
 
+def replan(plan: ItemPlan, pair: Pair, bucket: tuple[int, int]) -> ItemPlan:
+    """The same item cut for another bucket (a merged one; toolkit.data.buckets.merge_small_buckets): the target box,
+    every control image's and the mask's, flips kept."""
+    target_box = crop_box(*pair.target_size, *bucket)
+    boxes = [scale_box(target_box, pair.target_size, size) for size in pair.control_sizes] or [None]
+    mask_box = scale_box(target_box, pair.target_size, pair.mask_size) if plan.mask_box is not None else None
+    return replace(plan, bucket=bucket, target_box=target_box, control_box=boxes[0],
+                   extra_control_boxes=tuple(boxes[1:]), mask_box=mask_box)
+
+
 def render(path: Path, expected_size: tuple[int, int], box: Box, bucket: tuple[int, int],
            flip: tuple[bool, bool] = (False, False)) -> Image.Image:
     """Decode once, then crop and resize in one LANCZOS pass (PIL's ``resize(box=...)``) to the bucket size, then
@@ -204,6 +215,29 @@ class PairedDataset(Dataset):
                       + (() if n_controls == 1 else (("controls", n_controls),)))
             keys.append((*plan.bucket, *extras))
         return keys
+
+    def fit_buckets(self, global_batch: int) -> list[tuple[int, str]]:
+        """Merge buckets with fewer items than `global_batch` (toolkit.data.buckets.merge_small_buckets) and re-cut
+        their items; before any cache or sampler is built. Returns (log level, message) to tell the user (main process
+        only: every rank computes the same)."""
+        counts = Counter(self.bucket_keys)
+        mapping = merge_small_buckets(dict(counts), global_batch)
+        moved = {old: new for old, new in mapping.items() if old != new}
+        for i, plan in enumerate(self.items):
+            if plan.bucket in moved:
+                self.items[i] = replan(plan, self.pairs[plan.pair_index], moved[plan.bucket])
+        notes = []
+        if moved:
+            merged = ", ".join(f"{w}x{h}" for w, h in sorted(set(moved.values())))
+            notes.append((logging.INFO, f"bucketing: {len(counts)} buckets -> {len(set(self.bucket_keys))} so that each fills a "
+                         f"global batch of {global_batch} (merged into {merged}; images cropped, never upscaled)"))
+        short = {bucket: n for bucket, n in Counter(self.bucket_keys).items() if n < global_batch}
+        if short:
+            listed = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(short.items()))
+            notes.append((logging.WARNING, f"{len(short)} bucket(s) have fewer items than the global batch of "
+                          f"{global_batch} (train.batch_size x processes), so their items repeat within a batch "
+                          f"({listed}): add images of those shapes, lower train.batch_size or use fewer processes"))
+        return notes
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose caption randomness __getitem__ uses."""

@@ -305,8 +305,8 @@ def _log_warnings(pairs: Sequence[Pair], cfg: DatasetConfigLike, folder: Path) -
 def format_problems(problems: Sequence[str]) -> str:
     """The DatasetError message: a count, then one problem per line."""
     lines = "\n".join(f"  - {problem}" for problem in problems)
-    noun = "problem" if len(problems) == 1 else "problems"
-    return f"The dataset has {len(problems)} {noun}; fix them and run again:\n{lines}"
+    noun, them = ("problem", "it") if len(problems) == 1 else ("problems", "them")
+    return f"The dataset has {len(problems)} {noun}; fix {them} and run again:\n{lines}"
 
 
 def discover_pairs(

@@ -21,7 +21,8 @@ resumed run would be reset to epoch 0 and lose its skip. Both calls are idempote
 
 Filling: a bucket whose item count is not a multiple of ``batch_size`` is completed by repeating items of the same
 bucket from the start of its shuffled order; a bucket with fewer items than ``batch_size`` (e.g. fewer images than
-GPUs) repeats its items, with one warning per run. So every batch is full and no rank ever waits for a batch.
+GPUs) repeats its items (PairedDataset.fit_buckets merges such buckets first, and tells the user once on the main
+process what remains; here it is a debug line on every rank). So every batch is full and no rank ever waits for a batch.
 
 Order independent of the process count: the items of a bucket come in one seeded order per epoch whatever the
 batch size, and batches of different buckets are merged by a random key per item (also drawn regardless of the
@@ -133,7 +134,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         if small and self._warned_epoch is None:
             self._warned_epoch = self.epoch
             described = ", ".join(f"{key}: {count} item(s)" for key, count in small.items())
-            logger.warning(
+            logger.debug(
                 "Epoch %d: %d bucket(s) have fewer items than the global batch of %d, so their items repeat within "
                 "a batch (%s)", self.epoch, len(small), self.batch_size, described,
             )

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageOps
 
-from toolkit.errors import ConfigError
+from toolkit.errors import ConfigError, UserError
 
 _FLAG = re.compile(r"(?:^|\s)--(ctrl_img|seed|w|h|cfg|steps|neg)(?=\s|$)")
 _INT_FLAGS = {"seed", "w", "h", "steps"}
@@ -62,8 +62,10 @@ def parse_prompt_flags(text: str) -> tuple[str, dict[str, str]]:
 
 
 def build_requests(prompts: Sequence[str], *, seed: int, walk_seed: bool, width: int, height: int,
-                   guidance_scale: float, steps: int, key_path: str = "sample.prompts") -> list[SampleRequest]:
-    """Resolve every prompt's flags against the sample defaults; problems name the prompt's key path."""
+                   guidance_scale: float, steps: int, key_path: str = "sample.prompts",
+                   keep_aspect: bool = True) -> list[SampleRequest]:
+    """Resolve every prompt's flags against the sample defaults; problems name the prompt's key path. A prompt
+    without --w/--h follows its (first) control image's aspect ratio at width x height pixels (`keep_aspect`)."""
     requests, problems = [], []
     for i, raw in enumerate(prompts):
         prompt, all_flags = parse_prompt_flag_lists(raw)
@@ -85,6 +87,14 @@ def build_requests(prompts: Sequence[str], *, seed: int, walk_seed: bool, width:
             problems.extend(f"{where}: --ctrl_img {path} does not exist" for path in missing)
             continue
         w, h = int(values.get("w", width)), int(values.get("h", height))
+        if keep_aspect and "w" not in values and "h" not in values:  # the control's shape, at the configured area
+            from toolkit.data.images import read_image_size  # local: keeps this module light to import
+
+            try:
+                w, h = fit_to_area(*read_image_size(ctrl_paths[0]), width * height)
+            except UserError as exc:
+                problems.append(f"{where}: --ctrl_img {ctrl_paths[0]}: {exc}")
+                continue
         if w % 16 or h % 16:
             problems.append(f"{where}: --w/--h must be multiples of 16, got {w}x{h}")
             continue

@@ -40,6 +40,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from toolkit.state import atomic
+from toolkit.state.config_change import config_diff, only_more_steps
 from toolkit.errors import UserError
 from toolkit.redact import redact_mapping
 
@@ -70,6 +71,13 @@ UNHASHED_KEYS = (
 
 class StateError(UserError):
     """A training state cannot be used as asked; the message says what to do."""
+
+
+class ConfigChangedError(StateError):
+    """The run folder's newest state was saved with another training config (`step`: that state's step)."""
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 class CheckpointSaveError(UserError):
@@ -107,16 +115,6 @@ def training_config(process_cfg: Any) -> dict:
 
 def config_hash(training_cfg: Mapping) -> str:
     return hashlib.sha256(json.dumps(training_cfg, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def config_diff(old: Any, new: Any, path: str = "") -> list[str]:
-    """`key.path: old -> new` for every value that differs (lists of different length are one line)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [line for key in sorted(set(old) | set(new), key=str)
-                for line in config_diff(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))]
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        return [line for i, (a, b) in enumerate(zip(old, new)) for line in config_diff(a, b, f"{path}[{i}]")]
-    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
 
 
 # -- random number generators -----------------------------------------------------------------------------------
@@ -282,6 +280,12 @@ def read_info(path: Path) -> dict:
     return json.loads((Path(path) / TRAINER_FILE).read_text(encoding="utf-8"))
 
 
+def is_finished(path: Path) -> bool:
+    """The state ends a finished run (its step is its train.steps): the run's final LoRA is of this step."""
+    info = read_info(path)
+    return info.get("step") == ((info.get("config") or {}).get("train") or {}).get("steps")
+
+
 # -- deciding where to resume from ------------------------------------------------------------------------------
 def plan_resume(run_folder: Path, resume_from: Optional[str], training_cfg: Mapping,
                 existing_outputs: Sequence[Path] = ()) -> Optional[Path]:
@@ -328,13 +332,17 @@ def _check_config(path: Path, training_cfg: Mapping, forced: bool) -> None:
     if info.get("config_hash") == config_hash(training_cfg):
         return
     changes = config_diff(info.get("config", {}), dict(training_cfg)) or ["(the saved config differs)"]
+    if only_more_steps(info.get("config", {}), dict(training_cfg)):  # extending a run needs no permission
+        log.info("continuing %s for longer (%s)", path, changes[0])
+        return
     listed = "\n  ".join(changes[:20]) + ("\n  ..." if len(changes) > 20 else "")
     if forced:
         log.warning("resuming from %s although the training config changed since it was saved:\n  %s", path, listed)
         return
-    raise StateError(f"the config changed since the training state {path} was saved:\n  {listed}\nTo start over "
-                     "with the new config, run with --fresh (a new folder; this run is kept). To continue this run "
-                     "with the changed config, set train.resume_from: latest (or a state folder). Or undo the change.")
+    raise ConfigChangedError(f"the config changed since the training state {path} was saved:\n  {listed}\nTo start "
+                             "over with the new config, run with --fresh (a new folder; this run is kept). To "
+                             "continue this run with the changed config, set train.resume_from: latest (or a state "
+                             "folder). Or undo the change.", int(info.get("step", 0)))
 
 
 # -- loading ----------------------------------------------------------------------------------------------------

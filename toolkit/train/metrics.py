@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Mapping, Optional
 
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
+
+
+BAR_LOSS_EVERY_S = 1.0  # the bar's loss is this step's, read from the device at most this often (a host sync)
+
+
+class TqdmLogHandler(logging.StreamHandler):
+    """Log records printed above the progress bar (tqdm.write clears and redraws it), not glued onto its line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # logging's own contract: a failing handler reports and never raises
+            self.handleError(record)
 
 
 class TrainingMonitor:
@@ -19,6 +33,9 @@ class TrainingMonitor:
         self.enabled = enabled
         self.writer = None
         self.bar = None
+        self._bar_loss_at = 0.0
+        # No TensorBoard file yet: this is the run folder's first run (the lr plan is written once per folder).
+        self.first_in_folder = enabled and not any(Path(log_dir).glob("events.out.tfevents.*"))
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -29,10 +46,28 @@ class TrainingMonitor:
         self._window_start = self._t0
         self._window_steps = 0
 
-    def step_done(self) -> None:
+    def step_done(self, loss=None) -> None:
+        """One optimizer step; `loss` (a device tensor) shows in the bar, fresh, at most every BAR_LOSS_EVERY_S."""
         self._window_steps += 1
-        if self.bar is not None:
-            self.bar.update(1)
+        if self.bar is None:
+            return
+        now = time.perf_counter()
+        if loss is not None and now - self._bar_loss_at >= BAR_LOSS_EVERY_S:
+            self._bar_loss_at = now
+            self.bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+        self.bar.update(1)
+
+    @contextmanager
+    def paused(self):
+        """Time spent inside (sampling, validation) is not step time: neither the bar's rate and ETA nor
+        window()'s seconds per step count it."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._window_start += time.perf_counter() - started
+            if self.bar is not None:
+                self.bar.unpause()
 
     def window(self) -> tuple[float, int]:
         """Seconds per step over the steps since the last call, and how many steps that was."""
