@@ -87,7 +87,7 @@ def build_requests(prompts: Sequence[str], *, seed: int, walk_seed: bool, width:
             problems.extend(f"{where}: --ctrl_img {path} does not exist" for path in missing)
             continue
         w, h = int(values.get("w", width)), int(values.get("h", height))
-        if keep_aspect and "w" not in values and "h" not in values:  # the control's shape, at the configured area
+        if keep_aspect and ctrl_paths and "w" not in values and "h" not in values:  # the control's shape, same area
             from toolkit.data.images import read_image_size  # local: keeps this module light to import
 
             try:
