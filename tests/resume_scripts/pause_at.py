@@ -57,9 +57,9 @@ def install(spec: str, marker: Path) -> None:
             maybe_pause("prune")
         return original_rmtree(path, *args, **kwargs)
 
-    def sample(self, requests, controls):
+    def sample(self, requests, controls, **kwargs):
         maybe_pause("sample")
-        return original_sample(self, requests, controls)
+        return original_sample(self, requests, controls, **kwargs)
 
     BaseSDTrainProcess.compute_loss = compute_loss
     atomic.atomic_write_bytes = atomic_write_bytes
