@@ -97,3 +97,19 @@ def test_run_generate_renders_base_and_lora_with_two_controls(tmp_path, tiny_qwe
     assert np.array_equal(np.asarray(ours, dtype=np.int16), images["edit"])  # the same sampler, the same LoRA
     zero = generate(tmp_path / "zero", "--lora-scale", "0")
     assert np.array_equal(zero["edit"], zero["base"])
+
+
+def test_a_stop_request_ends_the_denoising_loop_after_the_current_step(qwen, monkeypatch) -> None:
+    """Training's sampling rounds pass stop=...: a stop signal ends the loop after the step it arrived in."""
+    small_reference_area(monkeypatch)
+    calls = []
+    denoiser = qwen.denoiser()
+    hook = denoiser.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        qwen.sample([request(1, 1.0)], [[control_image(64, 48, 1)]], stop=lambda: True)
+        stopped = len(calls)
+        calls.clear()
+        qwen.sample([request(1, 1.0)], [[control_image(64, 48, 1)]])
+    finally:
+        hook.remove()
+    assert (stopped, len(calls)) == (1, 2)  # request(...) asks for 2 denoising steps

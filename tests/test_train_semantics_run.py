@@ -24,9 +24,9 @@ def test_step_uses_loss_type_timestep_type_and_content_or_style(tmp_path, tiny_m
     seen = {}
     real_loss, real_times = flow_matching.flow_matching_loss, flow_matching.sample_timesteps
 
-    def loss_spy(pred, target, weights, loss_type="mse"):
+    def loss_spy(pred, target, weights, loss_type="mse", element_weights=None):
         seen["loss_type"] = loss_type
-        return real_loss(pred, target, weights, loss_type)
+        return real_loss(pred, target, weights, loss_type, element_weights)
 
     def times_spy(kind, *args, content_or_style="balanced", **kwargs):
         seen["times"] = (kind, content_or_style)

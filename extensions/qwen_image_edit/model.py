@@ -13,7 +13,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 
 import torch
 from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
@@ -197,16 +197,19 @@ class QwenImageEditPlus(Architecture):
     # -- sampling ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, requests: Sequence[SampleRequest],
-               controls: Sequence[Union[Image.Image, Sequence[Image.Image]]]) -> list[Image.Image]:
-        """One image per request; guidance_scale > 1 is the pipeline's true CFG against an empty negative prompt."""
+               controls: Sequence[Union[Image.Image, Sequence[Image.Image]]],
+               stop: Optional[Callable[[], bool]] = None) -> list[Image.Image]:
+        """One image per request; guidance_scale > 1 is the pipeline's true CFG against an empty negative prompt.
+        `stop()` is asked after every denoising step: true ends the loop early (the image is then unfinished)."""
         was_training = self.transformer.training
         self.transformer.eval()
         try:
-            return [self._render(r, c) for r, c in zip(requests, controls)]
+            return [self._render(r, c, stop) for r, c in zip(requests, controls)]
         finally:
             self.transformer.train(was_training)
 
-    def _render(self, request: SampleRequest, control: Union[Image.Image, Sequence[Image.Image]]) -> Image.Image:
+    def _render(self, request: SampleRequest, control: Union[Image.Image, Sequence[Image.Image]],
+                stop: Optional[Callable[[], bool]] = None) -> Image.Image:
         images = [control] if isinstance(control, Image.Image) else list(control)
         cond = self.condition(request.prompt, images, request.width, request.height)
         negative: Optional[Conditioning] = None
@@ -214,7 +217,7 @@ class QwenImageEditPlus(Architecture):
             negative = self.condition("", images, request.width, request.height)
         generator = torch.Generator("cpu").manual_seed(request.seed)  # CPU noise: the same image on any device
         return render(self.pipe, self._denoiser, cond, request.width, request.height, request.steps, generator,
-                      true_cfg_scale=request.guidance_scale, negative=negative)
+                      true_cfg_scale=request.guidance_scale, negative=negative, stop=stop)
 
 
 @register_architecture

@@ -7,7 +7,7 @@ size it gives the pipeline's image bit for bit (tests/test_qwen_generate.py).
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -38,9 +38,9 @@ def _prediction(denoiser: torch.nn.Module, latents: torch.Tensor, cond: Conditio
 @torch.no_grad()
 def render(pipe: Any, denoiser: torch.nn.Module, cond: Conditioning, width: int, height: int, steps: int,
            generator: torch.Generator, true_cfg_scale: float = 1.0, negative: Optional[Conditioning] = None,
-           output_type: str = "pil") -> Union[Image.Image, np.ndarray]:
+           output_type: str = "pil", stop: Optional[Callable[[], bool]] = None) -> Union[Image.Image, np.ndarray]:
     """One image of width x height (floored to multiples of 16) from noise drawn with `generator`; output_type
-    "np" gives the float image before 8-bit rounding."""
+    "np" gives the float image before 8-bit rounding. `stop()` true after a denoising step ends the loop early."""
     multiple = pipe.vae_scale_factor * 2
     width, height = width // multiple * multiple, height // multiple * multiple
     device, dtype = cond.prompt_embeds.device, cond.prompt_embeds.dtype
@@ -60,6 +60,8 @@ def render(pipe: Any, denoiser: torch.nn.Module, cond: Conditioning, width: int,
             # The pipeline keeps the conditional prediction's norm per token.
             pred = combined * (torch.norm(pred, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
         latents = pipe.scheduler.step(pred, t, latents, return_dict=False)[0]
+        if stop is not None and stop():
+            break
     vae = pipe.vae
     image_latents = unpack_latents(latents, latent_hw).unsqueeze(2).to(vae.dtype)
     image_latents = denormalize_latents(image_latents, vae.config.latents_mean, vae.config.latents_std)
