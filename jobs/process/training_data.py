@@ -53,6 +53,10 @@ def build_datasets(pairs: Sequence[Pair], cfg, seed: int) -> tuple[PairedDataset
     dataset = PairedDataset(train_pairs, cfg.datasets, trigger_word=cfg.trigger_word, seed=seed)
     reg = PairedDataset(reg_pairs, cfg.datasets, trigger_word=cfg.trigger_word, seed=seed + REG_SEED_OFFSET,
                         reg_weight=cfg.train.reg_weight) if reg_pairs else None
+    static = cfg.train.unload_text_encoder and not cfg.train.cache_text_embeddings  # ai-toolkit: trigger word only
+    for data in (dataset, reg):
+        if data is not None:
+            data.static_captions = static
     return dataset, reg
 
 
@@ -102,17 +106,21 @@ def attach_caches(cfg, rt: Runtime, model: Architecture, datasets: Sequence[Pair
     after encoding what sampling and validation will still ask for."""
     latents = any(d.cache_latents or d.cache_latents_to_disk for d in cfg.datasets)
     text = cfg.train.cache_text_embeddings
-    if not (latents or text):
+    unload = text or cfg.train.unload_text_encoder
+    if not (latents or unload):
         return
     if not isinstance(model, CachingModel):
         raise ConfigError(f"model.arch {cfg.model.arch}: this architecture cannot cache latents or "
-                          "text embeddings; turn the cache options off")
+                          "text embeddings, nor unload its text encoders; turn the cache options and "
+                          "train.unload_text_encoder off")
     latent_encoder, text_encoder = model.latent_encoder() if latents else None, model.text_encoder() if text else None
-    for dataset in datasets:  # the training items, then the regularisation items
+    for dataset in datasets if latents or text else ():  # the training items, then the regularisation items
         dataset.attach_cache(cache_dataset(dataset, cfg.datasets, rt=rt, batch_size=cfg.train.batch_size,
                                            latents=latent_encoder, text=text_encoder))
-    if text:
+    if unload:
         keep = [r.prompt for r in requests]
+        if any(d.static_captions for d in datasets):  # train.unload_text_encoder: the trigger word, and ""
+            keep += [cfg.trigger_word or "", ""]
         if validation is not None:
             keep += [c for i in range(len(validation.dataset)) for c in validation.dataset.item_captions(i)]
         if cfg.train.diff_output_preservation:  # the class captions are encoded at every step

@@ -256,10 +256,6 @@ TABLE: dict[str, dict[str, Rule]] = {
         "short_and_long_captions_encoder_split": Unsupported((False,), "JSON caption files are not implemented"),
         "single_item_batching": Unsupported((False,), "use train.gradient_accumulation_steps"),
         "start_step": Unsupported(EMPTY, "starting at a given step is not implemented; resume from a state"),
-        "unload_text_encoder": Unsupported((False,), "ai-toolkit then trains every image on the trigger word alone, "
-                                                     "ignoring captions (unless datasets cache text embeddings); to "
-                                                     "encode captions once and unload the text encoders, use "
-                                                     "train.cache_text_embeddings"),
         "weight_jitter": Unsupported(EMPTY, "weight jitter is not implemented"),
         "merge_network_on_save": Unsupported((False,), "merging the LoRA into saved model weights is not "
                                                        "implemented"),

@@ -134,6 +134,11 @@ class TrainConfig:
         "Encode every caption (and the empty caption used by caption dropout) once before training, then unload "
         "the text encoders; embeddings are stored where each dataset caches its latents, else in memory. Not "
         "with shuffle_tokens.", aliases=("cache_text_encoder_outputs", "cache_te_outputs")))
+    unload_text_encoder: bool = field(default=False, metadata=_meta(
+        "ai-toolkit's unload_text_encoder: encode only the trigger word (the empty caption without one), the empty "
+        "caption and the sample prompts, then unload the text encoders; every training image then trains on the "
+        "trigger word alone and regularisation images on the empty caption: caption files are ignored. With "
+        "cache_text_embeddings the cached captions are used instead (the same as cache_text_embeddings alone)."))
     resume_from: Optional[str] = field(default=None, metadata=_meta(
         "Training state to resume from: a state folder (<run folder>/state/<step>) or 'latest' (the newest in the "
         "run folder, even if the config changed). null: resume automatically from the newest state when the config "

@@ -186,6 +186,9 @@ class PairedDataset(Dataset):
         self.reg_weight = float(reg_weight)  # extra loss weight of items of is_reg datasets (train.reg_weight)
         self.datasets = list(datasets)
         self.trigger_word = trigger_word
+        # train.unload_text_encoder (without cached captions): every item's caption is the process's trigger word
+        # (regularisation items: the empty caption), as ai-toolkit trains then; set by the trainer.
+        self.static_captions = False
         self.seed = int(seed)
         self.epoch = 0
         self.items = plan_items(self.pairs, self.datasets)
@@ -296,6 +299,8 @@ class PairedDataset(Dataset):
         Shuffled captions have too many orders to list: ValueError."""
         pair = self.pairs[self.items[index].pair_index]
         cfg = self.datasets[pair.dataset_index]
+        if self.static_captions:
+            return [self.static_caption(cfg)]
         if cfg.shuffle_tokens or option(cfg, "token_dropout_rate") > 0.0:
             raise ValueError(f"{pair.target}: shuffle_tokens or token_dropout_rate is on; its captions cannot be "
                              "listed")
@@ -305,11 +310,15 @@ class PairedDataset(Dataset):
         rate = cfg.caption_dropout_rate
         return ([kept] if rate < 1.0 else []) + ([""] if rate > 0.0 else [])
 
+    def static_caption(self, cfg: DatasetConfigLike) -> str:
+        """The caption of every item with static_captions: the trigger word, "" for regularisation items."""
+        return "" if option(cfg, "is_reg") else (self.trigger_word or "")
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         plan = self.plan(index)
         pair = self.pairs[plan.pair_index]
         cfg = self.datasets[pair.dataset_index]
-        caption = prepare_caption(
+        caption = self.static_caption(cfg) if self.static_captions else prepare_caption(
             pair.caption,
             self.trigger_for(cfg),
             cfg.shuffle_tokens,
