@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from collections import Counter
 from typing import Any, Callable
 
 from toolkit.errors import UserError
@@ -45,6 +46,40 @@ Edit: make the walls light blue (not dark blue) & the floor wooden; add a rug + 
 
 def corpus_lines() -> list[str]:
     return [line for line in CORPUS.splitlines() if line.strip()]
+
+
+def learn_bpe_merges(words: Counter, max_merges: int) -> list[tuple[str, str]]:
+    """Byte-pair merges learned from `words` (symbol tuple -> count): the most frequent pair first, ties broken by
+    the pair's text, until `max_merges` or no pair occurs twice. `tokenizers.trainers.BpeTrainer` breaks ties by
+    hash-map order, so its merges differ from one process to the next; this loop is deterministic and trivial for
+    the small corpora of the tiny models."""
+    merges: list[tuple[str, str]] = []
+    while len(merges) < max_merges:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for symbols, count in words.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        if pairs[best] < 2:
+            break
+        merges.append(best)
+        words = Counter({_merge_pair(symbols, best): count for symbols, count in words.items()})
+    return merges
+
+
+def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    merged: list[str] = []
+    i = 0
+    while i < len(symbols):
+        if symbols[i:i + 2] == pair:
+            merged.append(pair[0] + pair[1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return tuple(merged)
 
 
 def _read_marker(folder: Path, marker_name: str) -> dict[str, Any] | None:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from toolkit.errors import UserError
-from tools.tiny_common import corpus_lines, install_atomically
+from tools.tiny_common import corpus_lines, install_atomically, learn_bpe_merges
 from tools.tiny_qwen import VARIANTS, build_tiny_qwen_pipeline
 
 logger = logging.getLogger(__name__)
@@ -101,40 +101,9 @@ def _clip_words() -> Counter[tuple[str, ...]]:
     return words
 
 
-def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
-    merged: list[str] = []
-    i = 0
-    while i < len(symbols):
-        if symbols[i : i + 2] == pair:
-            merged.append(pair[0] + pair[1])
-            i += 2
-        else:
-            merged.append(symbols[i])
-            i += 1
-    return tuple(merged)
-
-
 def _learn_clip_bpe_merges(num_merges: int) -> list[tuple[str, str]]:
-    """Learn BPE merges: most frequent pair first, ties broken by the pair's text.
-
-    `tokenizers.trainers.BpeTrainer` breaks ties by hash-map order, so its merges differ from one process to the
-    next; this loop is trivial for a corpus this small and fully deterministic.
-    """
-    words = _clip_words()
-    merges: list[tuple[str, str]] = []
-    while len(merges) < num_merges:
-        pairs: Counter[tuple[str, str]] = Counter()
-        for symbols, count in words.items():
-            for pair in zip(symbols, symbols[1:]):
-                pairs[pair] += count
-        if not pairs:
-            break
-        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
-        if pairs[best] < 2:
-            break
-        merges.append(best)
-        words = Counter({_merge_pair(symbols, best): count for symbols, count in words.items()})
-    return merges
+    """Deterministic BPE merges of the CLIP corpus (tools.tiny_common.learn_bpe_merges)."""
+    return learn_bpe_merges(_clip_words(), num_merges)
 
 
 def write_clip_tokenizer_files(folder: Path, num_merges: int = 256) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from toolkit.errors import UserError
-from tools.tiny_common import corpus_lines, install_atomically
+from tools.tiny_common import corpus_lines, install_atomically, learn_bpe_merges
 
 logger = logging.getLogger(__name__)
 
@@ -80,36 +80,8 @@ def _pretokens() -> Counter[tuple[str, ...]]:
 
 
 def learn_merges(max_merges: int = 2000) -> list[tuple[str, str]]:
-    """Deterministic BPE: the most frequent pair first, ties broken by the pair's text (BpeTrainer's tie order
-    follows hash-map order, so it differs between processes)."""
-    words = _pretokens()
-    merges: list[tuple[str, str]] = []
-    while len(merges) < max_merges:
-        pairs: Counter[tuple[str, str]] = Counter()
-        for symbols, count in words.items():
-            for pair in zip(symbols, symbols[1:]):
-                pairs[pair] += count
-        if not pairs:
-            break
-        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
-        if pairs[best] < 2:
-            break
-        merges.append(best)
-        words = Counter({_merge(symbols, best): count for symbols, count in words.items()})
-    return merges
-
-
-def _merge(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
-    out: list[str] = []
-    i = 0
-    while i < len(symbols):
-        if symbols[i:i + 2] == pair:
-            out.append(pair[0] + pair[1])
-            i += 2
-        else:
-            out.append(symbols[i])
-            i += 1
-    return tuple(out)
+    """Deterministic BPE merges of the Qwen corpus (tools.tiny_common.learn_bpe_merges)."""
+    return learn_bpe_merges(_pretokens(), max_merges)
 
 
 def build_tokenizer() -> Any:

@@ -62,21 +62,6 @@ class FluxKontextRenderer(LoraRenderer):
                                                     metadata=peft_metadata(header))
         return layout
 
-    def use_lora(self, name: Optional[str], scale: float = 1.0) -> None:
-        transformer = self.pipe.transformer
-        if name is None:
-            if self.adapters:
-                transformer.disable_lora()
-            return
-        if name not in self.adapters:
-            raise KeyError(f"no LoRA adapter {name!r} loaded (have {self.adapters})")
-        transformer.enable_lora()
-        transformer.set_adapters([name], weights=[scale])
-
-    def remove_lora(self, name: str) -> None:
-        self.pipe.transformer.delete_adapters(name)
-        self.adapters.remove(name)
-
     @torch.no_grad()
     def render(self, requests: Sequence[SampleRequest], controls: Sequence[Image.Image]) -> list[Image.Image]:
         if any(r.extra_ctrl_imgs for r in requests):  # several --ctrl_img: the pipeline takes one (multi_control.py)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 from PIL import Image
@@ -47,21 +47,6 @@ class QwenEditRenderer(LoraRenderer):
                                                      metadata=peft_metadata(header))
         self.adapters.append(name)
         log.info("LoRA %s loaded as %r", path, name)
-
-    def use_lora(self, name: Optional[str], scale: float = 1.0) -> None:
-        transformer = self.model.transformer
-        if name is None:
-            if self.adapters:
-                transformer.disable_lora()
-            return
-        if name not in self.adapters:
-            raise KeyError(f"no LoRA adapter {name!r} loaded (have {self.adapters})")
-        transformer.enable_lora()
-        transformer.set_adapters([name], weights=[scale])
-
-    def remove_lora(self, name: str) -> None:
-        self.model.transformer.delete_adapters(name)
-        self.adapters.remove(name)
 
     @torch.no_grad()
     def render(self, requests: Sequence[SampleRequest], controls: Sequence[Image.Image]) -> list[Image.Image]:

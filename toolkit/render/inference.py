@@ -24,6 +24,8 @@ class LoraRenderer(ABC):
 
     #: The loaded architecture (encoders and denoiser share the weights the renderer uses: validation loss).
     model: Architecture
+    #: Names of the loaded adapters, in load order.
+    adapters: list[str]
 
     @classmethod
     @abstractmethod
@@ -34,13 +36,23 @@ class LoraRenderer(ABC):
     def add_lora(self, path: Path, name: str) -> None:
         """Load a LoRA file (diffusers or ComfyUI/kohya layout) as adapter `name`, inactive."""
 
-    @abstractmethod
     def use_lora(self, name: Optional[str], scale: float = 1.0) -> None:
-        """Render with only adapter `name` at `scale`; None renders the base model."""
+        """Render with only adapter `name` at `scale`; None renders the base model. The adapters are peft adapters
+        on model.transformer (diffusers' PeftAdapterMixin), named in `self.adapters` by add_lora."""
+        transformer = self.model.transformer
+        if name is None:
+            if self.adapters:
+                transformer.disable_lora()
+            return
+        if name not in self.adapters:
+            raise KeyError(f"no LoRA adapter {name!r} loaded (have {self.adapters})")
+        transformer.enable_lora()
+        transformer.set_adapters([name], weights=[scale])
 
-    @abstractmethod
     def remove_lora(self, name: str) -> None:
         """Unload adapter `name` and free its weights."""
+        self.model.transformer.delete_adapters(name)
+        self.adapters.remove(name)
 
     @abstractmethod
     def render(self, requests: Sequence[SampleRequest], controls: Sequence[Image.Image]) -> list[Image.Image]:
