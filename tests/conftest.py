@@ -54,6 +54,24 @@ def _restore_logging():
 
 
 @pytest.fixture
+def transformer_calls(monkeypatch):
+    """(sequence length, image tokens per position-id frame) of every FLUX transformer forward."""
+    from collections import Counter
+
+    from diffusers import FluxTransformer2DModel
+
+    calls: list[tuple[int, Counter]] = []
+    original = FluxTransformer2DModel.forward
+
+    def recording(self, hidden_states, *args, img_ids=None, **kwargs):
+        calls.append((hidden_states.shape[1], Counter(int(f) for f in img_ids[:, 0].tolist())))
+        return original(self, hidden_states, *args, img_ids=img_ids, **kwargs)
+
+    monkeypatch.setattr(FluxTransformer2DModel, "forward", recording)
+    return calls
+
+
+@pytest.fixture
 def no_model_load(monkeypatch):
     """Fail the test if anything tries to load a model (for errors that must come before any model loads)."""
     from extensions.flux_kontext import FluxKontext

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from diffusers import FluxTransformer2DModel
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -27,20 +26,6 @@ from tools.demo_data import build_demo_dataset
 from toolkit.render.sampling import SampleRequest
 
 EXAMPLE = REPO / "config" / "examples" / "train_lora_flux_kontext_multi_control_tiny.yaml"
-
-
-@pytest.fixture
-def transformer_calls(monkeypatch) -> list[tuple[int, Counter]]:
-    """(sequence length, image tokens per position-id frame) of every transformer forward."""
-    calls: list[tuple[int, Counter]] = []
-    original = FluxTransformer2DModel.forward
-
-    def recording(self, hidden_states, *args, img_ids=None, **kwargs):
-        calls.append((hidden_states.shape[1], Counter(int(f) for f in img_ids[:, 0].tolist())))
-        return original(self, hidden_states, *args, img_ids=img_ids, **kwargs)
-
-    monkeypatch.setattr(FluxTransformer2DModel, "forward", recording)
-    return calls
 
 
 def test_sampler_loop_is_the_pipeline_for_one_control_and_appends_two(tiny_model_dir, transformer_calls, tmp_path):

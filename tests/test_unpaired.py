@@ -4,14 +4,13 @@ paired datasets in one run but never in one batch; sample prompts without --ctrl
 from __future__ import annotations
 
 import shutil
-from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxKontextPipeline, FluxTransformer2DModel
+from diffusers import FluxKontextPipeline
 
 from extensions.flux_kontext.packing import kontext_position_ids
 from jobs import get_job
@@ -100,23 +99,9 @@ def test_no_control_sample_equals_the_pipeline(tiny_model_dir):
     assert np.array_equal(np.asarray(ours), np.asarray(theirs))
 
 
-@pytest.fixture
-def sequence_lengths(monkeypatch) -> list[tuple[int, Counter]]:
-    """(sequence length, image tokens per position-id frame) of every transformer forward."""
-    calls: list[tuple[int, Counter]] = []
-    original = FluxTransformer2DModel.forward
-
-    def recording(self, hidden_states, *args, img_ids=None, **kwargs):
-        calls.append((hidden_states.shape[1], Counter(int(f) for f in img_ids[:, 0].tolist())))
-        return original(self, hidden_states, *args, img_ids=img_ids, **kwargs)
-
-    monkeypatch.setattr(FluxTransformer2DModel, "forward", recording)
-    return calls
-
-
 @pytest.mark.parametrize("cached", [False, True])
 def test_mixed_run_trains_plain_items_without_control_tokens(tiny_model_dir, demo_data_dir, tmp_path,
-                                                            sequence_lengths, cached):
+                                                            transformer_calls, cached):
     plain = plain_folder(demo_data_dir, tmp_path / "plain")
     cfg = tiny_config_dict(tmp_path / "out", tiny_model_dir, demo_data_dir)
     paired = cfg["config"]["process"][0]["datasets"][0]
@@ -128,7 +113,7 @@ def test_mixed_run_trains_plain_items_without_control_tokens(tiny_model_dir, dem
                       "sample.sample_every": 6})
     final = get_job(write_config(tmp_path / "cfg.yaml", cfg)).run()[0]
     assert final.is_file()
-    training = [frames for length, frames in sequence_lengths if frames[0] and len(frames) <= 2][:6]
+    training = [frames for length, frames in transformer_calls if frames[0] and len(frames) <= 2][:6]
     # Every step trains either a target alone (frame 0) or a target with its control (frames 0 and 1).
     assert any(set(frames) == {0} for frames in training) and any(set(frames) == {0, 1} for frames in training)
     samples = sorted(p.name for p in (tmp_path / "out" / "tiny" / "samples").glob("*_0?.png"))

@@ -6,8 +6,9 @@ toolkit/ never names an architecture: packages under extensions/ register themse
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence, TypeVar, Union
 
 import torch
 from PIL import Image
@@ -97,6 +98,17 @@ class Architecture(ABC):
                stop: Optional[Callable[[], bool]] = None) -> list[Image.Image]:
         """Render each request with the current weights; `stop()` true ends the denoising loop early (a stop signal
         during sampling: the caller discards the image)."""
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`module` in eval mode (no LoRA dropout) for the block, then back to the mode it had (sampling, validation)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 A = TypeVar("A", bound=type)

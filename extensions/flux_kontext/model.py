@@ -19,7 +19,7 @@ from extensions.flux_kontext.multi_control import render_multi_control
 from extensions.flux_kontext.quantize import (TRANSFORMER_EXCLUDE, keep_base_frozen, load_transformer_blockwise,
                                               quantize_frozen, safe_exclude)
 from extensions.flux_kontext.packing import pack_latents
-from toolkit.arch import Architecture, register_architecture
+from toolkit.arch import Architecture, eval_mode, register_architecture
 from toolkit.data.cache import Encoder, make_key, module_fingerprint
 from toolkit.data.dataset import control_names
 from toolkit.render.sampling import SampleRequest
@@ -294,12 +294,8 @@ class FluxKontext(Architecture):
         """One image per request; a request's control is one image or a list of them (several --ctrl_img; an empty
         list: text-to-image, FluxKontextPipeline with image=None). `stop()` is asked after every denoising step: true
         ends the loop early (the image is then unfinished)."""
-        was_training = self.transformer.training
-        self.transformer.eval()
-        try:
+        with eval_mode(self.transformer):
             return [self._render(r, c, stop) for r, c in zip(requests, controls)]
-        finally:
-            self.transformer.train(was_training)
 
     def _render(self, request: SampleRequest, control: Union[Image.Image, Sequence[Image.Image]],
                 stop: Optional[Callable[[], bool]] = None) -> Image.Image:

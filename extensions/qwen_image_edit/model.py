@@ -25,7 +25,7 @@ from extensions.qwen_image_edit.packing import img_shapes, pack_latents
 from extensions.qwen_image_edit.processor import load_processor
 from extensions.qwen_image_edit.quantize import TRANSFORMER_EXCLUDE, quantize_frozen
 from extensions.qwen_image_edit.sampling import render
-from toolkit.arch import Architecture, register_architecture
+from toolkit.arch import Architecture, eval_mode, register_architecture
 from toolkit.data.dataset import control_names
 from toolkit.errors import ArchitectureError
 from toolkit.render.sampling import SampleRequest
@@ -201,12 +201,8 @@ class QwenImageEditPlus(Architecture):
                stop: Optional[Callable[[], bool]] = None) -> list[Image.Image]:
         """One image per request; guidance_scale > 1 is the pipeline's true CFG against an empty negative prompt.
         `stop()` is asked after every denoising step: true ends the loop early (the image is then unfinished)."""
-        was_training = self.transformer.training
-        self.transformer.eval()
-        try:
+        with eval_mode(self.transformer):
             return [self._render(r, c, stop) for r, c in zip(requests, controls)]
-        finally:
-            self.transformer.train(was_training)
 
     def _render(self, request: SampleRequest, control: Union[Image.Image, Sequence[Image.Image]],
                 stop: Optional[Callable[[], bool]] = None) -> Image.Image:

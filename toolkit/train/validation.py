@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from toolkit.train import flow_matching
-from toolkit.arch import Architecture
+from toolkit.arch import Architecture, eval_mode
 from toolkit.data.dataset import PairedDataset, collate_batch
 from toolkit.data.pairs import discover_pairs
 
@@ -88,10 +88,7 @@ class ValidationSet:
     @torch.no_grad()
     def loss(self, model: Architecture) -> float:
         """Mean validation loss of `model`'s current weights (its denoiser in eval mode: no LoRA dropout)."""
-        denoiser = model.denoiser()
-        was_training = denoiser.training
-        denoiser.eval()
-        try:
+        with eval_mode(model.denoiser()) as denoiser:
             total, count = 0.0, 0
             for encoded, noise in self._encoded(model):
                 x0 = model.clean_latents(encoded)
@@ -102,8 +99,6 @@ class ValidationSet:
                     total += float(flow_matching.flow_matching_loss(denoiser(**inputs), target, ones)) * x0.shape[0]
                     count += x0.shape[0]
             return total / count
-        finally:
-            denoiser.train(was_training)
 
 
 __all__ = ["DEFAULT_TIMESTEPS", "ValidationSet", "held_out_datasets"]
