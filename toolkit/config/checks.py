@@ -126,6 +126,7 @@ def _dataset_problems(datasets: list[DatasetConfig], path: str) -> list[str]:
                             f"datasets[{first_index[folder]}]")
         first_index.setdefault(folder, index)
         problems += _control_problems(dataset, folder, f"{path}[{index}]")
+        problems += _edit_option_problems(dataset, f"{path}[{index}]")
     # Datasets may differ in their number of control images (none, one, several): batches never mix them.
     for index, dataset in enumerate(datasets):
         paired = dataset.control_path is not None
@@ -160,4 +161,17 @@ def _control_problems(dataset: DatasetConfig, folder: str, path: str) -> list[st
     if val_controls and controls and len(val_controls) != len(controls):
         problems.append(f"{path}.val_control_path: has {len(val_controls)} folder(s) but control_path has "
                         f"{len(controls)}; held-out pairs need as many control images as the training pairs")
+    return problems
+
+
+def _edit_option_problems(dataset: DatasetConfig, path: str) -> list[str]:
+    """Edit-pair options that need control images, or that would override each other."""
+    problems: list[str] = []
+    for key in ("changed_region_loss", "control_dropout_rate"):
+        if getattr(dataset, key) and dataset.control_path is None:
+            problems.append(f"{path}.{key}: the dataset has no control_path (plain images have no control image to "
+                            "compare with or drop); remove the option or set control_path")
+    if dataset.changed_region_loss and dataset.mask_path is not None:
+        problems.append(f"{path}.changed_region_loss: cannot be combined with mask_path (both set the loss weights); "
+                        "keep one of them")
     return problems
