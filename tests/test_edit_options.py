@@ -187,3 +187,16 @@ def test_the_loss_counts_the_changed_region_more(tmp_path):
     inside = flow_matching_loss(error_inside, target, one, element_weights=mask)
     outside = flow_matching_loss(error_outside, target, one, element_weights=mask)
     assert inside > 5 * outside
+
+
+def test_architectures_that_cannot_are_refused_before_any_model_loads(tmp_path, no_model_load, capsys):
+    """Qwen-Image-Edit puts no zero-control batch nor loss weights through its transformer: both options are named."""
+    import run
+    from tests.helpers import merge, tiny_config_dict, write_config
+
+    cfg = merge(tiny_config_dict(tmp_path / "out", tmp_path, tmp_path), {"model.arch": "qwen_image_edit_plus"})
+    cfg["config"]["process"][0]["datasets"][0].update(control_dropout_rate=0.2, changed_region_loss=True)
+    assert run.main([str(write_config(tmp_path / "c.yaml", cfg))]) != 0
+    err = capsys.readouterr().err
+    assert "datasets[].control_dropout_rate: model.arch qwen_image_edit_plus cannot train a batch without" in err
+    assert "datasets[].changed_region_loss: model.arch qwen_image_edit_plus cannot train with loss masks" in err
