@@ -190,13 +190,29 @@ def test_the_loss_counts_the_changed_region_more(tmp_path):
 
 
 def test_architectures_that_cannot_are_refused_before_any_model_loads(tmp_path, no_model_load, capsys):
-    """Qwen-Image-Edit puts no zero-control batch nor loss weights through its transformer: both options are named."""
+    """The first Qwen-Image-Edit's prompt always holds one image, and Qwen takes no loss weights: both are named."""
     import run
     from tests.helpers import merge, tiny_config_dict, write_config
 
-    cfg = merge(tiny_config_dict(tmp_path / "out", tmp_path, tmp_path), {"model.arch": "qwen_image_edit_plus"})
+    cfg = merge(tiny_config_dict(tmp_path / "out", tmp_path, tmp_path), {"model.arch": "qwen_image_edit"})
     cfg["config"]["process"][0]["datasets"][0].update(control_dropout_rate=0.2, changed_region_loss=True)
     assert run.main([str(write_config(tmp_path / "c.yaml", cfg))]) != 0
     err = capsys.readouterr().err
-    assert "datasets[].control_dropout_rate: model.arch qwen_image_edit_plus cannot train a batch without" in err
-    assert "datasets[].changed_region_loss: model.arch qwen_image_edit_plus cannot train with loss masks" in err
+    assert "datasets[].control_dropout_rate: model.arch qwen_image_edit cannot train a batch without" in err
+    assert "datasets[].changed_region_loss: model.arch qwen_image_edit cannot train with loss masks" in err
+
+
+def test_a_dropped_batch_gives_qwen_edit_plus_no_reference_tokens(tiny_qwen_dir):
+    from tests.qwen_helpers import batch_of, control_image, load_qwen
+
+    model = load_qwen(tiny_qwen_dir, match_target_res=True)  # references at 64x64, not ~1024x1024
+    target, control = control_image(64, 64, 0), control_image(64, 64, 1)
+    paired = model.encode_batch(batch_of([target], [[control]], ["make it red"]))
+    dropped = model.encode_batch(batch_of([target], [[]], ["make it red"]))
+    assert paired.references.shape[1] > 0 and dropped.references.shape == (1, 0, paired.references.shape[2])
+    assert dropped.reference_hws == [] and torch.equal(dropped.x0, paired.x0)
+    assert dropped.prompt_embeds.shape[1] < paired.prompt_embeds.shape[1]  # no "Picture 1" image tokens
+    inputs = model.denoiser_inputs(dropped, dropped.x0, torch.tensor([0.5]), 1.0)
+    assert inputs["img_shapes"] == [[(1, 4, 4)]]
+    with torch.no_grad():
+        assert model.denoiser()(**inputs).shape == dropped.x0.shape
