@@ -52,3 +52,14 @@ def test_scalars_reach_wandb_and_mlflow_offline_with_secrets_redacted(tmp_path, 
     assert b"train/loss" in offline.read_bytes() and b"datasets.0.default_caption" in offline.read_bytes()
     for path in [offline, *Path(tmp_path / "mlruns").rglob("*")]:
         assert not path.is_file() or SECRET.encode() not in path.read_bytes(), path
+
+
+def test_turning_a_tracker_on_does_not_change_the_resume_config(tmp_path):
+    """Trackers decide nothing about the weights: a run may be resumed with W&B or MLflow switched on."""
+    from toolkit.config.loader import load_job_dict
+    from toolkit.state.train_state import config_hash, training_config
+
+    base = tiny_config_dict(tmp_path / "out", tmp_path, tmp_path)
+    hashes = [config_hash(training_config(load_job_dict(cfg, "c.yaml", environ={}).config.process[0]))
+              for cfg in (base, merge(base, {"trackers.use_wandb": True}))]
+    assert hashes[0] == hashes[1]
