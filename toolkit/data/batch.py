@@ -37,7 +37,9 @@ def collate_batch(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     Control dropout (items with "control_dropped"): the whole batch trains without control images when its FIRST
     item drew a drop (the batch gets "control_dropped": True). Per batch, because the architectures put a sample's
     control tokens in its sequence, so every sample of one forward must have as many; the first item's draw keeps
-    the rate per batch, and batch_keys keeps datasets with other rates out of the batch."""
+    the rate per batch, and batch_keys keeps datasets with other rates out of the batch. With several processes each
+    collates its own share of the global batch, so each share decides by its own first item (per item with one item
+    per process)."""
     if not items:
         raise ValueError("collate_batch got an empty batch")
     dropped = bool(items[0].get("control_dropped", False))

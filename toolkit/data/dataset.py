@@ -27,8 +27,8 @@ from torch.utils.data import Dataset
 
 from toolkit.data.batch import collate_batch, control_key, control_names, without_controls
 from toolkit.data.buckets import Box, bucket_for, crop_box, merge_small_buckets, scale_box
-from toolkit.data.change_weights import changed_region_weights
 from toolkit.data.captions import caption_lines, line_rng, pick_line, prepare_caption
+from toolkit.data.change_weights import changed_region_weights
 from toolkit.data.images import load_rgb, to_tensor
 from toolkit.data.masks import load_mask
 from toolkit.data.pairs import DatasetConfigLike, Pair
@@ -207,9 +207,9 @@ class PairedDataset(Dataset):
         without them."""
         keys = []
         for index, plan in enumerate(self.items):
-            weight = float(option(self.datasets[self.dataset_index(index)], "network_weight"))
-            n_controls = len(self.pairs[plan.pair_index].controls)
             cfg = self.datasets[self.dataset_index(index)]
+            weight = float(option(cfg, "network_weight"))
+            n_controls = len(self.pairs[plan.pair_index].controls)
             dropout = float(option(cfg, "control_dropout_rate"))
             masked = plan.mask_box is not None or option(cfg, "changed_region_loss")
             extras = ((() if weight == 1.0 else (("network_weight", weight),))
