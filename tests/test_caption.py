@@ -112,6 +112,28 @@ def test_an_ai_toolkit_caption_job_loads_and_what_would_change_captions_is_refus
         assert key in str(err.value)
 
 
+def test_ai_toolkits_other_captioners_are_refused_by_name(tmp_path):
+    process = {"type": "Qwen3OmniCaptioner", "caption": {"path_to_caption": str(tmp_path)}}
+    with pytest.raises(ConfigProblems) as err:
+        load_job_dict({"job": "extension", "config": {"name": "c", "process": [process]}}, "ui.yaml")
+    assert str(err.value).count("\n") == 1 and "type: 'Qwen3OmniCaptioner' is not supported here (video" in str(err.value)
+
+
+def test_quantize_makes_the_language_part_8_bit_and_it_still_answers(tiny_vlm_dir):
+    import torch
+    from optimum.quanto import QLinear
+
+    from toolkit.caption.vlm import VisionLanguageModel
+
+    vlm = VisionLanguageModel.load(str(tiny_vlm_dir), torch.device("cpu"), torch.float32, quantize="qint8",
+                                   low_vram=True)
+    quantized = {name for name, module in vlm.model.named_modules() if isinstance(module, QLinear)}
+    assert any("language_model" in name for name in quantized)
+    assert not any("visual" in name or "lm_head" in name for name in quantized)
+    image = Image.new("RGB", (32, 24), (9, 9, 9))
+    assert isinstance(vlm.answer(build_messages(0, "Describe."), [image], max_new_tokens=3), str)
+
+
 def test_a_pair_captioner_without_controls_and_a_typo_are_errors(tmp_path):
     job = _job(tmp_path, tmp_path, controls=0)
     job["config"]["process"][0]["caption"].pop("control_path")

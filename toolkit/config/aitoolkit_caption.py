@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from toolkit.config.aitoolkit_rules import EMPTY, Mapped, NoEffect, Rule, Unsupported
 
-__all__ = ["CAPTION_QTYPES", "CAPTION_TABLE"]
+__all__ = ["CAPTION_QTYPES", "CAPTION_TABLE", "OTHER_CAPTIONERS"]
 
 _SPEED = "changes speed or memory, not the captions written"
 
@@ -31,3 +31,12 @@ CAPTION_TABLE: dict[str, dict[str, Rule]] = {
 
 # ai-toolkit's spellings of the 8-bit quanto types; other qtypes are refused when quantize is on.
 CAPTION_QTYPES = {"float8": "qfloat8", "qfloat8": "qfloat8", "int8": "qint8", "qint8": "qint8"}
+
+# ai-toolkit's other caption process types, refused by name (their key set is the same, so the rest of the process is
+# still checked as a single-image captioner).
+OTHER_CAPTIONERS = {
+    "Qwen3OmniCaptioner": "video and audio captioning is not implemented; images: type Qwen3VLCaptioner",
+    "AceStepCaptioner": "audio captioning is not implemented",
+    "Ideogram4Captioner": "Ideogram's structured caption format is not implemented; type Qwen3VLCaptioner writes "
+                          "plain descriptions",
+}

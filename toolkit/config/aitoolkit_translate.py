@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from toolkit.config.aitoolkit import SECTIONS, TABLE
-from toolkit.config.aitoolkit_caption import CAPTION_QTYPES, CAPTION_TABLE
+from toolkit.config.aitoolkit_caption import CAPTION_QTYPES, CAPTION_TABLE, OTHER_CAPTIONERS
 from toolkit.config.aitoolkit_rules import DROP, Mapped, NoEffect, Refused, Rule, Unsupported, same_value
 from toolkit.config.aitoolkit_values import VALUE_PATTERNS, VALUES
 from toolkit.config.caption_schema import CAPTION_TYPES
@@ -47,6 +47,9 @@ def translate_job(raw: dict) -> Translation:
     for index, process in enumerate(processes if isinstance(processes, list) else []):
         kind = process.get("type", "generate" if raw.get("job") == "generate" else "sd_trainer") \
             if isinstance(process, dict) else None
+        if kind in OTHER_CAPTIONERS:
+            out.problems.append(_refusal(f"config.process[{index}].type", kind, OTHER_CAPTIONERS[kind]))
+            kind = process["type"] = "captioner"
         if kind is not None and kind != "generate":
             translate = translate_caption_process if kind in CAPTION_TYPES else translate_process
             done = translate(process, f"config.process[{index}]")
