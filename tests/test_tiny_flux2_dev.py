@@ -64,7 +64,13 @@ def test_folder_names_the_real_classes(tiny_flux2_dev_dir: Path) -> None:
     assert index["transformer"] == ["diffusers", "Flux2Transformer2DModel"]
     assert index["vae"] == ["diffusers", "AutoencoderKLFlux2"]
     processor = json.loads((tiny_flux2_dev_dir / "tokenizer" / "processor_config.json").read_text())
-    assert processor["processor_class"] == "PixtralProcessor"
+    assert (processor["processor_class"], processor["patch_size"], processor["spatial_merge_size"]) == \
+        ("PixtralProcessor", 14, 2)
+    # The image half of the processor (PixtralProcessor itself needs torchvision) loads from the same folder.
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    images = PixtralImageProcessorPil.from_pretrained(tiny_flux2_dev_dir / "tokenizer")
+    assert images.patch_size == {"height": 14, "width": 14}
 
 
 def test_rebuild_is_byte_identical_and_seed_matters(tiny_flux2_dev_dir: Path, tmp_path: Path) -> None:
