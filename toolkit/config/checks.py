@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 
-from toolkit.config.schema import (DatasetConfig, GenerateProcessConfig, JobConfig, NetworkConfig, TrainProcessConfig,
+from toolkit.config.schema import (CaptionProcessConfig, DatasetConfig, GenerateProcessConfig, JobConfig, NetworkConfig, TrainProcessConfig,
                                    folder_list)
+from toolkit.config.caption_schema import PAIR_TYPES
 from toolkit.train.lr_schedule import schedule_problems
 from toolkit.train.stages import full_finetune_problems, stage_problems
 
@@ -18,9 +19,24 @@ def validate_job(job: JobConfig) -> list[str]:
     problems: list[str] = []
     for index, process in enumerate(job.config.process):
         path = f"config.process[{index}]"
-        problems += (_generate_problems(process, path) if isinstance(process, GenerateProcessConfig)
-                     else _process_problems(process, path))
+        if isinstance(process, CaptionProcessConfig):
+            problems += _caption_problems(process, path)
+        else:
+            problems += (_generate_problems(process, path) if isinstance(process, GenerateProcessConfig)
+                         else _process_problems(process, path))
     return problems + stage_problems(job.config.name, job.config.process)
+
+
+def _caption_problems(process: CaptionProcessConfig, path: str) -> list[str]:
+    """A pair captioner needs control images; a single-image captioner would ignore them."""
+    pairs = process.type in PAIR_TYPES
+    if pairs and not folder_list(process.caption.control_path):
+        return [f"{path}.caption.control_path: type {process.type} needs the folder(s) of control images (the "
+                "targets are in caption.path_to_caption); for single images use type captioner"]
+    if not pairs and folder_list(process.caption.control_path):
+        return [f"{path}.caption.control_path: type {process.type} describes single images and would ignore "
+                "control images; use type pair_captioner or remove control_path"]
+    return []
 
 
 def _generate_problems(process: GenerateProcessConfig, path: str) -> list[str]:
