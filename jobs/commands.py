@@ -79,7 +79,7 @@ def generate_main(argv: Sequence[str]) -> int:
 
 
 def compare_main(argv: Sequence[str]) -> int:
-    from toolkit.train.edit_metrics import HIGHER_IS_BETTER
+    from toolkit.train.metric_names import HIGHER_IS_BETTER
 
     p = argparse.ArgumentParser(prog="run.py compare", description="Render a training run's sample prompts with "
                                 "every checkpoint into one grid, and plot its validation loss against step.")

@@ -35,7 +35,7 @@ from toolkit.adapters.lora import read_lora_metadata
 from toolkit.render.plot import metric_plots
 from toolkit.render.sampling import build_requests, contact_sheet, load_control
 from toolkit.train.edit_eval import EditEval
-from toolkit.train.edit_metrics import HIGHER_IS_BETTER, best_step
+from toolkit.train.metric_names import HIGHER_IS_BETTER, best_step
 from toolkit.train.validation import ValidationSet
 
 log = logging.getLogger(__name__)

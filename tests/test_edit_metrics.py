@@ -12,6 +12,7 @@ from PIL import Image
 
 from toolkit.render.plot import line_plot, metric_plots
 from toolkit.train import edit_metrics as em
+from toolkit.train.metric_names import best_step
 
 
 def test_identical_images_score_perfectly():
@@ -69,10 +70,10 @@ def test_perceptual_scorer_is_used_for_both_regions():
 
 def test_best_step_follows_each_metrics_direction():
     table = {0: {"val_loss": 0.5, "psnr": 10.0}, 2: {"val_loss": 0.3, "psnr": 14.0}, 4: {"val_loss": 0.4, "psnr": 14.0}}
-    assert em.best_step(table, "psnr") == (2, 14.0)  # a tie goes to the earlier step
-    assert em.best_step(table, "val_loss") == (2, 0.3)
+    assert best_step(table, "psnr") == (2, 14.0)  # a tie goes to the earlier step
+    assert best_step(table, "val_loss") == (2, 0.3)
     with pytest.raises(KeyError, match="measured: psnr, val_loss"):
-        em.best_step(table, "ssim")
+        best_step(table, "ssim")
 
 
 def test_lpips_is_skipped_with_one_line_without_local_weights(caplog, monkeypatch, tmp_path):
@@ -92,3 +93,39 @@ def test_metric_plots_are_pngs_with_one_panel_per_metric():
     assert width > 640 and height > 200
     with pytest.raises(ValueError):
         line_plot([1, 2], [1.0], "t", "x", "y")
+
+
+def test_held_out_edits_score_the_true_inversion_far_above_no_edit(demo_data_dir):
+    """EditEval renders each held-out control at its training bucket and compares with the target cut the same way:
+    a model that inverts the control scores near-perfectly on the colour-inversion pairs, one that returns the
+    control unchanged scores badly, and the rows split by index like the processes of a run."""
+    from PIL import ImageOps
+
+    from toolkit.config.schema import DatasetConfig
+    from toolkit.train.edit_eval import EditEval
+    from toolkit.train.validation import ValidationSet
+
+    cfg = DatasetConfig(folder_path="/unused", control_path="/unused", resolution=[64],
+                        val_folder_path=str(demo_data_dir / "target"), val_control_path=str(demo_data_dir / "control"))
+    edits = EditEval.from_validation(ValidationSet.from_datasets([cfg], "inv3rt", 0), steps=3, seed=5,
+                                     guidance_scale=2.0)
+    seen = []
+
+    class Model:
+        invert = True
+
+        def sample(self, requests, controls, stop=None):
+            seen.extend(requests)
+            return [ImageOps.invert(c[0]) if self.invert else c[0] for c in controls]
+
+    model = Model()
+    shares = [edits.score(model, range(rank, len(edits), 2)) for rank in (0, 1)]  # two processes' shares
+    assert sorted(i for rows in shares for i, _ in rows) == list(range(len(edits)))
+    learned = EditEval.summary(shares[0] + shares[1])
+    assert learned["psnr"] > 35 and learned["ssim"] > 0.95
+    model.invert = False
+    untouched = EditEval.summary(edits.score(model, range(len(edits))))
+    assert untouched["psnr"] < 12 and untouched["ssim"] < learned["ssim"]
+    request = seen[0]
+    assert (request.steps, request.seed, request.guidance_scale) == (3, 5, 2.0)
+    assert "inv3rt" in request.prompt and (request.width, request.height) == edits.items[0].target.size

@@ -28,10 +28,6 @@ log = logging.getLogger(__name__)
 KEEP_THRESHOLD = 0.1
 MIN_KEEP_FRACTION = 0.01
 SSIM_WINDOW = 11  # torchmetrics' default Gaussian window (sigma 1.5)
-#: Every score, and whether a higher value is better (val_loss: the flow-matching validation loss).
-HIGHER_IS_BETTER: dict[str, bool] = {"val_loss": False, "psnr": True, "ssim": True, "lpips": False,
-                                     "keep_psnr": True, "keep_ssim": True, "keep_lpips": False}
-
 Perceptual = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (B,3,H,W) x2 in [0, 1] -> (B,) distances
 
 
@@ -112,20 +108,6 @@ def mean_scores(per_item: Sequence[Mapping[str, float]]) -> dict[str, float]:
     return out
 
 
-def best_step(table: Mapping[int, Mapping[str, float]], metric: str) -> tuple[int, float]:
-    """(step, value) of the best row of {step: {metric: value}} for `metric` (HIGHER_IS_BETTER says which way);
-    the earliest step wins a tie. KeyError naming the metrics there are when no row has it."""
-    if metric not in HIGHER_IS_BETTER:
-        raise KeyError(f"unknown metric {metric!r}; known: {', '.join(HIGHER_IS_BETTER)}")
-    rows = [(step, row[metric]) for step, row in sorted(table.items())
-            if metric in row and not math.isnan(row[metric])]
-    if not rows:
-        have = sorted({k for row in table.values() for k in row})
-        raise KeyError(f"no checkpoint has a {metric!r} value (measured: {', '.join(have) or 'nothing'})")
-    sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
-    return max(rows, key=lambda r: (sign * r[1], -r[0]))
-
-
 def lpips_weights_problem(net: str = "alex") -> Optional[str]:
     """Why LPIPS cannot run offline here (None: it can): torchmetrics' LPIPS needs torchvision and the backbone's
     ImageNet weights in torch.hub's checkpoint folder; nothing is ever downloaded."""
@@ -157,5 +139,5 @@ def load_lpips(device: torch.device, net: str = "alex") -> Optional[Perceptual]:
     return score
 
 
-__all__ = ["HIGHER_IS_BETTER", "KEEP_THRESHOLD", "MIN_KEEP_FRACTION", "Perceptual", "best_step", "edit_scores",
-           "keep_mask", "load_lpips", "lpips_weights_problem", "mean_scores", "psnr", "ssim"]
+__all__ = ["KEEP_THRESHOLD", "MIN_KEEP_FRACTION", "Perceptual", "edit_scores", "keep_mask", "load_lpips",
+           "lpips_weights_problem", "mean_scores", "psnr", "ssim"]
