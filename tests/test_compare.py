@@ -19,7 +19,7 @@ from toolkit.train.validation import ValidationSet
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_model_dir, demo_data_dir):
     """4 steps with a checkpoint every 2 steps, two sample prompts (and one without --ctrl_img) and 2 held-out pairs
-    (validation loss and edit metrics every 2 steps, 2 denoising steps per held-out edit)."""
+    (validation loss and edit metrics every 2 steps, 1 denoising step per held-out edit)."""
     root = tmp_path_factory.mktemp("compare")
     val = root / "val"
     for sub in ("target", "control"):
@@ -33,8 +33,7 @@ def trained_run(tmp_path_factory, tiny_model_dir, demo_data_dir):
     cfg["config"]["process"][0]["datasets"][0].update(val_folder_path=str(val / "target"),
                                                        val_control_path=str(val / "control"))
     cfg = merge(cfg, {"train.steps": 4, "train.lr": 1e-2, "save.save_every": 2, "save.max_step_saves_to_keep": 4,
-                      "sample.sample_every": 2, "sample.prompts": prompts, "sample.metric_steps": 2,
-                      "train.skip_first_sample": False})
+                      "sample.sample_every": 2, "sample.prompts": prompts, "sample.metric_steps": 1})
     get_job(write_config(root / "cfg.yaml", cfg)).run()
     return root / "out" / "tiny"
 
@@ -75,8 +74,8 @@ def test_compare_writes_grid_and_validation_loss(trained_run, tmp_path, capsys):
     # Training logged the same measurements for its live weights (saved as float32, so they match).
     for tag, column in (("val/loss", "val_loss"), ("val/psnr", "psnr"), ("val/ssim", "ssim")):
         logged = _tensorboard_scalars(trained_run / "logs", tag)
-        assert sorted(logged) == [0, 2, 4], tag  # step 0: the untrained baseline, before training
-        for step in (0, 2, 4):
+        assert sorted(logged) == [2, 4], tag
+        for step in (2, 4):
             assert logged[step] == pytest.approx(float(rows[step // 2][column]), rel=1e-3), (tag, step)
 
     # --best psnr names the checkpoint with the highest PSNR on stdout (val_loss would pick the lowest: unit tests)

@@ -222,7 +222,7 @@ def test_validation_loss_with_two_control_folders(tmp_path, tiny_qwen_dir, multi
 
     config = example(tmp_path, tiny_qwen_dir, multi_data_dir, **{
         "train.steps": 2, "save.save_every": 1000, "sample.prompts": [], "sample.sample_every": 2,
-        "sample.metric_steps": 2})
+        "sample.metric_steps": 1})
     import shutil
 
     val = tmp_path / "val"  # held-out pairs may not be training files: copies of two of them stand in

@@ -31,6 +31,8 @@ def measure_held_out(run, step: int) -> dict[str, float]:
     """Validation loss and edit metrics of the current weights, logged at `step`; every process calls it at the same
     step (the gather of the edit rows is a collective). Returns the logged values (main process; {} elsewhere)."""
     values: dict[str, float] = {}
+    if run.validation is None and run.edits is None:
+        return values
     with run.monitor.paused(), ema_weights(run.ema):  # not step time
         if run.validation is not None:
             values["val/loss"] = run.validation.loss(run.model)

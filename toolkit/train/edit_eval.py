@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -28,8 +29,7 @@ log = logging.getLogger(__name__)
 
 def _to_unit(image: Image.Image) -> torch.Tensor:
     """(3, H, W) float in [0, 1]."""
-    data = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8)
-    return data.reshape(image.height, image.width, 3).permute(2, 0, 1).float() / 255.0
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
 
 
 @dataclass(frozen=True)
