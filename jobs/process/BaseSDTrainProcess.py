@@ -259,8 +259,10 @@ class BaseSDTrainProcess:
                 final = checkpointer.save_final()
                 if start < train.steps:
                     checkpointer.save(train.steps, step_lora=False)
-                if requests and train.steps % self.cfg.sample.sample_every and start < train.steps:
-                    self._sample(run, step=train.steps)
+                if train.steps % self.cfg.sample.sample_every and start < train.steps:
+                    if requests:
+                        self._sample(run, step=train.steps)
+                    measure_held_out(run, step=train.steps)  # the held-out curves end at the final LoRA
         finally:
             monitor.close()
         if rt.is_main:
