@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -78,6 +79,8 @@ def generate_main(argv: Sequence[str]) -> int:
 
 
 def compare_main(argv: Sequence[str]) -> int:
+    from toolkit.train.metric_names import HIGHER_IS_BETTER
+
     p = argparse.ArgumentParser(prog="run.py compare", description="Render a training run's sample prompts with "
                                 "every checkpoint into one grid, and plot its validation loss against step.")
     p.add_argument("folder", help="the run's output folder: <training_folder>/<name>")
@@ -89,6 +92,11 @@ def compare_main(argv: Sequence[str]) -> int:
     p.add_argument("--no-val", action="store_true", help="only the image grid")
     p.add_argument("--val-folder", default=None, help="held-out targets (overrides the config's val_folder_path)")
     p.add_argument("--val-control", default=None, help="held-out controls (overrides val_control_path)")
+    p.add_argument("--best", default=None, choices=list(HIGHER_IS_BETTER), metavar="METRIC",
+                   help="print the checkpoint with the best value of METRIC on the held-out pairs: "
+                        f"{', '.join(HIGHER_IS_BETTER)} (psnr/ssim higher is better; val_loss/lpips lower)")
+    p.add_argument("--metric-steps", type=int, default=None,
+                   help="denoising steps of the edit metrics (overrides sample.metric_steps; 0: none)")
     args = p.parse_args(argv)
     if (args.val_folder is None) != (args.val_control is None):
         p.error("give --val-folder and --val-control together")
@@ -96,9 +104,16 @@ def compare_main(argv: Sequence[str]) -> int:
     from jobs.extensions import load_extensions
 
     load_extensions()
-    compare_run(Path(args.folder), out=args.out, device=args.device, sample_steps=args.sample_steps,
-                batch_size=args.batch_size, grid=not args.no_grid, val=not args.no_val, val_folder=args.val_folder,
-                val_control=args.val_control)
+    if args.best is not None and args.no_val:
+        p.error("--best measures the held-out pairs: drop --no-val")
+    result = compare_run(Path(args.folder), out=args.out, device=args.device, sample_steps=args.sample_steps,
+                         batch_size=args.batch_size, grid=not args.no_grid, val=not args.no_val,
+                         val_folder=args.val_folder, val_control=args.val_control, best=args.best,
+                         metric_steps=args.metric_steps)
+    if result.best is not None:  # the answer on stdout (logs go to stderr), for scripts
+        checkpoint, value = result.best
+        sys.stdout.write(f"best {args.best}: step {checkpoint.step} {checkpoint.path or 'base model'} "
+                         f"({args.best} = {value:.6g})\n")
     return 0
 
 

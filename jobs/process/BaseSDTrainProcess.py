@@ -21,6 +21,7 @@ from accelerate.utils import set_seed
 
 from jobs.process import training_data
 from jobs.process.checkpointer import Checkpointer
+from jobs.process.held_out import held_out_edits, measure_held_out
 from jobs.process.outputs import RunOutputs
 from jobs.process.preflight import Problems
 from jobs.process.sample_round import render_round
@@ -43,7 +44,7 @@ from toolkit.state import train_state, transformer_folder
 from toolkit.state.checkpoint import resolve_run_folder
 from toolkit.train import flow_matching, preservation, stages
 from toolkit.train.compile import check_compile, compile_blocks
-from toolkit.train.ema import EMA, ema_weights
+from toolkit.train.ema import EMA
 from toolkit.train.metrics import TrainingMonitor
 from toolkit.train.trackers import flatten, missing_packages, start_trackers
 from toolkit.train.nonfinite import NonFiniteGuard
@@ -237,7 +238,8 @@ class BaseSDTrainProcess:
                                                schedule, start, train.gradient_accumulation_steps),
                            sampler=sampler, outputs=outputs, requests=requests, lora_config=lora_config,
                            generator=generator, checkpointer=checkpointer, monitor=monitor, start_step=start,
-                           validation=validation, ema=ema)
+                           validation=validation, edits=held_out_edits(validation, self.cfg.sample, rt.device),
+                           ema=ema)
 
     def _trackers(self, outputs: RunOutputs) -> list:
         """W&B / MLflow runs of the main process (process trackers), with the resolved config, secrets redacted."""
@@ -261,6 +263,8 @@ class BaseSDTrainProcess:
                 run.stop = stop
                 if requests and not train.skip_first_sample and (start == 0 or train.force_first_sample):
                     self._sample(run, step=start)
+                if start == 0 and not train.skip_first_sample:  # the untrained baseline of the held-out curves
+                    measure_held_out(run, step=0)
                 for step in range(start + 1, train.steps + 1):
                     result = self.optimizer_step(run)
                     monitor.step_done(result.loss)
@@ -271,8 +275,10 @@ class BaseSDTrainProcess:
                 final = checkpointer.save_final()
                 if start < train.steps:
                     checkpointer.save(train.steps, step_lora=False)
-                if requests and train.steps % self.cfg.sample.sample_every and start < train.steps:
-                    self._sample(run, step=train.steps)
+                if train.steps % self.cfg.sample.sample_every and start < train.steps:
+                    if requests:
+                        self._sample(run, step=train.steps)
+                    measure_held_out(run, step=train.steps)  # the held-out curves end at the final LoRA
         finally:
             monitor.close()
         if rt.is_main:
@@ -370,11 +376,8 @@ class BaseSDTrainProcess:
         run.checkpointer.maybe_save(step)
         if run.requests and step % cfg.sample.sample_every == 0 and step >= cfg.sample.sample_start_step:
             self._sample(run, step)
-        if run.validation is not None and step % cfg.sample.sample_every == 0:
-            with ema_weights(run.ema):  # every rank: same weights, same value, no collective
-                val_loss = run.validation.loss(run.model)
-            run.monitor.scalars(step, {"val/loss": val_loss})
-            log.info("step %d: val/loss %.5f", step, val_loss)
+        if step % cfg.sample.sample_every == 0:
+            measure_held_out(run, step)  # validation loss and edit metrics of the held-out pairs
 
     def _sample(self, run: TrainingRun, step: int) -> None:
         """Each rank renders its share of the prompts; the main process writes the images and the contact sheet.

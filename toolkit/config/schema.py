@@ -146,6 +146,10 @@ class SampleConfig:
     guidance_scale: float = field(default=4.0, metadata=_meta("Guidance value used when sampling.", GE0))
     sample_steps: int = field(default=20, metadata=_meta(
         "Denoising steps per sample.", GT0, aliases=("num_inference_steps", "steps")))
+    metric_steps: int = field(default=8, metadata=_meta(
+        "Denoising steps of the edit metrics (PSNR, SSIM and their keep-region variants, README 'Edit metrics'): "
+        "every sample_every steps each held-out pair (datasets[].val_folder_path) is rendered with this many steps "
+        "and compared with its target; 0 turns the edit metrics off.", GE0))
 
 
 @dataclass(kw_only=True)
