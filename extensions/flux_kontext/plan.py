@@ -67,7 +67,30 @@ def plan_model(model_cfg: Any, preset: str | None, lora_targets: Any,
         vae=_meta(lambda: AutoencoderKL.from_config(vae_config), dtype), lora_targets=lora_targets,
         block_counts=counts, build_transformer=lambda c, d: _transformer(config, c, d),
         denoiser=denoiser, trace_inputs=lambda shape: trace_inputs(shape, text_dims, config),
-        quantize_exclude=exclude, quantize_te="text_encoder_2")
+        quantize_exclude=exclude, quantize_te="text_encoder_2",
+        encode=lambda shape, images, text: encode_trace(configs, vae_config, shape, images, text))
+
+
+def encode_trace(configs: Mapping[str, dict], vae_config: Mapping[str, Any], shape: TraceShape, images: bool,
+                 text: bool) -> tuple[list[torch.nn.Module], Callable[[], None]]:
+    """Fresh meta encoders and the encoding of one batch as FluxKontext.encode_batch does it: the VAE on the target
+    and each control image (posterior mode), then CLIP (77 tokens) and T5 (max_sequence_length)."""
+    from diffusers import AutoencoderKL
+
+    b, dtype = shape.batch, shape.dtype
+    vae = _meta(lambda: AutoencoderKL.from_config(vae_config), dtype) if images else None
+    encoders = _encoders(configs, dtype) if text else {}
+    clip_len = configs["text_encoder"].get("max_position_embeddings", 77)
+
+    def run() -> None:
+        kept = []  # encode_batch keeps each latent until the batch is packed
+        for hw in (shape.target_hw, *shape.control_hws) if vae is not None else ():
+            kept.append(vae.encode(torch.empty(b, 3, *hw, dtype=dtype)).latent_dist.mode())
+        if encoders:
+            encoders["text_encoder"](torch.zeros(b, clip_len, dtype=torch.long))
+            encoders["text_encoder_2"](torch.zeros(b, shape.text_tokens, dtype=torch.long))
+
+    return [m for m in (vae, *encoders.values()) if m is not None], run
 
 
 def trace_inputs(shape: TraceShape, text_dims: tuple[int, int], config: Mapping[str, Any]) -> dict:

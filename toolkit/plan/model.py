@@ -45,6 +45,9 @@ class PlanModel:
     #: the text encoder (component name) model.quantize_te quantizes
     quantize_te: str | None = None
     image_tokens: Callable[[int, int], int] = lambda h, w: (h // 16) * (w // 16)
+    #: (shape, images, text) -> (fresh meta encoder modules, run): encodes one batch's images (VAE) and/or captions,
+    #: what a step does before the denoiser when latents or text embeddings are not cached; None: not traced
+    encode: Callable[[TraceShape, bool, bool], tuple[list[torch.nn.Module], Callable[[], Any]]] | None = None
 
 
 def read_configs(name_or_path: str, components: Sequence[str], overrides: Mapping[str, str] = {}

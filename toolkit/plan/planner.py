@@ -25,7 +25,7 @@ from toolkit.dtypes import compute_dtype
 from toolkit.plan.model import PlanModel, TraceShape
 from toolkit.plan.parts import (dtype_bytes, module_bytes, optimizer_state_bytes, quantized_bytes, quantized_layers,
                                 tensor_bytes)
-from toolkit.plan.trace import trace_step
+from toolkit.plan.trace import trace_no_grad, trace_step
 
 GiB = 1024 ** 3
 
@@ -50,6 +50,8 @@ class Options:
     controls: int = 1
     control_side: float = 1.0  # control image side relative to the target's
     text_tokens: int = 512
+    size: Optional[tuple[int, int]] = None  # exact target (height, width) in pixels instead of resolution x resolution
+    latents_cached: bool = False  # every dataset caches its latents: no VAE encoding in the step
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Options":
@@ -67,12 +69,13 @@ class Options:
                    ema=train.ema_config.use_ema and not train.ema_config.ema_on_cpu,
                    batch=train.batch_size * (2 if train.diff_output_preservation else 1),
                    resolution=max(r for d in cfg.datasets for r in d.resolution), controls=controls,
-                   text_tokens=model.max_sequence_length)
+                   text_tokens=model.max_sequence_length,
+                   latents_cached=all(d.cache_latents or d.cache_latents_to_disk for d in cfg.datasets))
 
     def shape(self) -> TraceShape:
-        side = self.resolution
-        control = max(16, int(round(side * self.control_side / 16)) * 16)
-        return TraceShape(batch=self.batch, target_hw=(side, side), control_hws=((control, control),) * self.controls,
+        target = self.size or (self.resolution, self.resolution)
+        control = tuple(max(16, int(round(side * self.control_side / 16)) * 16) for side in target)
+        return TraceShape(batch=self.batch, target_hw=target, control_hws=(control,) * self.controls,
                           text_tokens=self.text_tokens, dtype=self.dtype)
 
 
@@ -128,6 +131,17 @@ class Planner:
             self._traces[key] = step.peak_bytes
         return self._traces[key]
 
+    def encode_bytes(self, opts: Options) -> int:
+        """Peak bytes of encoding one batch (VAE and/or text encoders) in the step, 0 when both are cached."""
+        images, text = not opts.latents_cached, not opts.text_cached
+        if self.model.encode is None or not (images or text):
+            return 0
+        key = ("encode", opts.shape(), images, text)
+        if key not in self._traces:
+            modules, run = self.model.encode(opts.shape(), images, text)
+            self._traces[key] = trace_no_grad(modules, run)
+        return self._traces[key]
+
     def step_bytes(self, opts: Options) -> int:
         """Peak bytes one forward + backward allocates at the full block counts (activations and gradients)."""
         base = {k: min(1, n) for k, n in self.model.block_counts.items()}
@@ -153,8 +167,10 @@ class Planner:
         vae = module_bytes(pm.vae, opts.dtype)
         weights = sum(tensor_bytes(p) for p in trainable)
         grads = sum(tensor_bytes(p) for p in trainable)
-        step = self.step_bytes(opts)
-        other_step = self.step_bytes(replace(opts, checkpointing=not opts.checkpointing)) if other else grads
+        denoise, encode = self.step_bytes(opts), self.encode_bytes(opts)
+        step = max(denoise, encode)  # the encoders run and free their memory before the denoiser's forward
+        other_step = max(self.step_bytes(replace(opts, checkpointing=not opts.checkpointing)), encode) \
+            if other else grads
         kind = f"{opts.qtype}" if opts.quantize else str(opts.dtype).replace("torch.", "")
         adapter = "full fine-tune" if opts.network is None else f"{opts.network.type} rank {opts.network.linear}"
         parts = [Part(f"transformer weights ({kind})", frozen),
@@ -167,7 +183,9 @@ class Planner:
                       optimizer_state_bytes(opts.optimizer, trainable, dict(opts.optimizer_params))),
                  Part("EMA copy", sum(4 * p.numel() for p in trainable) if opts.ema else 0),
                  Part("activations", max(0, step - grads),
-                      f"gradient checkpointing {'on' if opts.checkpointing else 'off'}")]
+                      f"gradient checkpointing {'on' if opts.checkpointing else 'off'}"
+                      + (f"; the VAE/text encoding of the batch peaks higher ({encode / GiB:.2f} GiB)"
+                         if encode > denoise else ""))]
         if opts.quantize:
             parts.append(Part("dequantized weight (largest layer)", largest * dtype_bytes(opts.dtype)))
         load = frozen + encoders + vae

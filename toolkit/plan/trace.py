@@ -100,3 +100,15 @@ def trace_step(module: torch.nn.Module, make_inputs: Callable[[], dict], loss_of
             loss_of(module(**inputs)).backward()
         grads = sum(_rounded(p.grad.untyped_storage().nbytes()) for p in module.parameters() if p.grad is not None)
     return StepTrace(peak_bytes=tracker.peak, grad_bytes=grads)
+
+
+def trace_no_grad(modules: list[torch.nn.Module], run: Callable[[], object]) -> int:
+    """Peak bytes `run()` allocates under no_grad with `modules` (meta) materialised as fake tensors: the frozen
+    encoders (VAE, text encoders) of one batch."""
+    with FakeTensorMode():
+        for module in modules:
+            materialize_fake(module)
+        tracker = PeakTracker()
+        with tracker, torch.no_grad():
+            run()
+    return tracker.peak
