@@ -29,11 +29,18 @@ def training_process(config: str, index: int) -> TrainProcessConfig:
     return process
 
 
+_PLANNERS: dict[tuple, Planner] = {}  # one per model source in this process: its traces are reused
+
+
 def make_planner(process: TrainProcessConfig, preset: Optional[str] = None) -> Planner:
-    arch = get_architecture(process.model.arch)
+    model = process.model
+    arch = get_architecture(model.arch)
     if preset is not None and preset not in arch.plan_presets():
         raise UserError(f"--preset {preset}: unknown for {arch.name}; known: {', '.join(arch.plan_presets()) or 'none'}")
-    return Planner(arch.plan_model(process.model, preset))
+    key = (arch.name, preset) if preset else (arch.name, model.name_or_path, model.transformer_path)
+    if key not in _PLANNERS:
+        _PLANNERS[key] = Planner(arch.plan_model(model, preset))
+    return _PLANNERS[key]
 
 
 def plan_config(config: str, gpu_gib: Optional[float] = None, index: int = 0, preset: Optional[str] = None,

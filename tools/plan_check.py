@@ -137,10 +137,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 TABLE_ROWS = (  # (label, Options changes) applied to the 24 GB example's options
     ("bf16, no checkpointing", {"quantize": False, "checkpointing": False, "text_cached": False, "low_vram": False}),
     ("bf16, checkpointing", {"quantize": False, "checkpointing": True, "text_cached": False, "low_vram": False}),
@@ -179,3 +175,7 @@ def fit_table(config: str = "config/examples/train_lora_flux_kontext_24gb.yaml",
             cells.append(f" {plan.peak / 2 ** 30:.1f} | {', '.join(fits) + ' GB' if fits else 'none'} |")
         lines.append(f"| {label} |" + "".join(cells))
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,7 +7,7 @@ Formats, as the libraries store them:
   the base dtype. Only nn.Linear weights are quantized.
 - Optimizer states per trained tensor of n elements (its dtype's size s): adamw/adam 2 n s (exp_avg, exp_avg_sq);
   adamw8bit (bitsandbytes) 2 n bytes + two fp32 absmax per 256-element block, but 2 n x 4 bytes for tensors under
-  4096 elements (bitsandbytes' min_8bit_size); adafactor (transformers, beta1 unset) rows + columns of the last two
+  4096 elements (bitsandbytes' min_8bit_size), plus two shared 256-entry maps; adafactor (transformers, beta1 unset) rows + columns of the last two
   dims for a matrix, n for a vector, plus n s more with optimizer_params beta1; prodigy 4 n s (exp_avg, exp_avg_sq,
   s, p0); sgd n s with momentum, else 0. tests/test_plan.py checks each against the real optimizer's state.
 """
@@ -68,7 +68,10 @@ def _adafactor(p: torch.Tensor, first_moment: bool) -> int:
 def optimizer_state_bytes(name: str, params: Iterable[torch.Tensor], extra: Mapping[str, Any] | None = None) -> int:
     """Bytes of the optimizer's state for `params` after its first step (name as train.optimizer)."""
     extra = dict(extra or {})
+    params = list(params)
     total = 0
+    if name == "adamw8bit" and any(p.numel() >= BNB_MIN_8BIT_SIZE for p in params):
+        total += 2 * 256 * 4  # the two 256-entry fp32 quantization maps, shared by every tensor
     for p in params:
         n, size = p.numel(), tensor_bytes(p)
         if name in ("adamw", "adam"):
