@@ -80,7 +80,7 @@ def measure(process, ctx, steps: int) -> list[dict[str, Any]]:
     return results
 
 
-def check(config: str, steps: int = 2) -> list[dict[str, Any]]:
+def check(config: str, steps: int = 2, checkpointing: Optional[bool] = None) -> list[dict[str, Any]]:
     """Measured and planned peaks of `steps` training steps of CONFIG's first process."""
     from jobs.extensions import load_extensions
     from jobs.plan import make_planner
@@ -94,6 +94,8 @@ def check(config: str, steps: int = 2) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="plan-check-") as tmp:
         raw = bench_job_dict(read_config_file(path), Path(tmp), steps + 1)
         raw["config"]["process"][0]["train"]["gradient_accumulation_steps"] = 1
+        if checkpointing is not None:
+            raw["config"]["process"][0]["train"]["gradient_checkpointing"] = checkpointing
         job = load_job_dict(raw, str(path))
         cfg = job.config.process[0]
         hints = missing_input_hints(cfg)
@@ -110,7 +112,7 @@ def check(config: str, steps: int = 2) -> list[dict[str, Any]]:
     for r in results:
         opts = replace(Options.from_config(cfg), size=r["size_hw"], batch=r["batch"])
         plan = planner.plan(opts, other=False)
-        r.update(config=config, planned=plan.train_peak, error=plan.train_peak / r["measured"] - 1,
+        r.update(config=config, checkpointing=cfg.train.gradient_checkpointing, planned=plan.train_peak, error=plan.train_peak / r["measured"] - 1,
                  planned_step=sum(p.nbytes for p in plan.parts if p.name in ("gradients", "activations")))
         r["step_error"] = r["planned_step"] / r["step_peak"] - 1
     return results
@@ -120,6 +122,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.plan_check", description=__doc__.split("\n\n")[0])
     p.add_argument("configs", nargs="*", default=list(DEFAULT_CONFIGS))
     p.add_argument("--steps", type=int, default=2, help="measured steps per config (default 2)")
+    p.add_argument("--gradient-checkpointing", choices=("on", "off"), default=None,
+                   help="override the configs' train.gradient_checkpointing")
     p.add_argument("--table", action="store_true", help="print README's 'Will it fit?' table (FLUX.1 Kontext [dev] "
                    "from the flux-kontext-dev preset at 512 and 1024 px) instead of measuring")
     args = p.parse_args(argv)
@@ -127,9 +131,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.table:
         sys.stdout.write(fit_table() + "\n")
         return 0
-    for r in (r for config in args.configs for r in check(config, args.steps)):
+    checkpointing = None if args.gradient_checkpointing is None else args.gradient_checkpointing == "on"
+    for r in (r for config in args.configs for r in check(config, args.steps, checkpointing)):
         config = r["config"]
-        sys.stdout.write(f"{config}: batch {r['batch']} x {r['size_hw'][0]}x{r['size_hw'][1]} px | measured {r['measured'] / MiB:.1f}"
+        sys.stdout.write(f"{config} (checkpointing {'on' if r['checkpointing'] else 'off'}): batch {r['batch']} x {r['size_hw'][0]}x{r['size_hw'][1]} px | measured {r['measured'] / MiB:.1f}"
                          f" MiB (live tensors {r['baseline'] / MiB:.1f} + step {r['step_peak'] / MiB:.1f}) | planned "
                          f"{r['planned'] / MiB:.1f} MiB (step {r['planned_step'] / MiB:.1f}) | error {r['error']:+.1%}"
                          f" (step {r['step_error']:+.1%})\n")
