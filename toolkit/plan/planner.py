@@ -184,11 +184,11 @@ class Planner:
                  Part("EMA copy", sum(4 * p.numel() for p in trainable) if opts.ema else 0),
                  Part("activations", max(0, step - grads),
                       f"gradient checkpointing {'on' if opts.checkpointing else 'off'}"
-                      + (f"; the VAE/text encoding of the batch peaks higher ({encode / GiB:.2f} GiB)"
+                      + ("; the VAE/text encoding of the batch peaks higher than the denoiser's step"
                          if encode > denoise else ""))]
         if opts.quantize:
             parts.append(Part("dequantized weight (largest layer)", largest * dtype_bytes(opts.dtype)))
-        load = frozen + encoders + vae
+        load = (frozen if opts.network is not None else weights) + encoders + vae
         load_note = "all components before the text encoders unload"
         if opts.quantize and not opts.low_vram:
             load = max(load, full_bytes)
