@@ -28,6 +28,7 @@ from toolkit.plan.parts import (dtype_bytes, module_bytes, optimizer_state_bytes
 from toolkit.plan.trace import trace_no_grad, trace_step
 
 GiB = 1024 ** 3
+REAL_TRACE_MAX_BYTES = 64 * 2 ** 20  # traced models and inputs up to this size run on real CPU tensors (faster)
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ class Planner:
                 transformer.enable_gradient_checkpointing()
             transformer.train()
             step = trace_step(pm.denoiser(transformer), lambda: pm.trace_inputs(opts.shape()),
-                              lambda out: out.float().pow(2).mean())
+                              lambda out: out.float().pow(2).mean(), fake=not self._small(transformer, opts=opts))
             self._traces[key] = step.peak_bytes
         return self._traces[key]
 
@@ -139,8 +140,17 @@ class Planner:
         key = ("encode", opts.shape(), images, text)
         if key not in self._traces:
             modules, run = self.model.encode(opts.shape(), images, text)
-            self._traces[key] = trace_no_grad(modules, run)
+            self._traces[key] = trace_no_grad(modules, run, fake=not self._small(*modules, opts=opts))
         return self._traces[key]
+
+    @staticmethod
+    def _small(*modules: torch.nn.Module, opts: Options) -> bool:
+        """Whether the traced modules and a generous bound of the batch's activations fit REAL_TRACE_MAX_BYTES."""
+        shape = opts.shape()
+        pixels = sum(h * w for h, w in (shape.target_hw, *shape.control_hws))
+        rough = shape.batch * (pixels + shape.text_tokens * 256) * 4 * 64  # 64 fp32 values per pixel or text token
+        return sum(tensor_bytes(t) for m in modules for t in (*m.parameters(), *m.buffers())) + rough \
+            < REAL_TRACE_MAX_BYTES
 
     def step_bytes(self, opts: Options) -> int:
         """Peak bytes one forward + backward allocates at the full block counts (activations and gradients)."""

@@ -13,6 +13,7 @@ the trained parameters' gradients), excluding the weights, which the planner cou
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -67,17 +68,20 @@ class PeakTracker(TorchDispatchMode):
 
 
 def materialize_fake(module: torch.nn.Module) -> None:
-    """Replace the meta-device parameters and buffers of `module` by fake CPU tensors of the same shapes and dtypes
-    (call inside the FakeTensorMode that will run it). Done by hand because Module.to() cannot swap fake
-    parameters in."""
+    """Replace the meta-device parameters and buffers of `module` by CPU tensors of the same shapes and dtypes: fake
+    ones inside a FakeTensorMode, zeros outside it. Done by hand because Module.to() cannot swap fake parameters in."""
     for mod in module.modules():
         for name, param in list(mod._parameters.items()):
             if param is not None:
-                mod._parameters[name] = torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype),
+                mod._parameters[name] = torch.nn.Parameter(torch.zeros(param.shape, dtype=param.dtype),
                                                            requires_grad=param.requires_grad)
         for name, buffer in list(mod._buffers.items()):
             if buffer is not None:
-                mod._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype)
+                mod._buffers[name] = torch.zeros(buffer.shape, dtype=buffer.dtype)
+
+
+def _mode(fake: bool):
+    return FakeTensorMode() if fake else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -89,10 +93,13 @@ class StepTrace:
     grad_bytes: int
 
 
-def trace_step(module: torch.nn.Module, make_inputs: Callable[[], dict], loss_of: Callable) -> StepTrace:
+def trace_step(module: torch.nn.Module, make_inputs: Callable[[], dict], loss_of: Callable,
+               fake: bool = True) -> StepTrace:
     """One forward + loss + backward of `module` (built on the meta device, frozen base + trainable adapter) on fake
-    tensors. `make_inputs()` builds the keyword inputs (called inside the fake mode); `loss_of(output)` the scalar."""
-    with FakeTensorMode():
+    tensors. `make_inputs()` builds the keyword inputs (called inside the fake mode); `loss_of(output)` the scalar.
+    fake=False runs on real CPU tensors instead: the same bytes (the same CPU kernels run), and faster for a model
+    small enough to compute (fake dispatch costs far more per op than a tiny real one)."""
+    with _mode(fake):
         materialize_fake(module)
         inputs = make_inputs()
         tracker = PeakTracker()
@@ -102,10 +109,10 @@ def trace_step(module: torch.nn.Module, make_inputs: Callable[[], dict], loss_of
     return StepTrace(peak_bytes=tracker.peak, grad_bytes=grads)
 
 
-def trace_no_grad(modules: list[torch.nn.Module], run: Callable[[], object]) -> int:
-    """Peak bytes `run()` allocates under no_grad with `modules` (meta) materialised as fake tensors: the frozen
-    encoders (VAE, text encoders) of one batch."""
-    with FakeTensorMode():
+def trace_no_grad(modules: list[torch.nn.Module], run: Callable[[], object], fake: bool = True) -> int:
+    """Peak bytes `run()` allocates under no_grad with `modules` (meta) materialised as fake tensors (or real ones:
+    see trace_step): the frozen encoders (VAE, text encoders) of one batch."""
+    with _mode(fake):
         for module in modules:
             materialize_fake(module)
         tracker = PeakTracker()
