@@ -48,6 +48,19 @@ class Architecture(ABC):
         return []
 
     @classmethod
+    def plan_model(cls, model_cfg: Any, preset: Optional[str] = None) -> Any:
+        """The memory planner's view of this architecture (toolkit.plan.model.PlanModel): its components built on the
+        meta device from their config files (no weights), and how to trace its denoiser. `preset`: one of
+        plan_presets(), a published model's config values shipped as facts, instead of model_cfg's files."""
+        raise ArchitectureError(f"model.arch {cls.name}: the memory planner (run.py plan) does not know this "
+                                "architecture yet")
+
+    @classmethod
+    def plan_presets(cls) -> Sequence[str]:
+        """Names plan_model accepts as `preset`."""
+        return ()
+
+    @classmethod
     @abstractmethod
     def load(cls, model_cfg: Any, device: torch.device, dtype: torch.dtype) -> "Architecture":
         """Load every component onto `device`, frozen."""
