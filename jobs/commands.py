@@ -7,7 +7,6 @@ Each takes its argv (without the subcommand) and returns an exit status; run.py 
 from __future__ import annotations
 
 import argparse
-import sys
 import logging
 import sys
 from pathlib import Path
