@@ -117,17 +117,8 @@ class FluxKontext(Architecture):
         local = Path(model_cfg.name_or_path).expanduser()
         source = str(local) if local.exists() else model_cfg.name_or_path
         qtype = model_cfg.qtype
-        components = {}
-        if model_cfg.low_vram:
-            # Block by block, quantized on the CPU: the device never holds the full-precision transformer.
-            components["transformer"] = load_transformer_blockwise(source, dtype, device,
-                                                                   qtype if model_cfg.quantize else None,
-                                                                   folder=model_cfg.transformer_path)
-        elif model_cfg.transformer_path:  # e.g. an earlier stage's full fine-tune (toolkit.train.stages)
-            log.info("transformer from %s", model_cfg.transformer_path)
-            components["transformer"] = FluxTransformer2DModel.from_pretrained(model_cfg.transformer_path,
-                                                                               dtype=dtype)
-        pipe = FluxKontextPipeline.from_pretrained(source, dtype=dtype, **components)
+        pipe = FluxKontextPipeline.from_pretrained(source, dtype=dtype,
+                                                   **cls.transformer_components(model_cfg, source, device, dtype))
         for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             module.requires_grad_(False)
             module.eval()
@@ -142,6 +133,22 @@ class FluxKontext(Architecture):
         pipe.to(device)
         keep_base_frozen(pipe.transformer)
         return cls(pipe, model_cfg, device, dtype)
+
+    @classmethod
+    def transformer_components(cls, model_cfg: Any, source: str, device: torch.device, dtype: torch.dtype
+                               ) -> dict[str, torch.nn.Module]:
+        """{"transformer": module} when the transformer does not come from the pipeline folder as it is (low_vram,
+        model.transformer_path), else {}. tools.gpu_check overrides this to train a random-weight transformer of
+        FLUX.1's real size without a 24 GB download."""
+        if model_cfg.low_vram:
+            # Block by block, quantized on the CPU: the device never holds the full-precision transformer.
+            return {"transformer": load_transformer_blockwise(source, dtype, device,
+                                                              model_cfg.qtype if model_cfg.quantize else None,
+                                                              folder=model_cfg.transformer_path)}
+        if model_cfg.transformer_path:  # e.g. an earlier stage's full fine-tune (toolkit.train.stages)
+            log.info("transformer from %s", model_cfg.transformer_path)
+            return {"transformer": FluxTransformer2DModel.from_pretrained(model_cfg.transformer_path, dtype=dtype)}
+        return {}
 
     # -- training ---------------------------------------------------------------------------------------------
     def denoiser(self) -> torch.nn.Module:
