@@ -32,6 +32,10 @@ class Architecture(ABC):
     #: control_path and datasets[].control_dropout_rate need it.
     trains_without_controls: ClassVar[bool] = False
 
+    #: Whether datasets[].control_resolution works: the architecture takes control images of another size than the
+    #: target (with their own position ids) instead of resizing them itself.
+    supports_control_resolution: ClassVar[bool] = False
+
     transformer: torch.nn.Module
 
     @classmethod

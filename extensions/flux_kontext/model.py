@@ -75,6 +75,7 @@ class FluxKontext(Architecture):
     name = "flux_kontext"
     default_lora_targets = LORA_TARGETS
     trains_without_controls = True  # zero control tokens: text-to-image (encode_batch)
+    supports_control_resolution = True  # a smaller control gets its own grid of position ids, as in the pipeline
 
     def __init__(self, pipe: FluxKontextPipeline, model_cfg: Any, device: torch.device, dtype: torch.dtype):
         self.pipe = pipe

@@ -103,6 +103,9 @@ class BaseSDTrainProcess:
         if any(d.control_dropout_rate for d in self.cfg.datasets) and not self.arch_cls.trains_without_controls:
             problems.add([f"datasets[].control_dropout_rate: model.arch {self.cfg.model.arch} cannot train a batch "
                           "without its control images; set it to 0"])
+        if any(d.control_resolution for d in self.cfg.datasets) and not self.arch_cls.supports_control_resolution:
+            problems.add([f"datasets[].control_resolution: model.arch {self.cfg.model.arch} sizes control images "
+                          "itself; remove the option"])
         pairs = problems.run(discover_pairs, self.cfg.datasets, default=[])
         problems.add(cache_folder_problems(self.cfg.datasets))
         problems.add(missing_packages(self.cfg.trackers))

@@ -366,7 +366,8 @@ def cache_dataset(dataset: Any, configs: Sequence[Any], *, latents: Optional[Enc
             store, key = latent_stores[item_datasets[i]], make_key("latents", parts)
             latent_keys[i] = (store, key)
             # One encode batch holds one bucket and one set of images (items without controls encode apart).
-            group = (sources[i]["bucket"], tuple(name for name, v in sources[i].items() if isinstance(v, Path)))
+            group = (sources[i]["bucket"], sources[i].get("control_bucket"),
+                     tuple(name for name, v in sources[i].items() if isinstance(v, Path)))
             jobs.append(Job(store, key, encoder, group=group,
                             load=lambda i=i: dataset.load_pixels(i)))
     text_keys: dict[tuple[int, str], tuple[TensorStore, str]] = {}
