@@ -36,15 +36,21 @@ class Architecture(ABC):
     #: target (with their own position ids) instead of resizing them itself.
     supports_control_resolution: ClassVar[bool] = False
 
+    #: Whether model.trim_text_tokens works (the text sequence of a batch may be cut after its longest caption).
+    supports_trim_text_tokens: ClassVar[bool] = False
+
     transformer: torch.nn.Module
 
     @classmethod
     def check_model_options(cls, model_cfg: Any) -> list[str]:
         """model options this architecture would silently ignore (run before any model loads)."""
+        problems = []
         if model_cfg.match_target_res and not cls.supports_match_target_res:
-            return [f"model.match_target_res: {cls.name} always encodes control images at the target's size; "
-                    "remove the option"]
-        return []
+            problems.append(f"model.match_target_res: {cls.name} always encodes control images at the target's "
+                            "size; remove the option")
+        if getattr(model_cfg, "trim_text_tokens", False) and not cls.supports_trim_text_tokens:
+            problems.append(f"model.trim_text_tokens: not implemented for {cls.name}; remove the option")
+        return problems
 
     @classmethod
     def check_source(cls, name_or_path: str) -> list[str]:

@@ -33,6 +33,7 @@ LORA_TARGETS = (r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|ad
 QUANTIZE_EXCLUDE = list(TRANSFORMER_EXCLUDE)
 TEXT_CACHE_ENTRIES = 128  # in-memory caption embeddings; T5 at 512 tokens x 4096 x bf16 is 4 MiB each
 TEXT_ENCODE_BATCH = 16
+TEXT_TOKEN_MULTIPLE = 64  # model.trim_text_tokens rounds a batch's text length up to this
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -76,6 +77,7 @@ class FluxKontext(Architecture):
     default_lora_targets = LORA_TARGETS
     trains_without_controls = True  # zero control tokens: text-to-image (encode_batch)
     supports_control_resolution = True  # a smaller control gets its own grid of position ids, as in the pipeline
+    supports_trim_text_tokens = True
 
     def __init__(self, pipe: FluxKontextPipeline, model_cfg: Any, device: torch.device, dtype: torch.dtype):
         self.pipe = pipe
@@ -84,6 +86,8 @@ class FluxKontext(Architecture):
         self.device, self.dtype = device, dtype
         self.source = model_cfg.name_or_path
         self.max_sequence_length = model_cfg.max_sequence_length
+        self.trim_text_tokens = getattr(model_cfg, "trim_text_tokens", False)
+        self._token_counts: dict[str, int] = {}  # caption -> T5 tokens (with EOS), for trim_text_tokens
         self._denoiser = KontextDenoiser(self.transformer)
         self._ids = rope_cache.IdTables()  # position ids per bucket, text ids per length: the same tensors each step
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
@@ -206,12 +210,24 @@ class FluxKontext(Architecture):
             text_ids = self._ids.text_ids(embeds.shape[1], self.device, self.dtype)
         else:
             embeds, pooled, text_ids = self.encode_captions(batch["caption"])
+        if self.trim_text_tokens:
+            embeds = embeds[:, :self.text_tokens_needed(batch["caption"])]
+            text_ids = self._ids.text_ids(embeds.shape[1], self.device, text_ids.dtype)
         x0 = pack_latents(target).to(self.dtype)
         return EncodedBatch(x0=x0, control=torch.cat([x0[:, :0], *(pack_latents(c).to(self.dtype) for c in controls)],
                                                      dim=1),
                             target_hw=tuple(target.shape[-2:]),
                             control_hws=tuple(tuple(c.shape[-2:]) for c in controls),
                             prompt_embeds=embeds.to(self.dtype), pooled=pooled.to(self.dtype), text_ids=text_ids)
+
+    def text_tokens_needed(self, captions: Sequence[str]) -> int:
+        """model.trim_text_tokens: T5 positions a batch keeps, its longest caption's token count (with EOS) rounded up
+        to TEXT_TOKEN_MULTIPLE, at most max_sequence_length. Tokenizers stay loaded when the encoders are unloaded."""
+        for caption in set(captions) - set(self._token_counts):
+            self._token_counts[caption] = len(self.pipe.tokenizer_2(caption, truncation=True,
+                                                                    max_length=self.max_sequence_length).input_ids)
+        longest = max(self._token_counts[c] for c in captions)
+        return min(self.max_sequence_length, -(-longest // TEXT_TOKEN_MULTIPLE) * TEXT_TOKEN_MULTIPLE)
 
     def clean_latents(self, encoded: EncodedBatch) -> torch.Tensor:
         return encoded.x0
