@@ -44,7 +44,7 @@ from tools.gpu_check_row import FLUX_KONTEXT_TRANSFORMER, PLANNED_COLUMN, RowSpe
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
-CHILD_GRACE_S = 90.0  # imports, CUDA start and process exit on top of a row's own time limit
+CHILD_GRACE_S = 90.0  # imports, CUDA start and process exit on top of a row's own time limit (never past the budget)
 PAIRS = 2
 DEFAULTS = {  # (full run on a GPU, --smoke on the CPU)
     "resolutions": ("512,1024", "64"), "quantize": ("none,qint8,qfloat8", "none,qint8"),
@@ -211,6 +211,8 @@ def _resolved(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("checkpointing", "compile"):
         if isinstance(getattr(args, name), str):
             setattr(args, name, _switches(getattr(args, name)))
+    if args.model_dir is not None:
+        args.model_dir = args.model_dir.resolve()  # children run in the repository root
     bad = [q for q in args.quantize if q not in ("none", "qint8", "qfloat8")]
     if bad or args.processes < 1 or args.steps < 1 or args.warmup < 0:
         raise SystemExit(f"gpu_check: bad arguments ({bad or 'processes >= 1, steps >= 1, warmup >= 0'})")
@@ -231,7 +233,7 @@ def execute(args: argparse.Namespace, argv: list[str], workdir: Path) -> dict[st
             return run_row(spec, replace(settings, row_timeout_s=min(settings.row_timeout_s, left)))
     else:
         def runner(spec: RowSpec, left: float) -> dict[str, Any]:
-            return run_child(spec, argv, workdir, min(args.row_timeout_s + CHILD_GRACE_S, left + CHILD_GRACE_S))
+            return run_child(spec, argv, workdir, min(args.row_timeout_s + CHILD_GRACE_S, left))
     results = run_matrix(rows, settings, args.budget_s, runner)
     return {"command": "python -m tools.gpu_check " + " ".join(argv), "smoke": args.smoke,
             "transformer_config": transformer, "max_sequence_length": args.max_sequence_length,
