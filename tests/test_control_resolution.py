@@ -70,3 +70,12 @@ def test_an_architecture_that_sizes_controls_itself_refuses_it(tmp_path, no_mode
     job = load_job_dict(config, "test")
     with pytest.raises(UserError, match="control_resolution: model.arch qwen_image_edit_plus sizes control"):
         BaseSDTrainProcess(job.config.process[0], "x", job).preflight()
+
+
+def test_changed_region_weights_compare_a_smaller_control_at_the_targets_size():
+    from toolkit.data.change_weights import changed_region_weights
+
+    target = torch.zeros(3, 32, 32)
+    target[:, :16] = 1.0  # the top half changed
+    weights = changed_region_weights(target, torch.zeros(3, 16, 16), blur_px=0, floor=0.1)
+    assert weights.shape == (1, 32, 32) and weights[0, :16].mean() > weights[0, 16:].mean()
