@@ -23,7 +23,7 @@ from jobs.process import training_data
 from jobs.process.checkpointer import Checkpointer
 from jobs.process.held_out import held_out_edits, measure_held_out
 from jobs.process.outputs import RunOutputs
-from jobs.process.preflight import Problems
+from jobs.process.preflight import Problems, arch_dataset_problems
 from jobs.process.sample_round import render_round
 from jobs.process.training_run import StepResult, TrainingRun, describe_batch
 from toolkit.adapters import full_finetune
@@ -103,9 +103,7 @@ class BaseSDTrainProcess:
         if any(d.control_dropout_rate for d in self.cfg.datasets) and not self.arch_cls.trains_without_controls:
             problems.add([f"datasets[].control_dropout_rate: model.arch {self.cfg.model.arch} cannot train a batch "
                           "without its control images; set it to 0"])
-        if any(d.control_resolution for d in self.cfg.datasets) and not self.arch_cls.supports_control_resolution:
-            problems.add([f"datasets[].control_resolution: model.arch {self.cfg.model.arch} sizes control images "
-                          "itself; remove the option"])
+        problems.add(arch_dataset_problems(self.arch_cls, self.cfg.datasets))
         pairs = problems.run(discover_pairs, self.cfg.datasets, default=[])
         problems.add(cache_folder_problems(self.cfg.datasets))
         problems.add(missing_packages(self.cfg.trackers))

@@ -37,4 +37,12 @@ class Problems:
                               f"fix them and run again:\n{listed}")
 
 
-__all__ = ["Problems"]
+__all__ = ["Problems", "arch_dataset_problems"]
+
+
+def arch_dataset_problems(arch_cls: Any, datasets: Iterable[Any]) -> list[str]:
+    """Dataset options the architecture cannot honour, refused by name instead of ignored."""
+    if any(d.control_resolution for d in datasets) and not arch_cls.supports_control_resolution:
+        return [f"datasets[].control_resolution: model.arch {arch_cls.name} sizes control images itself; remove "
+                "the option"]
+    return []
