@@ -37,8 +37,6 @@ class Problems:
                               f"fix them and run again:\n{listed}")
 
 
-__all__ = ["Problems", "arch_dataset_problems"]
-
 
 def arch_dataset_problems(arch_cls: Any, datasets: Iterable[Any]) -> list[str]:
     """Dataset options the architecture cannot honour, refused by name instead of ignored."""
@@ -46,3 +44,6 @@ def arch_dataset_problems(arch_cls: Any, datasets: Iterable[Any]) -> list[str]:
         return [f"datasets[].control_resolution: model.arch {arch_cls.name} sizes control images itself; remove "
                 "the option"]
     return []
+
+
+__all__ = ["Problems", "arch_dataset_problems"]
