@@ -32,7 +32,8 @@ def test_smoke_writes_rows_and_an_oom_is_a_row(tiny_model_dir, tmp_path, monkeyp
     assert ok["s_per_step"] > 0 and ok["samples_per_s"] == 1 / ok["s_per_step"]
     # 64 px: 4 x 4 target + 4 x 4 control tokens after packing, plus 32 T5 tokens
     assert ok["tokens_per_sample"] == 16 + 16 + 32
-    assert ok["flops_per_step"] > 0 and ok["trainable_params"] > 0 and ok["planned_mib"] == "-"
+    assert ok["flops_per_step"] > 0 and ok["trainable_params"] > 0 and ok["planned_mib"] > 0
+    assert oom["planned_mib"] == ok["planned_mib"] * 1.0 or oom["planned_mib"] > ok["planned_mib"]  # no checkpointing
     assert ok["loss_mean"] == ok["loss_mean"]  # finite
     assert result["transformer_config"]["num_layers"] == 1  # the tiny folder's transformer, rebuilt at random
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from toolkit.state.atomic import atomic_write_text
-from tools.gpu_check_row import FLUX_KONTEXT_TRANSFORMER, PLANNED_COLUMN, RowSpec, Settings, run_row
+from tools.gpu_check_row import FLUX_KONTEXT_TRANSFORMER, PLANNED_COLUMN, RowSpec, Settings, job_dict, run_row
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +132,27 @@ def run_child(spec: RowSpec, argv: list[str], workdir: Path, timeout_s: float) -
     return {"id": spec.id, "status": "error", "error": f"the child exited with {rc} and wrote no row"}
 
 
+def planned_mib(spec: RowSpec, settings: Settings, preset: Optional[str]) -> Any:
+    """The memory planner's training peak for the row's config (what `run.py plan` prints), in MiB; `preset`:
+    plan the real FLUX.1 Kontext [dev] instead of the model folder (the rows build its transformer). "-" when the
+    planner cannot plan it (logged): the measurement matters more than the plan."""
+    from jobs.plan import make_planner
+    from toolkit.config.loader import load_job_dict
+    from toolkit.plan.planner import Options
+
+    try:
+        process = load_job_dict(job_dict(spec, settings), f"gpu_check row {spec.id}").config.process[0]
+        return make_planner(process, preset).plan(Options.from_config(process), other=False).train_peak / 2**20
+    except Exception as exc:  # noqa: BLE001 - a plan that fails must not stop the measurements
+        log.warning("gpu_check: no plan for %s (%s)", spec.id, exc)
+        return "-"
+
+
 def run_matrix(rows: list[RowSpec], settings: Settings, budget_s: float,
-               runner: Callable[[RowSpec, float], dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows in order until budget_s is spent; runner(spec, seconds_left) runs one."""
+               runner: Callable[[RowSpec, float], dict[str, Any]],
+               planner: Optional[Callable[[RowSpec], Any]] = None) -> list[dict[str, Any]]:
+    """Rows in order until budget_s is spent; runner(spec, seconds_left) runs one, planner(spec) gives its planned
+    MiB (the "planned MiB" column, next to the measured peak)."""
     start, results = time.perf_counter(), []
     for spec in rows:
         left = budget_s - (time.perf_counter() - start)
@@ -143,7 +161,7 @@ def run_matrix(rows: list[RowSpec], settings: Settings, budget_s: float,
             continue
         log.info("gpu_check: row %s (%.0f s of budget left)", spec.id, left)
         row = runner(spec, left)
-        row.setdefault(PLANNED_COLUMN, "-")
+        row[PLANNED_COLUMN] = planner(spec) if planner else "-"
         results.append(row)
         log.info("gpu_check: %s", format_row(row))
     add_scaling(results)
@@ -234,13 +252,16 @@ def execute(args: argparse.Namespace, argv: list[str], workdir: Path) -> dict[st
     else:
         def runner(spec: RowSpec, left: float) -> dict[str, Any]:
             return run_child(spec, argv, workdir, min(args.row_timeout_s + CHILD_GRACE_S, left))
-    results = run_matrix(rows, settings, args.budget_s, runner)
+    in_child = args.only is not None  # a child measures one row; its parent plans it
+    planner = None if in_child else (lambda spec: planned_mib(spec, settings, None if args.smoke else PRESET))
+    results = run_matrix(rows, settings, args.budget_s, runner, planner)
     return {"command": "python -m tools.gpu_check " + " ".join(argv), "smoke": args.smoke,
             "transformer_config": transformer, "max_sequence_length": args.max_sequence_length,
             "warmup_steps": args.warmup, "measured_steps": args.steps, "flops_formula": FLOPS_FORMULA,
             "rows": results}
 
 
+PRESET = "flux-kontext-dev"  # the planner's facts of the model whose transformer the rows build
 FLOPS_FORMULA = ("per optimizer step: 2 x frozen-Linear forward FLOPs + 3 x (LoRA Linear + attention) forward FLOPs; "
                  "Linear forward = 2 x rows x in x out over the rows it sees; attention = 4 x heads x Lq x Lk x "
                  "head_dim per call; checkpointing recompute not counted; MFU = FLOPs / s / dense bf16 peak")

@@ -220,7 +220,7 @@ def free_memory(device: str, compiled: bool) -> None:
 def run_row(spec: RowSpec, settings: Settings) -> dict[str, Any]:
     """The row's figures (status "ok", or "time_limit" with fewer steps), or its failure as a row: "oom" or
     "error". Never raises for a failing row."""
-    row: dict[str, Any] = {"id": spec.id, **asdict(spec), "dtype": settings.dtype, PLANNED_COLUMN: "-"}
+    row: dict[str, Any] = {"id": spec.id, **asdict(spec), "dtype": settings.dtype}
     start = time.perf_counter()
     try:
         row.update(_measure(spec, settings, start + settings.row_timeout_s))
