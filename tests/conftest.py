@@ -37,6 +37,14 @@ def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A diffusers-format FLUX.2 [klein] folder with random weights, read-only for the session."""
+    from tools.tiny_flux2 import build_tiny_flux2_pipeline
+
+    return build_tiny_flux2_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux2-klein")
+
+
+@pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic invert-colors dataset (8 pairs, 3 aspect ratios), read-only for the whole session."""
     from tools.demo_data import build_demo_dataset
