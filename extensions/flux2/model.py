@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 # Attention and MLP linears of both block kinds; the shared modulation linears, embedders and proj_out stay frozen.
 LORA_TARGETS = (r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj"
-                r"|to_add_out|to_qkv_mlp_proj|to_out)|ff\.linear_(in|out)|ff_context\.linear_(in|out))")
+                r"|to_add_out)|ff\.linear_(in|out)|ff_context\.linear_(in|out))"
+                r"|.*single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)")
 # Kept in full precision when the base is quantized: the layers touching latents and text directly, and the
 # modulations every block reads (small, and errors there reach every token).
 QUANTIZE_EXCLUDE = ("x_embedder", "context_embedder", "proj_out", "norm_out.linear", "time_guidance_embed.*",

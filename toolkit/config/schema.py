@@ -107,7 +107,8 @@ class ModelConfig:
         "Load the transformer block by block on the CPU, quantizing each block there (with quantize) before moving "
         "it to the device, so the device never holds the full-precision transformer; slower to load."))
     max_sequence_length: int = field(default=512, metadata=_meta(
-        "T5 prompt length in tokens; shorter is faster.", T5_LENGTH))
+        "Prompt length in tokens of the text encoder (T5 for FLUX.1 Kontext, Qwen3 / Mistral 3 for FLUX.2); "
+        "shorter is faster.", T5_LENGTH))
     match_target_res: bool = field(default=False, metadata=_meta(
         "Encode the control images for the transformer at the target's size instead of the architecture's fixed "
         "reference size (Qwen-Image-Edit-Plus: about 1024x1024 pixels, as its pipeline does); much cheaper for small "
