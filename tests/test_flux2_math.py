@@ -18,7 +18,7 @@ def load_flux2(folder, arch: str = "flux2_klein_4b", **overrides):
     from extensions import flux2  # importing it registers the architectures
 
     arch_cls = {c.name: c for c in (flux2.Flux2Klein, flux2.Flux2Klein9B, flux2.Flux2Dev)}[arch]
-    cfg = ModelConfig(name_or_path=str(folder), arch=arch, max_sequence_length=MAX_LENGTH, **overrides)
+    cfg = ModelConfig(name_or_path=str(folder), arch=arch, **{"max_sequence_length": MAX_LENGTH, **overrides})
     return arch_cls.load(cfg, torch.device("cpu"), torch.float32)
 
 
@@ -104,6 +104,9 @@ def test_stop_ends_sampling_early(klein) -> None:
     calls = []
     request = SampleRequest(index=0, prompt="x", ctrl_img=None, seed=0, width=64, height=64, guidance_scale=1.0,
                             steps=4)
-    klein.transformer.register_forward_hook(lambda *a: calls.append(1))
-    klein.sample([request], [[]], stop=lambda: True)
-    assert len(calls) == 1
+    hook = klein.transformer.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        klein.sample([request], [[]], stop=lambda: True)
+    finally:
+        hook.remove()
+    assert len(calls) == 1  # of 4 steps

@@ -18,25 +18,9 @@ from safetensors.torch import load_file
 
 import run
 from tests.helpers import REPO, merge, write_config
-from tools.demo_data import build_demo_dataset
 
 EXAMPLE = REPO / "config" / "examples" / "train_lora_flux2_klein_tiny.yaml"
 NAME = "tiny_flux2_klein_demo"
-SUBFOLDERS = ("target", "control", "control_2", "sample_control", "sample_control_2")
-
-
-@pytest.fixture(scope="module")
-def flux2_data(tmp_path_factory) -> Path:
-    """Two square pairs with two control images each (one bucket: batch 2 is the same data for 1 and 2 ranks)."""
-    root = tmp_path_factory.mktemp("flux2data")
-    source = build_demo_dataset(root / "source", num_pairs=4, seed=3, num_controls=2)
-    data = root / "data"
-    for sub in SUBFOLDERS:
-        (data / sub).mkdir(parents=True)
-        for path in (source / sub).iterdir():
-            if path.stem in ("pair_000", "pair_003", "sample_000"):
-                shutil.copy(path, data / sub / path.name)
-    return data
 
 
 def example(folder: Path, model_dir: Path, data_dir: Path, dataset: dict | None = None, **overrides) -> Path:
