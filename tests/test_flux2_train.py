@@ -100,10 +100,10 @@ def test_example_resumes_bit_identically(tmp_path, tiny_flux2_dir, flux2_data, c
 
 def test_plain_images_train_from_cached_latents_and_text(tmp_path, tiny_flux2_dir, flux2_data):
     """No control_path: text-to-image training (no reference tokens), latents and prompt embeddings cached, the
-    text encoder unloaded, and a sample without --ctrl_img."""
+    text encoder unloaded, and a sample without --ctrl_img with true CFG (its empty negative prompt was kept)."""
     config = example(tmp_path, tiny_flux2_dir, flux2_data, {"control_path": None, "cache_latents": True}, **{
         "train.steps": 2, "save.save_every": 1000, "train.cache_text_embeddings": True, "sample.sample_every": 2,
-        "train.skip_first_sample": True, "sample.prompts": ["[trigger] a picture"]})
+        "train.skip_first_sample": True, "sample.prompts": ["[trigger] a picture"], "sample.guidance_scale": 2.0})
     assert run.main([str(config)]) == 0
     run_dir = tmp_path / "output" / NAME
     assert any(v.abs().max() > 0 for k, v in load_file(str(run_dir / f"{NAME}.safetensors")).items()

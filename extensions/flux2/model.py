@@ -195,7 +195,8 @@ class Flux2Klein(Architecture):
         return self.prompts.encoder()
 
     def unload_text_encoders(self, keep: Sequence[str]) -> None:
-        self.prompts.unload(keep)
+        """Keep `keep` and the empty prompt (the negative of [klein]'s true CFG in samples) encoded; free Qwen3."""
+        self.prompts.unload([*keep, ""])
 
     # -- sampling ---------------------------------------------------------------------------------------------
     @torch.no_grad()
