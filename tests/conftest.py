@@ -64,6 +64,14 @@ def flux2_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux2_dev_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A diffusers-format FLUX.2 [dev] (Flux2Pipeline) folder with random weights, read-only for the session."""
+    from tools.tiny_flux2_dev import build_tiny_flux2_dev_pipeline
+
+    return build_tiny_flux2_dev_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux2-dev", seed=0)
+
+
+@pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic invert-colors dataset (8 pairs, 3 aspect ratios), read-only for the whole session."""
     from tools.demo_data import build_demo_dataset

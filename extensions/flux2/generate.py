@@ -10,8 +10,9 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from extensions.flux2.lora_keys import FLUX2_CONVENTIONS
 from extensions.flux2.model import Flux2Dev, Flux2Klein, Flux2Klein9B
-from toolkit.adapters.lora_convert import detect_format, peft_metadata, read_lora
+from toolkit.adapters.lora_convert import detect_format, peft_metadata, read_lora, to_diffusers
 from toolkit.arch import get_architecture
 from toolkit.errors import UserError
 from toolkit.render.inference import LoraRenderer, register_renderer
@@ -35,9 +36,12 @@ class Flux2Renderer(LoraRenderer):
 
     def add_lora(self, path: Path, name: str) -> None:
         state, header = read_lora(Path(path))
-        if detect_format(state) != "diffusers":
-            raise UserError(f"{path}: only diffusers-layout LoRA files (transformer.<module>.lora_A/B) load for "
-                            f"{self.model.name} so far")
+        layout = detect_format(state)
+        if layout == "comfy":  # BFL / ComfyUI names (extensions/flux2/lora_keys.py)
+            state, header = to_diffusers(state, header, FLUX2_CONVENTIONS[self.model.name])
+        elif layout != "diffusers":
+            raise UserError(f"{path}: LoRA layout not recognised; diffusers (transformer.<module>.lora_A/B) and "
+                            f"ComfyUI/kohya files load for {self.model.name}")
         with warnings.catch_warnings():
             # peft warns for every adapter after the first; several named adapters are the point here.
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")

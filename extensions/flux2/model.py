@@ -23,11 +23,11 @@ from PIL import Image
 
 from extensions.flux2.conditioning import encode_pixels, mask_weights, pack, position_ids, text_ids
 from extensions.flux2.text import PromptEncoder
-from extensions.flux_kontext.quantize import keep_base_frozen, quantize_frozen, safe_exclude
+from extensions.flux_kontext.quantize import (keep_base_frozen, load_transformer_blockwise, quantize_frozen,
+                                              safe_exclude)
 from toolkit.arch import Architecture, eval_mode, register_architecture
 from toolkit.data.cache import Encoder, make_key, module_fingerprint
 from toolkit.data.dataset import control_names
-from toolkit.errors import ArchitectureError
 from toolkit.render.sampling import SampleRequest
 
 log = logging.getLogger(__name__)
@@ -99,26 +99,31 @@ class Flux2Klein(Architecture):
 
     @classmethod
     def load(cls, model_cfg: Any, device: torch.device, dtype: torch.dtype) -> "Flux2Klein":
-        if model_cfg.low_vram:
-            raise ArchitectureError(f"model.low_vram is not implemented for {cls.name} yet; use model.quantize")
         log.info("loading %s (%s) on %s", model_cfg.name_or_path, dtype, device)
         local = Path(model_cfg.name_or_path).expanduser()
         source = str(local) if local.exists() else model_cfg.name_or_path
         components = {}
-        if model_cfg.transformer_path:
+        qtype = model_cfg.qtype
+        if model_cfg.low_vram:
+            # Block by block, quantized on the CPU: the device never holds the full-precision transformer.
+            components["transformer"] = load_transformer_blockwise(
+                source, dtype, device, qtype if model_cfg.quantize else None, folder=model_cfg.transformer_path,
+                model_class=Flux2Transformer2DModel, always_exclude=QUANTIZE_EXCLUDE)
+        elif model_cfg.transformer_path:
             components["transformer"] = Flux2Transformer2DModel.from_pretrained(model_cfg.transformer_path,
                                                                                 dtype=dtype)
         pipe = cls.pipeline_class.from_pretrained(source, dtype=dtype, **components)
         for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
             module.requires_grad_(False)
             module.eval()
+        # Without low_vram, quantize where the weights will live (fast on a GPU; needs the full precision there).
+        quantize_on = torch.device("cpu") if model_cfg.low_vram else device
         if model_cfg.quantize_te:
-            encoder = pipe.text_encoder.to(device)
-            quantize_frozen(encoder, model_cfg.qtype, safe_exclude(encoder, model_cfg.qtype, dtype, always=()))
-        if model_cfg.quantize:
+            encoder = pipe.text_encoder.to(quantize_on)
+            quantize_frozen(encoder, qtype, safe_exclude(encoder, qtype, dtype, always=()))
+        if model_cfg.quantize and not model_cfg.low_vram:
             transformer = pipe.transformer.to(device)
-            quantize_frozen(transformer, model_cfg.qtype,
-                            safe_exclude(transformer, model_cfg.qtype, dtype, always=QUANTIZE_EXCLUDE))
+            quantize_frozen(transformer, qtype, safe_exclude(transformer, qtype, dtype, always=QUANTIZE_EXCLUDE))
         pipe.to(device)
         keep_base_frozen(pipe.transformer)
         return cls(pipe, model_cfg, device, dtype)
