@@ -111,33 +111,3 @@ def test_stop_ends_sampling_early(klein) -> None:
         hook.remove()
     assert len(calls) == 1  # of 4 steps
 
-
-def test_dev_feeds_the_guidance_embedding_as_the_pipeline(tmp_path) -> None:
-    """[dev] (Flux2Pipeline, guidance-distilled): training passes train.guidance to the guidance embedding and
-    sampling equals the pipeline, here without a text encoder (prompt embeddings given, as from the cache)."""
-    from diffusers import Flux2Pipeline
-
-    from extensions.flux2.model import Flux2Dev
-    from tools.tiny_flux2 import build_components
-
-    pipe = Flux2Pipeline(text_encoder=None, tokenizer=None, **build_components(seed=1, guidance_embeds=True))
-    cfg = ModelConfig(name_or_path=str(tmp_path), arch="flux2", max_sequence_length=MAX_LENGTH)
-    dev = Flux2Dev(pipe, cfg, torch.device("cpu"), torch.float32)
-    embeds = torch.randn(1, MAX_LENGTH, pipe.transformer.config.joint_attention_dim,
-                         generator=torch.Generator().manual_seed(0))
-    dev.prompts._pinned["make it red"] = embeds[0]  # as unload_text_encoders leaves it
-    controls = [control_image(64, 64, seed=1)]
-    seen, out = capture_transformer_call(pipe, image=controls, prompt_embeds=embeds, width=64, height=64)
-    encoded = dev.encode_batch(batch_of([control_image(64, 64, 9)], [controls], ["make it red"]))
-    n = encoded.x0.shape[1]
-    inputs = dev.denoiser_inputs(encoded, seen["hidden_states"][:, :n], seen["timestep"], guidance=1.0)
-    assert torch.equal(inputs["guidance"], seen["guidance"])  # the pipeline's guidance_scale 1.0
-    inputs["reference_tokens"] = seen["hidden_states"][:, n:]
-    with torch.no_grad():
-        assert torch.equal(dev.denoiser()(**inputs), out[:, :n])
-    request = SampleRequest(index=0, prompt="make it red", ctrl_img=None, seed=3, width=64, height=64,
-                            guidance_scale=4.0, steps=2)
-    ours = dev.sample([request], [controls])[0]
-    theirs = pipe(image=controls, prompt_embeds=embeds, width=64, height=64, num_inference_steps=2,
-                  guidance_scale=4.0, generator=torch.Generator().manual_seed(3)).images[0]
-    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
