@@ -90,3 +90,14 @@ def test_ema_and_validation_loss_in_a_training_run(tmp_path, tiny_flux2_dir, flu
     values = scalars(run_dir / "logs", "val/loss")
     assert list(values) == [2] and np.isfinite(values[2]) and values[2] > 0
     assert any(run_dir.rglob(EMA_FILE))
+
+
+def test_low_vram_loads_the_same_quantized_transformer_block_by_block(tiny_flux2_dir) -> None:
+    """model.low_vram (the [dev] multi-GPU recipe): quantized on the CPU unit by unit, the same weights as quantizing
+    the loaded model."""
+    whole = load_flux2(tiny_flux2_dir, quantize=True, qtype="qint8").transformer.state_dict()
+    blockwise = load_flux2(tiny_flux2_dir, quantize=True, qtype="qint8", low_vram=True).transformer
+    assert not any(p.requires_grad for p in blockwise.parameters())
+    state = blockwise.state_dict()
+    assert state.keys() == whole.keys()
+    assert all(torch.equal(state[k], whole[k]) for k in whole)
