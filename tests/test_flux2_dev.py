@@ -67,10 +67,10 @@ def test_example_trains_and_its_lora_loads_in_the_pipeline_in_both_layouts(tmp_p
 
     from toolkit.adapters.lora_convert import detect_format
 
-    steps = 3
+    steps = 2
     config = example(tmp_path, tiny_flux2_dev_dir, demo_data_dir, **{
         "train.steps": steps, "train.lr": 5e-2, "save.save_every": 1000, "sample.sample_every": steps,
-        "train.skip_first_sample": True, "save.format": "comfy"})
+        "train.skip_first_sample": True, "save.format": "comfy", "sample.sample_steps": 2})
     assert run.main([str(config)]) == 0
     run_dir = tmp_path / "output" / NAME
     final = run_dir / f"{NAME}.safetensors"
@@ -81,7 +81,7 @@ def test_example_trains_and_its_lora_loads_in_the_pipeline_in_both_layouts(tmp_p
 
     def render() -> np.ndarray:
         image = pipe(image=[control], prompt="inv3rt invert the colors", guidance_scale=4.0, width=64, height=64,
-                     num_inference_steps=4, generator=torch.Generator().manual_seed(42), max_sequence_length=64,
+                     num_inference_steps=2, generator=torch.Generator().manual_seed(42), max_sequence_length=64,
                      output_type="np").images[0]
         return image * 255
 

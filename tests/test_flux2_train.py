@@ -43,7 +43,7 @@ def test_example_lora_loads_in_the_pipeline_and_equals_the_trainer_sample(tmp_pa
     steps = 3
     config = example(tmp_path, tiny_flux2_dir, flux2_data, **{
         "train.steps": steps, "train.lr": 5e-2, "save.save_every": 1000, "sample.sample_every": steps,
-        "train.skip_first_sample": True})
+        "train.skip_first_sample": True, "sample.sample_steps": 2})
     assert run.main([str(config)]) == 0
     run_dir = tmp_path / "output" / NAME
     final = run_dir / f"{NAME}.safetensors"
@@ -63,7 +63,7 @@ def test_example_lora_loads_in_the_pipeline_and_equals_the_trainer_sample(tmp_pa
 
     def render() -> np.ndarray:
         image = pipe(image=controls, prompt="inv3rt invert the colors", guidance_scale=1.0, width=64, height=64,
-                     num_inference_steps=4, generator=torch.Generator().manual_seed(42), max_sequence_length=64,
+                     num_inference_steps=2, generator=torch.Generator().manual_seed(42), max_sequence_length=64,
                      output_type="np").images[0]
         return image * 255  # 8-bit scale, before rounding
 

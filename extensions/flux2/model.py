@@ -42,6 +42,9 @@ QUANTIZE_EXCLUDE = ("x_embedder", "context_embedder", "proj_out", "norm_out.line
                     "double_stream_modulation_img.linear", "double_stream_modulation_txt.linear",
                     "single_stream_modulation.linear")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# The pipelines refuse reference images with a side under 64 px; a small sample's control (resized to the sample's
+# area, e.g. 74x55 for a 4:3 control at 64x64) is scaled up to it instead of failing the sampling round.
+MIN_CONTROL_SIDE = 64
 
 
 @dataclass
@@ -223,7 +226,8 @@ class Flux2Klein(Architecture):
 
     def _render(self, request: SampleRequest, control: Union[Image.Image, Sequence[Image.Image]],
                 stop: Optional[Callable[[], bool]] = None) -> Image.Image:
-        images = [control] if isinstance(control, Image.Image) else list(control)
+        images = [_at_least(image, MIN_CONTROL_SIDE) for image in
+                  ([control] if isinstance(control, Image.Image) else control)]
         generator = torch.Generator("cpu").manual_seed(request.seed)  # CPU noise: the same image on any device
         out = self.pipe(image=images or None, height=request.height, width=request.width,
                         num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
@@ -248,6 +252,15 @@ class Flux2Dev(Flux2Klein):
 
     def pipeline_kwargs(self, request: SampleRequest) -> dict[str, Any]:
         return {"prompt_embeds": self.prompts([request.prompt])}
+
+
+def _at_least(image: Image.Image, side: int) -> Image.Image:
+    """`image` scaled up (aspect kept) until both sides are at least `side` px; larger images unchanged."""
+    if min(image.size) >= side:
+        return image
+    scale = side / min(image.size)
+    return image.resize((max(side, round(image.width * scale)), max(side, round(image.height * scale))),
+                        Image.LANCZOS)
 
 
 def _interrupt_on(stop: Optional[Callable[[], bool]]):
