@@ -101,3 +101,27 @@ def test_low_vram_loads_the_same_quantized_transformer_block_by_block(tiny_flux2
     state = blockwise.state_dict()
     assert state.keys() == whole.keys()
     assert all(torch.equal(state[k], whole[k]) for k in whole)
+
+
+def test_match_target_res_is_accepted_and_the_model_card_names_the_base() -> None:
+    """ai-toolkit FLUX.2 configs often set model_kwargs.match_target_res: true, which is what FLUX.2 does here."""
+    import dataclasses
+
+    import yaml
+
+    from extensions.flux2 import Flux2Klein9B
+    from tests.test_flux2_train import EXAMPLE
+    from toolkit.config import load_job_config
+    from toolkit.config.schema import ModelConfig
+    from toolkit.publish.model_card import RunFacts, model_card
+
+    assert Flux2Klein9B.check_model_options(ModelConfig(name_or_path="x", arch="flux2_klein_9b",
+                                                        match_target_res=True)) == []
+    process = load_job_config(EXAMPLE).config.process[0]
+    cfg = dataclasses.replace(process, model=dataclasses.replace(
+        process.model, name_or_path="black-forest-labs/FLUX.2-klein-base-4B"))
+    card = model_card(cfg, RunFacts(name="x", repo_id="me/x", weight_name="x.safetensors"))
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["base_model"] == "black-forest-labs/FLUX.2-klein-base-4B" and meta["license"] == "apache-2.0"
+    assert 'Flux2KleinPipeline.from_pretrained("black-forest-labs/FLUX.2-klein-base-4B"' in body

@@ -90,6 +90,12 @@ class Flux2Klein(Architecture):
 
     # -- loading ----------------------------------------------------------------------------------------------
     @classmethod
+    def check_model_options(cls, model_cfg: Any) -> list[str]:
+        """model.match_target_res is accepted and changes nothing: control images always train at the target's size
+        here (ai-toolkit's FLUX.2 with match_target_res: true; without it ai-toolkit keeps their own size)."""
+        return []
+
+    @classmethod
     def check_source(cls, name_or_path: str) -> list[str]:
         path = Path(name_or_path).expanduser()
         if path.exists():
