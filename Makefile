@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup setup-ray setup-trackers demo-assets demo demo-qwen test bench clean-demo
+.PHONY: setup setup-ray setup-trackers demo-assets demo demo-qwen demo-flux2 test bench clean-demo
 
 $(VENV)/.installed: requirements.txt
 	$(PY) -m venv $(VENV)
@@ -42,9 +42,15 @@ demo-qwen: setup
 	$(PYTHON) -m tools.demo_data --out data/demo_multi --num-controls 2
 	$(PYTHON) run.py config/examples/train_lora_qwen_image_edit_plus_tiny.yaml
 
+# FLUX.2 [klein]: a tiny random Flux2KleinPipeline, two control (reference) images per target, trained on the CPU.
+demo-flux2: setup
+	$(PYTHON) -m tools.tiny_model --arch flux2_klein --out models/tiny-flux2-klein
+	$(PYTHON) -m tools.demo_data --out data/demo_multi --num-controls 2
+	$(PYTHON) run.py config/examples/train_lora_flux2_klein_tiny.yaml
+
 test: setup-ray setup-trackers
 	$(PYTHON) -m pytest -q tests
 
 clean-demo:
 	rm -rf models/tiny-flux-kontext data/demo output/tiny_kontext_demo models/tiny-qwen-image-edit-plus data/demo_multi \
-		output/tiny_qwen_edit_demo
+		output/tiny_qwen_edit_demo models/tiny-flux2-klein output/tiny_flux2_klein_demo

@@ -37,6 +37,33 @@ def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A diffusers-format FLUX.2 [klein] folder with random weights, read-only for the session."""
+    from tools.tiny_flux2 import build_tiny_flux2_pipeline
+
+    return build_tiny_flux2_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux2-klein")
+
+
+@pytest.fixture(scope="session")
+def flux2_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two square pairs with two control images each and one sample control per folder (one bucket: a batch of 2 is
+    the same data for 1 and 2 ranks), read-only for the session."""
+    import shutil
+
+    from tools.demo_data import build_demo_dataset
+
+    root = tmp_path_factory.mktemp("flux2data")
+    source = build_demo_dataset(root / "source", num_pairs=4, seed=3, num_controls=2)
+    data = root / "data"
+    for sub in ("target", "control", "control_2", "sample_control", "sample_control_2"):
+        (data / sub).mkdir(parents=True)
+        for path in (source / sub).iterdir():
+            if path.stem in ("pair_000", "pair_003", "sample_000"):  # the square pairs, the first sample control
+                shutil.copy(path, data / sub / path.name)
+    return data
+
+
+@pytest.fixture(scope="session")
 def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight Qwen2.5-VL folder with processor and chat template (the caption job's model), read-only."""
     from tools.tiny_vlm import build_tiny_vlm

@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 from toolkit.errors import UserError
 from tools.tiny_common import corpus_lines, install_atomically, learn_bpe_merges
+from tools.tiny_flux2 import build_tiny_flux2_pipeline
 from tools.tiny_flux2_dev import build_tiny_flux2_dev_pipeline
 from tools.tiny_qwen import VARIANTS, build_tiny_qwen_pipeline
 
@@ -230,12 +231,12 @@ def build_tiny_pipeline(out_dir: str | Path, preset: str = "tiny", seed: int = 0
     return install_atomically(out_dir, MARKER_NAME, marker, overwrite, lambda tmp: _write_pipeline(tmp, preset, seed))
 
 
-ARCHS = ("flux_kontext", "qwen_image_edit_plus", "qwen_image_edit", "flux2")
+ARCHS = ("flux_kontext", "qwen_image_edit_plus", "qwen_image_edit", "flux2_klein", "flux2")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build a random-weight pipeline folder offline (FLUX.1 Kontext by "
-                                                 "default; Qwen-Image-Edit(-Plus) or FLUX.2 [dev] with --arch).")
+                                                 "default; Qwen-Image-Edit(-Plus), FLUX.2 [klein] or [dev] with --arch).")
     parser.add_argument("--out", required=True, type=Path, help="folder to write (created atomically)")
     parser.add_argument("--arch", default="flux_kontext", choices=ARCHS, help="which pipeline to build")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model shapes (flux_kontext)")
@@ -248,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.arch == "flux_kontext":
         path = build_tiny_pipeline(args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite)
+    elif args.arch == "flux2_klein":
+        path = build_tiny_flux2_pipeline(args.out, arch=args.arch, seed=args.seed, overwrite=args.overwrite)
     elif args.arch == "flux2":
         path = build_tiny_flux2_dev_pipeline(args.out, seed=args.seed, overwrite=args.overwrite)
     else:

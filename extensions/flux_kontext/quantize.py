@@ -146,20 +146,24 @@ def _read_unit(files: dict[str, Path], prefix: str, dtype: torch.dtype) -> dict[
 
 
 def load_transformer_blockwise(name_or_path: str, dtype: torch.dtype, device: torch.device,
-                               qtype: Optional[str], folder: Optional[str] = None) -> torch.nn.Module:
+                               qtype: Optional[str], folder: Optional[str] = None, model_class: Optional[type] = None,
+                               always_exclude: Sequence[str] = TRANSFORMER_EXCLUDE) -> torch.nn.Module:
     """The FLUX transformer built block by block: read a block on the CPU, quantize it there (qtype set), move it to
-    `device`. Peak device memory is the quantized model; peak CPU memory one full-precision block plus the rest."""
+    `device`. Peak device memory is the quantized model; peak CPU memory one full-precision block plus the rest.
+    `model_class` (default FluxTransformer2DModel) and `always_exclude` let another FLUX generation load the same
+    way (FLUX.2: Flux2Transformer2DModel, whose blocks are also top-level ModuleLists)."""
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
     from optimum import quanto
 
+    model_class = model_class or FluxTransformer2DModel
     folder = Path(folder) if folder else transformer_folder(name_or_path)  # folder: model.transformer_path
-    config = FluxTransformer2DModel.load_config(str(folder))
+    config = model_class.load_config(str(folder))
     with init_empty_weights():
-        model = FluxTransformer2DModel.from_config(config)
+        model = model_class.from_config(config)
     if qtype not in (None, *QTYPES):
         raise ValueError(f"qtype must be one of {QTYPES}, got {qtype!r}")
-    exclude = safe_exclude(model, qtype, dtype) if qtype else []
+    exclude = safe_exclude(model, qtype, dtype, always_exclude) if qtype else []
     files = _weight_files(folder)
     for unit in _units(model):
         state = _read_unit(files, unit, dtype)

@@ -110,7 +110,8 @@ class ModelConfig:
         "Load the transformer block by block on the CPU, quantizing each block there (with quantize) before moving "
         "it to the device, so the device never holds the full-precision transformer; slower to load."))
     max_sequence_length: int = field(default=512, metadata=_meta(
-        "T5 prompt length in tokens; shorter is faster.", T5_LENGTH))
+        "Prompt length in tokens of the text encoder (T5 for FLUX.1 Kontext, Qwen3 / Mistral 3 for FLUX.2); "
+        "shorter is faster.", T5_LENGTH))
     trim_text_tokens: bool = field(default=False, metadata=_meta(
         "Train on each batch's T5 embeddings cut after its longest caption (its T5 token count rounded up to a "
         "multiple of 64) instead of all max_sequence_length padded tokens: fewer tokens per step (512 px: 2560 -> "
