@@ -19,6 +19,7 @@ from extensions.flux_kontext.multi_control import render_multi_control
 from extensions.flux_kontext.quantize import (TRANSFORMER_EXCLUDE, keep_base_frozen, load_transformer_blockwise,
                                               quantize_frozen, safe_exclude)
 from extensions.flux_kontext.packing import pack_latents
+from extensions.flux_kontext import prequantized
 from toolkit.arch import Architecture, eval_mode, register_architecture
 from toolkit.data.cache import Encoder, make_key, module_fingerprint
 from toolkit.data.dataset import control_names
@@ -102,6 +103,15 @@ class FluxKontext(Architecture):
         return []
 
     @classmethod
+    def check_model_options(cls, model_cfg: Any) -> list[str]:
+        problems = super().check_model_options(model_cfg)
+        found = _prequantized(model_cfg)
+        if found is not None and (model_cfg.quantize or model_cfg.low_vram):
+            problems.append(f"model.quantize / model.low_vram: the transformer is already quantized ({found[1].detail},"
+                            f" {found[0]}) and loads block by block; turn both off")
+        return problems
+
+    @classmethod
     def load(cls, model_cfg: Any, device: torch.device, dtype: torch.dtype) -> "FluxKontext":
         log.info("loading %s (%s) on %s", model_cfg.name_or_path, dtype, device)
         # HF_TOKEN is read from the environment by huggingface_hub; it is never passed through our logs or config.
@@ -109,7 +119,13 @@ class FluxKontext(Architecture):
         source = str(local) if local.exists() else model_cfg.name_or_path
         qtype = model_cfg.qtype
         components = {}
-        if model_cfg.low_vram:
+        found = _prequantized(model_cfg)
+        if found is not None:  # FP8 / bitsandbytes files: never materialised in full precision (prequantized.py)
+            folder, kind = found
+            prequantized.require_device(kind, folder, device)
+            components["transformer"] = (prequantized.load_fp8_transformer(folder, dtype, device) if kind.kind == "fp8"
+                                         else prequantized.load_bnb_transformer(folder, dtype))
+        elif model_cfg.low_vram:
             # Block by block, quantized on the CPU: the device never holds the full-precision transformer.
             components["transformer"] = load_transformer_blockwise(source, dtype, device,
                                                                    qtype if model_cfg.quantize else None,
@@ -315,6 +331,13 @@ class FluxKontext(Architecture):
                         max_sequence_length=self.max_sequence_length,
                         _auto_resize=False, output_type="pil", callback_on_step_end=_interrupt_on(stop))
         return out.images[0]
+
+
+def _prequantized(model_cfg: Any) -> Optional[tuple[Path, "prequantized.Prequantized"]]:
+    """(transformer folder, its pre-quantized format) for a local model whose transformer files are quantized."""
+    folder = Path(model_cfg.transformer_path or Path(model_cfg.name_or_path) / "transformer").expanduser()
+    found = prequantized.detect(folder) if folder.is_dir() else None
+    return None if found is None else (folder, found)
 
 
 def _interrupt_on(stop: Optional[Callable[[], bool]]):
