@@ -1,4 +1,4 @@
-"""The run.py subcommands: `generate`, `compare`, `convert-lora` and `push` (`python run.py CONFIG` trains).
+"""The run.py subcommands: `generate`, `compare`, `convert-lora`, `push` and `cache` (`python run.py CONFIG` trains).
 
 Each takes its argv (without the subcommand) and returns an exit status; run.py turns UserError into exit 2.
 `generate` builds the same typed config a `type: generate` YAML gives, so both are validated by one schema.
@@ -141,7 +141,14 @@ def push_main(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "generate": generate_main, "compare": compare_main, "convert-lora": convert_main, "push": push_main}
+def cache_main(argv: Sequence[str]) -> int:
+    from jobs.cache_pass import cache_main as run_cache  # the trainer's modules load only for this command
 
-__all__ = ["COMMANDS", "compare_main", "convert_main", "generate_job_dict", "generate_main", "push_main"]
+    return run_cache(argv)
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "generate": generate_main, "compare": compare_main, "convert-lora": convert_main, "push": push_main,
+    "cache": cache_main}
+
+__all__ = ["COMMANDS", "cache_main", "compare_main", "convert_main", "generate_job_dict", "generate_main", "push_main"]

@@ -20,6 +20,7 @@ alone, peak device memory on a GPU, bytes of the transformer's base weights, and
 timesteps and noise) before and after the N steps. Build the inputs once:
 
   python -m tools.tiny_model --out models/medium-flux-kontext --preset medium
+  python -m tools.tiny_model --out models/medium-flux-kontext-fp8 --preset medium --variant fp8
   python -m tools.demo_data --out data/demo
 
 A tool like run.py: it imports jobs/ (the trainer) lazily, inside the child process.
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 CONFIG = "config/examples/bench_medium_flux_kontext.yaml"
 JSON_PREFIX = "BENCH_QUANT_JSON "
 _QF8 = {"model.quantize": True, "model.qtype": "qfloat8"}
+FP8_MODEL = "models/medium-flux-kontext-fp8"
 _CACHING = {"train.cache_text_embeddings": True, "dataset.cache_latents_to_disk": True}
 _CKPT = {"train.gradient_checkpointing": True}
 # name -> dotted overrides of the first process; "dataset." keys go to every dataset entry.
@@ -63,6 +65,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "+ latent and text caching": {**_QF8, **_CKPT, **_CACHING},
     "+ low_vram loading": {**_QF8, **_CKPT, **_CACHING, "model.low_vram": True},
     "full precision + latent and text caching": _CACHING,
+    # an FP8 export (tools.tiny_model --variant fp8): float8 weights read as stored, upcast per layer, no quantizing
+    "pre-quantized fp8 export": {"model.name_or_path": FP8_MODEL},
 }
 # What each row's "vs" column compares it with: the variant that differs from it by exactly the one change it names.
 COMPARED_TO: dict[str, Optional[str]] = {
@@ -73,6 +77,7 @@ COMPARED_TO: dict[str, Optional[str]] = {
     "+ latent and text caching": "+ gradient checkpointing",
     "+ low_vram loading": "+ latent and text caching",
     "full precision + latent and text caching": "full precision",
+    "pre-quantized fp8 export": "quantize qfloat8",
 }
 
 
@@ -266,6 +271,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--config", default=CONFIG, help=f"the training config to vary (default {CONFIG})")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run the whole variant list this many times, round robin (default 1; 3 on a busy machine)")
+    parser.add_argument("--only", action="append", choices=sorted(VARIANTS), metavar="VARIANT",
+                        help="run only this variant (repeat for several; default: all)")
     parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # one child process
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
@@ -276,20 +283,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         result = run_variant(args.variant, args.steps, args.warmup, args.device, args.config)
         sys.stdout.write(JSON_PREFIX + json.dumps(result) + "\n")
         return 0
-    for needed in ("models/medium-flux-kontext", "data/demo"):
-        if not Path(needed).exists() and needed in Path(args.config).read_text(encoding="utf-8"):
+    names = [name for name in VARIANTS if not args.only or name in args.only]
+    for needed in ("models/medium-flux-kontext", "data/demo", *([FP8_MODEL] if FP8_MODEL in str(names) else [])):
+        if not Path(needed).exists() and needed in Path(args.config).read_text(encoding="utf-8") + str(names):
             log.error("%s is missing; see `python -m tools.bench_quant --help` for how to build it", needed)
             return 2
     warning = contention_warning(available_cores())
     if warning:
         log.warning("%s", warning)
     started, load_before = time.perf_counter(), os.getloadavg()[0]
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for repeat in range(args.repeats):
-        for name in VARIANTS:
+        for name in names:
             runs[name].append(_child(name, args))
             log.warning("round %d, %s: %.3f s/step", repeat + 1, name, runs[name][-1]["step_seconds"])
-    rows = [merge_repeats(runs[name]) for name in VARIANTS]
+    rows = [merge_repeats(runs[name]) for name in names]
     sys.stdout.write(format_table(rows) + "\n")
     sys.stdout.write(f"{args.steps} steps after {args.warmup} warm-up per variant x {args.repeats} round(s), device "
                      f"{args.device}, {rows[0]['threads']} threads; total {time.perf_counter() - started:.0f} s; "
