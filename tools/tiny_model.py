@@ -36,7 +36,7 @@ from typing import Any, Callable
 from toolkit.errors import UserError
 from tools.tiny_common import corpus_lines, install_atomically, learn_bpe_merges
 from tools.tiny_qwen import VARIANTS, build_tiny_qwen_pipeline
-from tools.tiny_variants import QUANTIZED_VARIANTS, quantize_transformer_folder
+from tools.tiny_variants import QUANTIZED_VARIANTS, check_variant, quantize_transformer_folder
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +219,8 @@ def build_tiny_pipeline(out_dir: str | Path, preset: str = "tiny", seed: int = 0
         raise UserError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     if variant is not None and variant not in QUANTIZED_VARIANTS:
         raise UserError(f"--variant {variant!r} is not a FLUX Kontext variant; choose one of {list(QUANTIZED_VARIANTS)}")
+    if variant is not None:
+        check_variant(variant)
     marker = {"format_version": FORMAT_VERSION, "preset": preset, "seed": seed}
     if variant is not None:
         marker["variant"] = variant
@@ -245,6 +247,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.arch == "flux_kontext":
+        if args.variant is not None and args.variant not in QUANTIZED_VARIANTS:
+            parser.error(f"--variant {args.variant} is for Qwen-Image-Edit-Plus; flux_kontext takes "
+                         f"{', '.join(QUANTIZED_VARIANTS)}")
+        try:
+            if args.variant:
+                check_variant(args.variant)
+        except UserError as exc:
+            parser.error(str(exc))
         path = build_tiny_pipeline(args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite,
                                    variant=args.variant)
     else:

@@ -19,10 +19,20 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 E4M3_MAX = 448.0
 
 
-def quantize_transformer_folder(folder: Path, variant: str) -> None:
-    """Rewrite the full-precision transformer in `folder` (config.json + one safetensors file) as `variant`."""
+def check_variant(variant: str) -> None:
+    """A UserError, before anything is built, for an unknown variant or nf4 without a GPU."""
+    import torch
+
     if variant not in QUANTIZED_VARIANTS:
         raise UserError(f"unknown quantized variant {variant!r}; choose one of {list(QUANTIZED_VARIANTS)}")
+    if variant == "nf4" and not torch.cuda.is_available():
+        raise UserError("the nf4 variant is written by diffusers' bitsandbytes quantizer, which needs a CUDA GPU; "
+                        "build it on a GPU machine (fp8 and fp8_scaled work anywhere)")
+
+
+def quantize_transformer_folder(folder: Path, variant: str) -> None:
+    """Rewrite the full-precision transformer in `folder` (config.json + one safetensors file) as `variant`."""
+    check_variant(variant)
     if variant == "nf4":
         _write_nf4(folder)
     else:
@@ -54,9 +64,6 @@ def _write_nf4(folder: Path) -> None:
     import torch
     from diffusers import BitsAndBytesConfig, FluxTransformer2DModel
 
-    if not torch.cuda.is_available():
-        raise UserError("the nf4 variant is written by diffusers' bitsandbytes quantizer, which needs a CUDA GPU; "
-                        "build it on a GPU machine (fp8 and fp8_scaled work anywhere)")
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     model = FluxTransformer2DModel.from_pretrained(str(folder), quantization_config=config, dtype=torch.bfloat16)
     for path in folder.iterdir():
@@ -64,4 +71,4 @@ def _write_nf4(folder: Path) -> None:
     model.save_pretrained(str(folder), safe_serialization=True)
 
 
-__all__ = ["QUANTIZED_VARIANTS", "quantize_transformer_folder"]
+__all__ = ["QUANTIZED_VARIANTS", "check_variant", "quantize_transformer_folder"]
