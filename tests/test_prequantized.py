@@ -38,6 +38,9 @@ def test_float8_linear_matches_the_upcast_weight_forward_and_backward():
     ref.square().sum().backward()
     assert torch.allclose(out, ref, atol=1e-6) and torch.allclose(x.grad, x_ref.grad, atol=1e-5)
     assert layer.weight.dtype == torch.float8_e4m3fn and not layer.weight.requires_grad
+    layer.weight.requires_grad_(True)  # a full fine-tune would train it: refused, not silently skipped
+    with pytest.raises(UserError, match="cannot be fully fine-tuned"):
+        layer(x).sum().backward()
 
 
 def test_detect_reads_only_headers_and_config(tmp_path, tiny_model_dir):

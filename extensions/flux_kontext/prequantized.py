@@ -110,6 +110,9 @@ class _UpcastLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weight, scale = ctx.saved_tensors
+        if ctx.needs_input_grad[1]:  # a full fine-tune (network: null) made the stored float8 weights trainable
+            raise UserError("a pre-quantized (float8) transformer cannot be fully fine-tuned: its weights are frozen "
+                            "as stored; train a LoRA on it, or fine-tune the full-precision model")
         grad_x = grad @ _upcast(weight, scale, grad.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, None, None, None
 
