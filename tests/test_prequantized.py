@@ -57,6 +57,9 @@ def test_detect_reads_only_headers_and_config(tmp_path, tiny_model_dir):
     assert found.kind == "bnb4" and "nf4" in found.detail
     with pytest.raises(UserError, match="needs a CUDA GPU"):
         prequantized.require_device(found, folder, torch.device("cpu"))
+    config["quantization_config"] = {"quant_method": "fp8"}  # says FP8, the files are full precision: nothing to do
+    (folder / "config.json").write_text(json.dumps(config))
+    assert prequantized.detect(folder) is None
     config["quantization_config"] = {"quant_method": "gguf"}
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="'gguf' is not supported"):

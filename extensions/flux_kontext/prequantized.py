@@ -10,7 +10,7 @@ What is detected, and how (``detect``, reading only config.json and the safetens
   per-tensor scale is read from ``<layer>.scale_weight`` (ComfyUI's "scaled fp8" name) or ``<layer>.weight_scale``
   (compressed-tensors / llm-compressor), and the true weight is ``float8 * scale``. Activation scales
   (``scale_input`` / ``input_scale``) and ComfyUI's ``scaled_fp8`` marker are ignored: compute is in full precision.
-  Other quantization methods in config.json are refused by name.
+  A ``quantization_config`` with ``quant_method`` fp8 / float8 means the same; other methods are refused by name.
 
 FP8 compute: ``Float8Linear`` upcasts its weight for the one matmul that uses it and drops it again, on any device
 (CPU included: there are no fp8 matmul kernels there). diffusers' layerwise casting hooks do the same for the
@@ -41,6 +41,7 @@ FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 SCALE_SUFFIXES = ("scale_weight", "weight_scale")
 IGNORED_SUFFIXES = ("scale_input", "input_scale")
 MARKER_KEYS = ("scaled_fp8",)
+FP8_METHODS = ("fp8", "float8")  # a quantization_config naming FP8: the weights are read from the files as below
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,10 @@ def detect(folder: Path) -> Optional[Prequantized]:
             return Prequantized("bnb4", f"bitsandbytes 4-bit {qconfig.get('bnb_4bit_quant_type', 'fp4')}")
         if method == "bitsandbytes" and qconfig.get("load_in_8bit"):
             return Prequantized("bnb8", "bitsandbytes 8-bit")
-        raise UserError(f"{config_path}: quantization_config.quant_method {method!r} is not supported; pre-quantized "
-                        "transformers load when they hold float8 weights or a bitsandbytes 4-bit export")
+        if method not in FP8_METHODS:
+            raise UserError(f"{config_path}: quantization_config.quant_method {method!r} is not supported; "
+                            "pre-quantized transformers load when they hold float8 weights or a bitsandbytes 4-bit "
+                            "export")
     try:
         files = sorted(set(_weight_files(folder).values()))
     except FileNotFoundError:
