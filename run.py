@@ -2,8 +2,9 @@
 """Run one or more training configs: `python run.py CONFIG [CONFIG ...] [--recover] [--name NAME] [--log FILE]`.
 
 Subcommands (jobs/commands.py): `python run.py generate ...`, `python run.py compare RUN_FOLDER`,
-`python run.py convert-lora IN OUT --to comfy|diffusers`, `python run.py push RUN_FOLDER`, `python run.py cache
-CONFIG` (fill the latent / caption caches, then exit); each has its own --help.
+`python run.py convert-lora IN OUT --to comfy|diffusers`, `python run.py push RUN_FOLDER`,
+`python run.py plan CONFIG [--gpu-memory GiB]`, `python run.py cache CONFIG` (fill the latent / caption caches, then
+exit); each has its own --help.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from toolkit.train.signals import TrainingInterrupted  # noqa: E402
 from toolkit.train.nonfinite import TrainingDiverged  # noqa: E402
 
 log = logging.getLogger("run")
-SUBCOMMANDS = ("generate", "compare", "convert-lora", "push", "cache")  # checked before CONFIG names, so they win over config files
+SUBCOMMANDS = ("generate", "compare", "convert-lora", "push", "plan", "cache")  # checked before CONFIG names, so they win over config files
 
 
 def parse_args(argv):
@@ -45,6 +46,8 @@ def parse_args(argv):
     parser.add_argument("--fresh", action="store_true",
                         help="start over in a new run folder (<name>_v2, _v3...) instead of resuming the existing one")
     parser.add_argument("--help-config", action="store_true", help="print every config key with its meaning")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="caption jobs: list what would be captioned, load no model, write nothing")
     ray = parser.add_argument_group("Ray cluster (`--launcher ray`, needs `pip install -r requirements-ray.txt`)")
     ray.add_argument("--launcher", choices=("local", "ray"), default="local",
                      help="local: this process (or the ones `accelerate launch` started); ray: Ray Train workers")
@@ -157,7 +160,7 @@ def main(argv=None) -> int:
     status = 0
     for config in args.config_file_list:
         try:
-            job = get_job(config, name_override=args.name, fresh=args.fresh)
+            job = get_job(config, name_override=args.name, fresh=args.fresh, dry_run=args.dry_run)
             run_job(job, args)
             continue
         except TrainingInterrupted as exc:  # a stop signal: stop everything, whatever --recover says
@@ -170,7 +173,7 @@ def main(argv=None) -> int:
             log.error("%s", _naming(config, exc))
             status = status or 2
         except Exception:
-            log.exception("%s: training failed", config)
+            log.exception("%s: the job failed", config)
             status = 1
         if not args.recover:
             return status

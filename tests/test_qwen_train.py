@@ -221,7 +221,8 @@ def test_validation_loss_with_two_control_folders(tmp_path, tiny_qwen_dir, multi
     from tests.example_configs import scalars
 
     config = example(tmp_path, tiny_qwen_dir, multi_data_dir, **{
-        "train.steps": 2, "save.save_every": 1000, "sample.prompts": [], "sample.sample_every": 2})
+        "train.steps": 2, "save.save_every": 1000, "sample.prompts": [], "sample.sample_every": 3,
+        "sample.metric_steps": 1})  # sample_every 3 > steps: measured before training and at the final step only
     import shutil
 
     val = tmp_path / "val"  # held-out pairs may not be training files: copies of two of them stand in
@@ -236,7 +237,10 @@ def test_validation_loss_with_two_control_folders(tmp_path, tiny_qwen_dir, multi
     write_config(config, raw)
     assert run.main([str(config)]) == 0
     values = scalars(tmp_path / "output" / NAME / "logs", "val/loss")
-    assert list(values) == [2] and np.isfinite(values[2]) and values[2] > 0
+    assert list(values) == [0, 2] and np.isfinite(values[2]) and values[2] > 0  # the baseline and the final LoRA
+    # The edit metrics render the held-out pairs with both control images through the Qwen sampler.
+    psnr = scalars(tmp_path / "output" / NAME / "logs", "val/psnr")
+    assert list(psnr) == [0, 2] and 0 < psnr[2] < 60
 
 
 def test_comfy_format_without_a_known_layout_fails_before_the_model_loads(tmp_path, tiny_qwen_dir, multi_data_dir,

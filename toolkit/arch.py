@@ -28,6 +28,10 @@ class Architecture(ABC):
     #: Whether model.match_target_res changes anything: the architecture gives control images a size of their own.
     supports_match_target_res: ClassVar[bool] = False
 
+    #: Whether a batch without control images trains (plain generation: zero control tokens); datasets without
+    #: control_path and datasets[].control_dropout_rate need it.
+    trains_without_controls: ClassVar[bool] = False
+
     transformer: torch.nn.Module
 
     @classmethod
@@ -42,6 +46,19 @@ class Architecture(ABC):
     def check_source(cls, name_or_path: str) -> list[str]:
         """Problems with the model location found without loading anything (run before any model loads)."""
         return []
+
+    @classmethod
+    def plan_model(cls, model_cfg: Any, preset: Optional[str] = None) -> Any:
+        """The memory planner's view of this architecture (toolkit.plan.model.PlanModel): its components built on the
+        meta device from their config files (no weights), and how to trace its denoiser. `preset`: one of
+        plan_presets(), a published model's config values shipped as facts, instead of model_cfg's files."""
+        raise ArchitectureError(f"model.arch {cls.name}: the memory planner (run.py plan) does not know this "
+                                "architecture yet")
+
+    @classmethod
+    def plan_presets(cls) -> Sequence[str]:
+        """Names plan_model accepts as `preset`."""
+        return ()
 
     @classmethod
     @abstractmethod

@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 from toolkit.errors import UserError
 from tools.tiny_common import corpus_lines, install_atomically, learn_bpe_merges
+from tools.tiny_flux2_dev import build_tiny_flux2_dev_pipeline
 from tools.tiny_qwen import VARIANTS, build_tiny_qwen_pipeline
 from tools.tiny_variants import QUANTIZED_VARIANTS, check_variant, quantize_transformer_folder
 
@@ -228,12 +229,12 @@ def build_tiny_pipeline(out_dir: str | Path, preset: str = "tiny", seed: int = 0
                               lambda tmp: _write_pipeline(tmp, preset, seed, variant))
 
 
-ARCHS = ("flux_kontext", "qwen_image_edit_plus", "qwen_image_edit")
+ARCHS = ("flux_kontext", "qwen_image_edit_plus", "qwen_image_edit", "flux2")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build a random-weight pipeline folder offline (FLUX.1 Kontext by "
-                                                 "default, or Qwen-Image-Edit(-Plus) with --arch).")
+                                                 "default; Qwen-Image-Edit(-Plus) or FLUX.2 [dev] with --arch).")
     parser.add_argument("--out", required=True, type=Path, help="folder to write (created atomically)")
     parser.add_argument("--arch", default="flux_kontext", choices=ARCHS, help="which pipeline to build")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model shapes (flux_kontext)")
@@ -257,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(str(exc))
         path = build_tiny_pipeline(args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite,
                                    variant=args.variant)
+    elif args.arch == "flux2":
+        path = build_tiny_flux2_dev_pipeline(args.out, seed=args.seed, overwrite=args.overwrite)
     else:
         path = build_tiny_qwen_pipeline(args.out, arch=args.arch, variant=args.variant or "2509", seed=args.seed,
                                         overwrite=args.overwrite)

@@ -14,7 +14,7 @@ import torch
 from diffusers import FluxKontextPipeline, FluxTransformer2DModel
 from PIL import Image
 
-from extensions.flux_kontext import rope_cache  # a sibling module, not the package API
+from extensions.flux_kontext import plan, rope_cache  # sibling modules, not the package API
 from extensions.flux_kontext.multi_control import render_multi_control
 from extensions.flux_kontext.quantize import (TRANSFORMER_EXCLUDE, keep_base_frozen, load_transformer_blockwise,
                                               quantize_frozen, safe_exclude)
@@ -76,6 +76,7 @@ class KontextDenoiser(torch.nn.Module):
 class FluxKontext(Architecture):
     name = "flux_kontext"
     default_lora_targets = LORA_TARGETS
+    trains_without_controls = True  # zero control tokens: text-to-image (encode_batch)
 
     def __init__(self, pipe: FluxKontextPipeline, model_cfg: Any, device: torch.device, dtype: torch.dtype,
                  source: Optional[str] = None):
@@ -130,6 +131,14 @@ class FluxKontext(Architecture):
         source = _source(model_cfg)
         pipe = FluxKontextPipeline.from_pretrained(source, dtype=dtype, transformer=None, **_LAZY)
         return cls(pipe, model_cfg, device, dtype, source)
+
+    @classmethod
+    def plan_model(cls, model_cfg: Any, preset: Optional[str] = None):
+        return plan.plan_model(model_cfg, preset, LORA_TARGETS, KontextDenoiser)
+
+    @classmethod
+    def plan_presets(cls) -> Sequence[str]:
+        return tuple(plan.PRESETS)
 
     @classmethod
     def load(cls, model_cfg: Any, device: torch.device, dtype: torch.dtype) -> "FluxKontext":

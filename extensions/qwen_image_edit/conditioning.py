@@ -76,10 +76,13 @@ def encode_conditioning(pipe: Any, prompt: str, controls: Sequence[Image.Image],
                         condition_area: Optional[int] = CONDITION_IMAGE_SIZE) -> Conditioning:
     """Prompt embedding with the control images inside it, and their reference tokens."""
     condition_images, pixels = _pipeline_inputs(pipe, controls, reference_area, condition_area)
-    embeds, mask = pipe.encode_prompt(prompt, image=condition_images, device=device)
+    # No control image (control dropout): the prompt without any "Picture N", and no reference tokens.
+    embeds, mask = pipe.encode_prompt(prompt, image=condition_images or None, device=device)
     references, hws = [], []
     for image_pixels in pixels:
         latents = encode_pixels(pipe.vae, image_pixels.to(device, embeds.dtype))
         references.append(pack_latents(latents))
         hws.append(tuple(latents.shape[-2:]))
+    if not references:
+        references.append(torch.zeros(1, 0, 4 * pipe.vae.config.z_dim, device=device, dtype=dtype))
     return Conditioning(embeds.to(dtype), mask, torch.cat(references, dim=1).to(dtype), hws)

@@ -96,6 +96,7 @@ class QwenImageEditPlus(Architecture):
     name = "qwen_image_edit_plus"
     default_lora_targets = LORA_TARGETS
     supports_match_target_res = True
+    trains_without_controls = True  # zero control images: the prompt alone, no reference tokens (conditioning.py)
     pipeline_class: ClassVar[type] = QwenImageEditPlusPipeline
     #: pixels of the images Qwen2.5-VL sees; None: the reference-sized image (the first Qwen-Image-Edit)
     condition_area: ClassVar[Optional[int]] = CONDITION_IMAGE_SIZE
@@ -222,5 +223,6 @@ class QwenImageEdit(QwenImageEditPlus):
 
     name = "qwen_image_edit"
     pipeline_class = QwenImageEditPipeline
+    trains_without_controls = False  # its prompt template always holds one image
     condition_area = None
     max_controls = 1

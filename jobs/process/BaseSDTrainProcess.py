@@ -21,6 +21,7 @@ from accelerate.utils import set_seed
 
 from jobs.process import training_data
 from jobs.process.checkpointer import Checkpointer
+from jobs.process.held_out import held_out_edits, measure_held_out
 from jobs.process.outputs import RunOutputs
 from jobs.process.preflight import Problems
 from jobs.process.sample_round import render_round
@@ -30,6 +31,7 @@ from toolkit.adapters.lora_convert import find_conventions
 from toolkit.adapters.network import adapters_disabled, check_pretrained_file, load_pretrained
 from toolkit.adapters.strength import adapter_strength, batch_strength
 from toolkit.arch import get_architecture
+from toolkit.config.loader import job_to_dict
 from toolkit.config.schema import TrainProcessConfig
 from toolkit.data.cache import cache_folder_problems
 from toolkit.data.pairs import discover_pairs
@@ -42,8 +44,9 @@ from toolkit.state import train_state, transformer_folder
 from toolkit.state.checkpoint import resolve_run_folder
 from toolkit.train import flow_matching, preservation, stages
 from toolkit.train.compile import check_compile, compile_blocks
-from toolkit.train.ema import EMA, ema_weights
+from toolkit.train.ema import EMA
 from toolkit.train.metrics import TrainingMonitor
+from toolkit.train.trackers import flatten, missing_packages, start_trackers
 from toolkit.train.nonfinite import NonFiniteGuard
 from toolkit.train.lr_schedule import make_lr_scheduler, planned_lrs, schedule_points
 from toolkit.train.optim import make_optimizer
@@ -94,10 +97,15 @@ class BaseSDTrainProcess:
             problems.run(check_pretrained_file, self.cfg.network.pretrained_lora, self.cfg.network.type)
         self.model_cfg = problems.run(stages.resolve_model, self.cfg.model, list(upstream), self.index,
                                       default=self.cfg.model)
-        if any(d.mask_path for d in self.cfg.datasets) and not self.arch_cls.supports_loss_masks():
-            problems.add([f"datasets[].mask_path: model.arch {self.cfg.model.arch} cannot train with loss masks"])
+        for key in ("mask_path", "changed_region_loss"):
+            if any(getattr(d, key) for d in self.cfg.datasets) and not self.arch_cls.supports_loss_masks():
+                problems.add([f"datasets[].{key}: model.arch {self.cfg.model.arch} cannot train with loss masks"])
+        if any(d.control_dropout_rate for d in self.cfg.datasets) and not self.arch_cls.trains_without_controls:
+            problems.add([f"datasets[].control_dropout_rate: model.arch {self.cfg.model.arch} cannot train a batch "
+                          "without its control images; set it to 0"])
         pairs = problems.run(discover_pairs, self.cfg.datasets, default=[])
         problems.add(cache_folder_problems(self.cfg.datasets))
+        problems.add(missing_packages(self.cfg.trackers))
         requests = []
         if not self.train.disable_sampling and self.cfg.sample.prompts:
             s = self.cfg.sample
@@ -218,14 +226,24 @@ class BaseSDTrainProcess:
             transformer_folder.remove_temporary(outputs.folder)
             if 0 < start < train.steps and train_state.is_finished(self.resume_state):
                 outputs.keep_final(start, train.steps)
-        monitor = TrainingMonitor(outputs.log_dir, train.steps, min(start, train.steps), enabled=rt.is_main)
+        monitor = TrainingMonitor(outputs.log_dir, train.steps, min(start, train.steps), enabled=rt.is_main,
+                                  trackers=self._trackers(outputs) if rt.is_main else ())
         return TrainingRun(rt=rt, model=model, denoiser=denoiser, params=params, optimizer=optimizer,
                            scheduler=scheduler, dataset=dataset,
                            batches=StepBatches(training_data.epochs(stream), reg and training_data.epochs(reg),
                                                schedule, start, train.gradient_accumulation_steps),
                            sampler=sampler, outputs=outputs, requests=requests, lora_config=lora_config,
                            generator=generator, checkpointer=checkpointer, monitor=monitor, start_step=start,
-                           validation=validation, ema=ema)
+                           validation=validation, edits=held_out_edits(validation, self.cfg.sample, rt.device),
+                           ema=ema)
+
+    def _trackers(self, outputs: RunOutputs) -> list:
+        """W&B / MLflow runs of the main process (process trackers), with the resolved config, secrets redacted."""
+        if not (self.cfg.trackers.use_wandb or self.cfg.trackers.use_mlflow):
+            return []
+        job = job_to_dict(self.job_config, redact=True) if self.job_config is not None else None
+        params = flatten(job["config"]["process"][self.index]) if job is not None else {}
+        return start_trackers(self.cfg.trackers, self.name, outputs.folder.name, outputs.folder, params)
 
     def _train(self, rt: Runtime, pairs, requests, outputs: RunOutputs) -> Path:
         train = self.train
@@ -241,6 +259,8 @@ class BaseSDTrainProcess:
                 run.stop = stop
                 if requests and not train.skip_first_sample and (start == 0 or train.force_first_sample):
                     self._sample(run, step=start)
+                if start == 0 and not train.skip_first_sample:  # the untrained baseline of the held-out curves
+                    measure_held_out(run, step=0)
                 for step in range(start + 1, train.steps + 1):
                     result = self.optimizer_step(run)
                     monitor.step_done(result.loss)
@@ -251,8 +271,10 @@ class BaseSDTrainProcess:
                 final = checkpointer.save_final()
                 if start < train.steps:
                     checkpointer.save(train.steps, step_lora=False)
-                if requests and train.steps % self.cfg.sample.sample_every and start < train.steps:
-                    self._sample(run, step=train.steps)
+                if train.steps % self.cfg.sample.sample_every and start < train.steps:
+                    if requests:
+                        self._sample(run, step=train.steps)
+                    measure_held_out(run, step=train.steps)  # the held-out curves end at the final LoRA
         finally:
             monitor.close()
         if rt.is_main:
@@ -350,11 +372,8 @@ class BaseSDTrainProcess:
         run.checkpointer.maybe_save(step)
         if run.requests and step % cfg.sample.sample_every == 0 and step >= cfg.sample.sample_start_step:
             self._sample(run, step)
-        if run.validation is not None and step % cfg.sample.sample_every == 0:
-            with ema_weights(run.ema):  # every rank: same weights, same value, no collective
-                val_loss = run.validation.loss(run.model)
-            run.monitor.scalars(step, {"val/loss": val_loss})
-            log.info("step %d: val/loss %.5f", step, val_loss)
+        if step % cfg.sample.sample_every == 0:
+            measure_held_out(run, step)  # validation loss and edit metrics of the held-out pairs
 
     def _sample(self, run: TrainingRun, step: int) -> None:
         """Each rank renders its share of the prompts; the main process writes the images and the contact sheet.

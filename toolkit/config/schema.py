@@ -15,14 +15,17 @@ Field-level rules live here; rules that relate several fields live in ``checks.v
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from toolkit.config.caption_schema import CaptionConfig, CaptionProcessConfig
 from toolkit.config.dataset_schema import DatasetConfig
 from toolkit.config.fields import (Check, _meta, _expand_home, folder_list, GT0, GE0, NON_EMPTY, SIZE16, DEVICE,
                                    FILE_NAME, DROPOUT, T5_LENGTH, HUB_REPO_ID)
+from toolkit.config.trackers_schema import TrackersConfig
 from toolkit.config.train_schema import EMAConfig, TrainConfig, TrainDType
 
 __all__ = [
-    "Check", "DatasetConfig", "EMAConfig", "GenerateConfig", "GenerateProcessConfig", "JobConfig", "LoraFileConfig",
-    "ModelConfig", "NetworkConfig", "RootConfig", "SampleConfig", "SaveConfig", "TrainConfig", "TrainProcessConfig",
+    "CaptionConfig", "CaptionProcessConfig", "Check", "DatasetConfig", "EMAConfig", "GenerateConfig",
+    "GenerateProcessConfig", "JobConfig", "LoraFileConfig", "ModelConfig", "NetworkConfig", "RootConfig",
+    "SampleConfig", "SaveConfig", "TrackersConfig", "TrainConfig", "TrainProcessConfig",
     "folder_list",
 ]
 
@@ -153,6 +156,10 @@ class SampleConfig:
     guidance_scale: float = field(default=4.0, metadata=_meta("Guidance value used when sampling.", GE0))
     sample_steps: int = field(default=20, metadata=_meta(
         "Denoising steps per sample.", GT0, aliases=("num_inference_steps", "steps")))
+    metric_steps: int = field(default=8, metadata=_meta(
+        "Denoising steps of the edit metrics (PSNR, SSIM and their keep-region variants, README 'Edit metrics'): "
+        "every sample_every steps each held-out pair (datasets[].val_folder_path) is rendered with this many steps "
+        "and compared with its target; 0 turns the edit metrics off.", GE0))
 
 
 @dataclass(kw_only=True)
@@ -182,6 +189,8 @@ class TrainProcessConfig:
     train: TrainConfig = field(default_factory=TrainConfig, metadata=_meta("Optimisation settings."))
     model: ModelConfig = field(metadata=_meta("The base model."))
     sample: SampleConfig = field(default_factory=SampleConfig, metadata=_meta("Sample images during training."))
+    trackers: TrackersConfig = field(default_factory=TrackersConfig, metadata=_meta(
+        "Experiment trackers (Weights & Biases, MLflow) besides TensorBoard."))
 
 
 @dataclass(kw_only=True)
@@ -243,7 +252,7 @@ class GenerateProcessConfig:
     generate: GenerateConfig = field(metadata=_meta("Prompts, control images and sampler settings."))
 
 
-ProcessConfig = Union[TrainProcessConfig, GenerateProcessConfig]
+ProcessConfig = Union[TrainProcessConfig, GenerateProcessConfig, CaptionProcessConfig]
 
 
 @dataclass(kw_only=True)

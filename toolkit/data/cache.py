@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 
+from toolkit.data.change_weights import changed_region_weights
 from toolkit.data.fingerprint import (CACHE_VERSION, file_digest, folder_fingerprint, make_key,
                                       module_fingerprint)
 from toolkit.state.atomic import atomic_write_bytes
@@ -221,6 +222,16 @@ def _encode(jobs: Sequence[Job], batch_size: int, progress: bool = False) -> Non
     bar.close()
 
 
+def with_change_weights(latents: Encoder, blur_px: float, floor: float) -> Encoder:
+    """`latents`, plus each item's changed-region loss weights ("change_weight", toolkit.data.change_weights) made
+    from the same pixels, so a cached item needs no pixels for them either."""
+    def encode(items: list[Any]) -> list[Mapping[str, torch.Tensor]]:
+        return [{**out, "change_weight": changed_region_weights(item["target"], item["control"], blur_px, floor)}
+                for out, item in zip(latents.encode(items), items)]
+    identity = make_key("change-weights", {"latents": latents.identity, "blur_px": blur_px, "floor": floor})
+    return Encoder(identity, encode)
+
+
 # -- a paired dataset's cache --------------------------------------------------------------------------------------
 def cache_folder(cfg: Any) -> Path:
     """Where a dataset entry's disk cache lives: `cache_dir`, or `_latent_cache/` next to its target images."""
@@ -324,12 +335,15 @@ def cache_dataset(dataset: Any, configs: Sequence[Any], *, latents: Optional[Enc
         digests = _digests([v for s in sources.values() for v in s.values() if isinstance(v, Path)], rt)
         for i in indices:
             files = {name: digests[str(v)] for name, v in sources[i].items() if isinstance(v, Path)}
-            parts = {**sources[i], **files, "encoder": latents.identity}
+            # Items with changed_region_loss also cache their loss weights, made from the same pixels.
+            options = dataset.change_weight_options(i) if hasattr(dataset, "change_weight_options") else None
+            encoder = latents if options is None else with_change_weights(latents, *options)
+            parts = {**sources[i], **files, "encoder": encoder.identity}
             store, key = latent_stores[item_datasets[i]], make_key("latents", parts)
             latent_keys[i] = (store, key)
             # One encode batch holds one bucket and one set of images (items without controls encode apart).
             group = (sources[i]["bucket"], tuple(name for name, v in sources[i].items() if isinstance(v, Path)))
-            jobs.append(Job(store, key, latents, group=group,
+            jobs.append(Job(store, key, encoder, group=group,
                             load=lambda i=i: dataset.load_pixels(i)))
     text_keys: dict[tuple[int, str], tuple[TensorStore, str]] = {}
     if text is not None:
