@@ -3,7 +3,8 @@
 
 Subcommands (jobs/commands.py): `python run.py generate ...`, `python run.py compare RUN_FOLDER`,
 `python run.py convert-lora IN OUT --to comfy|diffusers`, `python run.py push RUN_FOLDER`,
-`python run.py plan CONFIG [--gpu-memory GiB]`; each has its own --help.
+`python run.py plan CONFIG [--gpu-memory GiB]`, `python run.py cache CONFIG` (fill the latent / caption caches, then
+exit); each has its own --help.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from toolkit.train.signals import TrainingInterrupted  # noqa: E402
 from toolkit.train.nonfinite import TrainingDiverged  # noqa: E402
 
 log = logging.getLogger("run")
-SUBCOMMANDS = ("generate", "compare", "convert-lora", "push", "plan")  # checked before CONFIG names, so they win over config files
+SUBCOMMANDS = ("generate", "compare", "convert-lora", "push", "plan", "cache")  # checked before CONFIG names, so they win over config files
 
 
 def parse_args(argv):

@@ -1,4 +1,5 @@
-"""The run.py subcommands: `generate`, `compare`, `convert-lora`, `push` and `plan` (`python run.py CONFIG` trains).
+"""The run.py subcommands: `generate`, `compare`, `convert-lora`, `push`, `plan` and `cache` (`python run.py CONFIG`
+trains).
 
 Each takes its argv (without the subcommand) and returns an exit status; run.py turns UserError into exit 2.
 `generate` builds the same typed config a `type: generate` YAML gives, so both are validated by one schema.
@@ -186,9 +187,15 @@ def plan_main(argv: Sequence[str]) -> int:
     return PLAN_DOES_NOT_FIT if plan.fits is False else 0
 
 
+def cache_main(argv: Sequence[str]) -> int:
+    from jobs.cache_pass import cache_main as run_cache  # the trainer's modules load only for this command
+
+    return run_cache(argv)
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "generate": generate_main, "compare": compare_main, "convert-lora": convert_main, "push": push_main,
-    "plan": plan_main}
+    "plan": plan_main, "cache": cache_main}
 
-__all__ = ["COMMANDS", "PLAN_DOES_NOT_FIT", "compare_main", "convert_main", "generate_job_dict", "generate_main",
-           "plan_main", "push_main"]
+__all__ = ["COMMANDS", "PLAN_DOES_NOT_FIT", "cache_main", "compare_main", "convert_main", "generate_job_dict",
+           "generate_main", "plan_main", "push_main"]

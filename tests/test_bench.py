@@ -19,7 +19,7 @@ FIELDS = {
     "instrumented_step_seconds", "instrumented_vs_real", "reference_step_seconds_median", "overhead_ratio",
     "overhead_goal", "load_average_1min", "cpu_cores", "peak_rss_mib", "peak_gpu_allocated_mib",
     "sdpa_calls_per_forward", "flops_per_step", "flops_convention", "achieved_tflops", "peak_tflops", "mfu",
-    "contention_warning",
+    "contention_warning", "encoder_seconds", "encoders_loaded",
 }
 
 

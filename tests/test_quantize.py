@@ -146,6 +146,7 @@ def test_low_vram_without_quantize_loads_the_checkpoint(tmp_path, tiny_model_dir
 def test_quantize_te_quantizes_t5_and_captions_still_encode(tmp_path, tiny_model_dir, demo_data_dir):
     process = _process(tmp_path, tiny_model_dir, demo_data_dir, **{"model.quantize_te": True, "model.qtype": "qint8"})
     model = FluxKontext.load(process.cfg.model, torch.device("cpu"), torch.float32)
+    model.full_pipe()  # the text encoders load (and T5 is quantized) on first use
     assert _quantized_layers(model.pipe.text_encoder_2)
     assert not _quantized_layers(model.transformer) and not _quantized_layers(model.pipe.text_encoder)
     embeds, pooled, _ = model.encode_captions(["inv3rt invert"])

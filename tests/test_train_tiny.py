@@ -141,4 +141,4 @@ def test_saved_lora_loads_in_diffusers_and_matches_trainer_sampler(tmp_path, tin
     add_lora(ours.transformer, config)
     load_pretrained(ours.transformer, str(final), config, None)  # the file holds B * alpha / r (scale folded)
     ours.transformer.eval()
-    assert np.abs(render(ours.pipe) - with_lora).max() < 1e-4
+    assert np.abs(render(ours.full_pipe()) - with_lora).max() < 1e-4

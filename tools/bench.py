@@ -272,6 +272,10 @@ class Bench:
             "step_seconds_median": step, "step_seconds_min": min(real), "step_seconds_max": max(real),
             "step_seconds_mean": statistics.fmean(real), "samples_per_second": samples / step,
             "breakdown_seconds": phases, "instrumented_step_seconds": instrumented_total,
+            # VAE + text encoders per step (0 when every latent and caption comes from a cache), and which encoders
+            # were loaded at all by the end (architectures that load them lazily report it)
+            "encoder_seconds": sum(phases.get(p, 0.0) for p in ENCODER_PHASES),
+            "encoders_loaded": list(getattr(getattr(ctx.model, "encoders", None), "loaded", ["unknown"])),
             "instrumented_vs_real": instrumented_total / expected,
             "reference_step_seconds_median": statistics.median(ref),
             "overhead_ratio": statistics.median(r / b for r, b in zip(real, ref)), "overhead_goal": OVERHEAD_GOAL,

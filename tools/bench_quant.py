@@ -23,6 +23,7 @@ alone, peak device memory on a GPU, bytes of the transformer's base weights, and
 timesteps and noise) before and after the N steps. Build the inputs once:
 
   python -m tools.tiny_model --out models/medium-flux-kontext --preset medium
+  python -m tools.tiny_model --out models/medium-flux-kontext-fp8 --preset medium --variant fp8
   python -m tools.demo_data --out data/demo
 
 A tool like run.py: it imports jobs/ (the trainer) lazily, inside the child process.
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 CONFIG = "config/examples/bench_medium_flux_kontext.yaml"
 JSON_PREFIX = "BENCH_QUANT_JSON "
 _QF8 = {"model.quantize": True, "model.qtype": "qfloat8"}
+FP8_MODEL = "models/medium-flux-kontext-fp8"
 _CACHING = {"train.cache_text_embeddings": True, "dataset.cache_latents_to_disk": True}
 _CKPT = {"train.gradient_checkpointing": True}
 # name -> dotted overrides of the first process; "dataset." keys go to every dataset entry.
@@ -69,6 +71,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "control at about 64x64 px": {"dataset.control_resolution": 64},
     "text trimmed to the captions": {"model.trim_text_tokens": True},
     "control 64 px + text trimmed": {"dataset.control_resolution": 64, "model.trim_text_tokens": True},
+    # an FP8 export (tools.tiny_model --variant fp8): float8 weights read as stored, upcast per layer, no quantizing
+    "pre-quantized fp8 export": {"model.name_or_path": FP8_MODEL},
 }
 # What each row's "vs" column compares it with: the variant that differs from it by exactly the one change it names.
 COMPARED_TO: dict[str, Optional[str]] = {
@@ -82,6 +86,7 @@ COMPARED_TO: dict[str, Optional[str]] = {
     "control at about 64x64 px": "full precision",
     "text trimmed to the captions": "full precision",
     "control 64 px + text trimmed": "full precision",
+    "pre-quantized fp8 export": "quantize qfloat8",
 }
 
 
@@ -288,8 +293,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         result = run_variant(args.variant, args.steps, args.warmup, args.device, args.config)
         sys.stdout.write(JSON_PREFIX + json.dumps(result) + "\n")
         return 0
-    for needed in ("models/medium-flux-kontext", "data/demo"):
-        if not Path(needed).exists() and needed in Path(args.config).read_text(encoding="utf-8"):
+    names = [name for name in VARIANTS if not args.only or name in args.only]
+    for needed in ("models/medium-flux-kontext", "data/demo", *([FP8_MODEL] if FP8_MODEL in str(names) else [])):
+        if not Path(needed).exists() and needed in Path(args.config).read_text(encoding="utf-8") + str(names):
             log.error("%s is missing; see `python -m tools.bench_quant --help` for how to build it", needed)
             return 2
     warning = contention_warning(available_cores())

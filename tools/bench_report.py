@@ -165,6 +165,8 @@ def format_table(r: Mapping[str, Any]) -> str:
     lines += [
         f"{'total':<12} {total:>9.4f} {100.0:>6.1f}%  instrumented step = {r['instrumented_vs_real']:.2f} x the "
         "real step (same batch shapes)",
+        f"encoders: {r.get('encoder_seconds', 0.0):.4f} s/step; loaded by the end: "
+        f"{', '.join(r.get('encoders_loaded') or []) or 'none'}",
         "",
         f"reference (bare transformer fwd + bwd + optimizer on the same tensors): median "
         f"{r['reference_step_seconds_median']:.4f} s | overhead ratio {r['overhead_ratio']:.3f} "

@@ -38,6 +38,7 @@ from tools.tiny_common import corpus_lines, install_atomically, learn_bpe_merges
 from tools.tiny_flux2 import build_tiny_flux2_pipeline
 from tools.tiny_flux2_dev import build_tiny_flux2_dev_pipeline
 from tools.tiny_qwen import VARIANTS, build_tiny_qwen_pipeline
+from tools.tiny_variants import QUANTIZED_VARIANTS, check_variant, quantize_transformer_folder
 
 logger = logging.getLogger(__name__)
 
@@ -210,8 +211,9 @@ def _build_modules(shapes: dict[str, dict[str, Any]], clip_tok: Any, t5_tok: Any
     }
 
 
-def _write_pipeline(workdir: Path, preset: str, seed: int) -> None:
-    """Write every component of the pipeline into workdir (a fresh folder)."""
+def _write_pipeline(workdir: Path, preset: str, seed: int, variant: str | None = None) -> None:
+    """Write every component of the pipeline into workdir (a fresh folder); `variant`: a pre-quantized transformer
+    (tools.tiny_variants)."""
     from diffusers import FluxKontextPipeline
 
     clip_tok, t5_tok = _build_tokenizers(workdir)
@@ -221,14 +223,25 @@ def _write_pipeline(workdir: Path, preset: str, seed: int) -> None:
     index = json.loads(index_path.read_text(encoding="utf-8"))
     index["tokenizer_2"] = ["transformers", "T5TokenizerFast"]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if variant is not None:
+        quantize_transformer_folder(workdir / "transformer", variant)
 
 
-def build_tiny_pipeline(out_dir: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool = False) -> Path:
-    """Build (or reuse) a random-weight FLUX Kontext folder of the given preset; returns its absolute path."""
+def build_tiny_pipeline(out_dir: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool = False,
+                        variant: str | None = None) -> Path:
+    """Build (or reuse) a random-weight FLUX Kontext folder of the given preset; returns its absolute path.
+    `variant` (fp8, fp8_scaled, nf4): the same weights with a pre-quantized transformer."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if variant is not None and variant not in QUANTIZED_VARIANTS:
+        raise UserError(f"--variant {variant!r} is not a FLUX Kontext variant; choose one of {list(QUANTIZED_VARIANTS)}")
+    if variant is not None:
+        check_variant(variant)
     marker = {"format_version": FORMAT_VERSION, "preset": preset, "seed": seed}
-    return install_atomically(out_dir, MARKER_NAME, marker, overwrite, lambda tmp: _write_pipeline(tmp, preset, seed))
+    if variant is not None:
+        marker["variant"] = variant
+    return install_atomically(out_dir, MARKER_NAME, marker, overwrite,
+                              lambda tmp: _write_pipeline(tmp, preset, seed, variant))
 
 
 ARCHS = ("flux_kontext", "qwen_image_edit_plus", "qwen_image_edit", "flux2_klein", "flux2")
@@ -240,21 +253,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="folder to write (created atomically)")
     parser.add_argument("--arch", default="flux_kontext", choices=ARCHS, help="which pipeline to build")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model shapes (flux_kontext)")
-    parser.add_argument("--variant", default="2509", choices=VARIANTS,
-                        help="Qwen-Image-Edit-Plus release whose transformer config to follow (2511: zero_cond_t)")
+    parser.add_argument("--variant", default=None, choices=VARIANTS + QUANTIZED_VARIANTS,
+                        help="Qwen-Image-Edit-Plus release whose transformer config to follow (2509 default, 2511: "
+                             "zero_cond_t); for flux_kontext a pre-quantized transformer: fp8, fp8_scaled, or nf4 "
+                             "(nf4 needs a CUDA GPU to write)")
     parser.add_argument("--seed", default=0, type=int, help="weight seed; same seed gives byte-identical files")
     parser.add_argument("--overwrite", action="store_true", help="replace whatever is at --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.arch == "flux_kontext":
-        path = build_tiny_pipeline(args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite)
+        if args.variant is not None and args.variant not in QUANTIZED_VARIANTS:
+            parser.error(f"--variant {args.variant} is for Qwen-Image-Edit-Plus; flux_kontext takes "
+                         f"{', '.join(QUANTIZED_VARIANTS)}")
+        try:
+            if args.variant:
+                check_variant(args.variant)
+        except UserError as exc:
+            parser.error(str(exc))
+        path = build_tiny_pipeline(args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite,
+                                   variant=args.variant)
     elif args.arch == "flux2_klein":
         path = build_tiny_flux2_pipeline(args.out, arch=args.arch, seed=args.seed, overwrite=args.overwrite)
     elif args.arch == "flux2":
         path = build_tiny_flux2_dev_pipeline(args.out, seed=args.seed, overwrite=args.overwrite)
     else:
-        path = build_tiny_qwen_pipeline(args.out, arch=args.arch, variant=args.variant, seed=args.seed,
+        path = build_tiny_qwen_pipeline(args.out, arch=args.arch, variant=args.variant or "2509", seed=args.seed,
                                         overwrite=args.overwrite)
     logger.info("tiny %s pipeline ready at %s", args.arch, path)
 

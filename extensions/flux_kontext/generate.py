@@ -69,9 +69,14 @@ class FluxKontextRenderer(LoraRenderer):
         first = requests[0]
         # One CPU generator per image: an image depends on its seed only, not on the batch or the device.
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
-        out = self.pipe(image=list(controls), prompt=[r.prompt for r in requests], height=first.height,
-                        width=first.width, num_inference_steps=first.steps, guidance_scale=first.guidance_scale,
-                        # without max_area the pipeline rescales every request to 1024x1024 pixels
-                        max_area=first.width * first.height, generator=generators,
-                        max_sequence_length=self.model.max_sequence_length, _auto_resize=False, output_type="pil")
+        # Through the model: the text encoders load on first use, on model.te_device.
+        embeds, pooled, _ = self.model.encode_captions([r.prompt for r in requests])
+        with self.model.vae_on_device():
+            out = self.pipe(image=list(controls), prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+                            height=first.height, width=first.width, num_inference_steps=first.steps,
+                            guidance_scale=first.guidance_scale,
+                            # without max_area the pipeline rescales every request to 1024x1024 pixels
+                            max_area=first.width * first.height, generator=generators,
+                            max_sequence_length=self.model.max_sequence_length, _auto_resize=False,
+                            output_type="pil")
         return list(out.images)

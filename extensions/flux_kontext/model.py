@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-import gc
+import contextlib
 import logging
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
-from diffusers import FluxKontextPipeline, FluxTransformer2DModel
+from diffusers import FluxKontextPipeline
 from PIL import Image
 
 from extensions.flux_kontext import plan, rope_cache  # sibling modules, not the package API
 from extensions.flux_kontext.multi_control import render_multi_control
-from extensions.flux_kontext.quantize import (TRANSFORMER_EXCLUDE, keep_base_frozen, load_transformer_blockwise,
+from extensions.flux_kontext.quantize import (TRANSFORMER_EXCLUDE, keep_base_frozen,
                                               quantize_frozen, safe_exclude)
 from extensions.flux_kontext.packing import pack_latents
+from extensions.flux_kontext import transformer_source
+from extensions.flux_kontext.encoders import LazyEncoders
 from toolkit.arch import Architecture, eval_mode, register_architecture
-from toolkit.data.cache import Encoder, make_key, module_fingerprint
+from toolkit.data.cache import Encoder, make_key
 from toolkit.data.dataset import control_names
 from toolkit.render.sampling import SampleRequest
 
@@ -79,16 +81,17 @@ class FluxKontext(Architecture):
     supports_control_resolution = True  # a smaller control gets its own grid of position ids, as in the pipeline
     supports_trim_text_tokens = True
 
-    def __init__(self, pipe: FluxKontextPipeline, model_cfg: Any, device: torch.device, dtype: torch.dtype):
+    def __init__(self, pipe: FluxKontextPipeline, model_cfg: Any, device: torch.device, dtype: torch.dtype,
+                 source: Optional[str] = None):
         self.pipe = pipe
-        self.transformer = pipe.transformer
-        self.vae = pipe.vae
+        self.transformer = pipe.transformer  # None when loaded for caching only (load_encoders)
         self.device, self.dtype = device, dtype
         self.source = model_cfg.name_or_path
         self.max_sequence_length = model_cfg.max_sequence_length
         self.trim_text_tokens = getattr(model_cfg, "trim_text_tokens", False)
         self._token_counts: dict[str, int] = {}  # caption -> T5 tokens (with EOS), for trim_text_tokens
-        self._denoiser = KontextDenoiser(self.transformer)
+        self.encoders = LazyEncoders(pipe, source or self.source, model_cfg, device, dtype)
+        self._denoiser = KontextDenoiser(self.transformer) if self.transformer is not None else None
         self._ids = rope_cache.IdTables()  # position ids per bucket, text ids per length: the same tensors each step
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         # Captions encoded before the text encoders were unloaded (sample prompts, validation captions): never evicted.
@@ -108,6 +111,33 @@ class FluxKontext(Architecture):
         return []
 
     @classmethod
+    def check_model_options(cls, model_cfg: Any) -> list[str]:
+        problems = super().check_model_options(model_cfg)
+        found = transformer_source.prequantized_files(model_cfg)
+        if found is not None and (model_cfg.quantize or model_cfg.low_vram):
+            problems.append(f"model.quantize / model.low_vram: the transformer is already quantized ({found[1].detail},"
+                            f" {found[0]}) and loads block by block; turn both off")
+        return problems
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        """The VAE, loaded on first use (encoders.py)."""
+        return self.encoders.vae()
+
+    def full_pipe(self) -> FluxKontextPipeline:
+        """The diffusers pipeline with every encoder loaded (they load lazily otherwise), e.g. to call it directly."""
+        self.encoders.text_encoders()
+        self.encoders.vae()
+        return self.pipe
+
+    @classmethod
+    def load_encoders(cls, model_cfg: Any, device: torch.device, dtype: torch.dtype) -> "FluxKontext":
+        """Tokenizers and scheduler only, the encoders loading when used: for `run.py cache` (no transformer)."""
+        source = transformer_source.source(model_cfg)
+        pipe = FluxKontextPipeline.from_pretrained(source, dtype=dtype, transformer=None, **_LAZY)
+        return cls(pipe, model_cfg, device, dtype, source)
+
+    @classmethod
     def plan_model(cls, model_cfg: Any, preset: Optional[str] = None):
         return plan.plan_model(model_cfg, preset, LORA_TARGETS, KontextDenoiser)
 
@@ -119,41 +149,27 @@ class FluxKontext(Architecture):
     def load(cls, model_cfg: Any, device: torch.device, dtype: torch.dtype) -> "FluxKontext":
         log.info("loading %s (%s) on %s", model_cfg.name_or_path, dtype, device)
         # HF_TOKEN is read from the environment by huggingface_hub; it is never passed through our logs or config.
-        local = Path(model_cfg.name_or_path).expanduser()
-        source = str(local) if local.exists() else model_cfg.name_or_path
+        source = transformer_source.source(model_cfg)
         qtype = model_cfg.qtype
-        pipe = FluxKontextPipeline.from_pretrained(source, dtype=dtype,
-                                                   **cls.transformer_components(model_cfg, source, device, dtype))
-        for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-            module.requires_grad_(False)
-            module.eval()
+        components = {**_LAZY, **cls.transformer_components(model_cfg, source, device, dtype)}  # encoders: lazy
+        pipe = FluxKontextPipeline.from_pretrained(source, dtype=dtype, **components)
+        pipe.transformer.requires_grad_(False)
+        pipe.transformer.eval()
         # Without low_vram, quantize where the weights will live: fast on a GPU (needs the full precision there).
-        quantize_on = torch.device("cpu") if model_cfg.low_vram else device
-        if model_cfg.quantize_te:
-            t5 = pipe.text_encoder_2.to(quantize_on)
-            quantize_frozen(t5, qtype, safe_exclude(t5, qtype, dtype, always=()))
         if model_cfg.quantize and not model_cfg.low_vram:
-            transformer = pipe.transformer.to(quantize_on)
+            transformer = pipe.transformer.to(device)
             quantize_frozen(transformer, qtype, safe_exclude(transformer, qtype, dtype))
-        pipe.to(device)
+        pipe.transformer.to(device)
         keep_base_frozen(pipe.transformer)
-        return cls(pipe, model_cfg, device, dtype)
+        return cls(pipe, model_cfg, device, dtype, source)
 
     @classmethod
     def transformer_components(cls, model_cfg: Any, source: str, device: torch.device, dtype: torch.dtype
                                ) -> dict[str, torch.nn.Module]:
-        """{"transformer": module} when the transformer does not come from the pipeline folder as it is (low_vram,
-        model.transformer_path), else {}. tools.gpu_check overrides this to train a random-weight transformer of
-        FLUX.1's real size without a 24 GB download."""
-        if model_cfg.low_vram:
-            # Block by block, quantized on the CPU: the device never holds the full-precision transformer.
-            return {"transformer": load_transformer_blockwise(source, dtype, device,
-                                                              model_cfg.qtype if model_cfg.quantize else None,
-                                                              folder=model_cfg.transformer_path)}
-        if model_cfg.transformer_path:  # e.g. an earlier stage's full fine-tune (toolkit.train.stages)
-            log.info("transformer from %s", model_cfg.transformer_path)
-            return {"transformer": FluxTransformer2DModel.from_pretrained(model_cfg.transformer_path, dtype=dtype)}
-        return {}
+        """{"transformer": module} when the transformer does not come from the pipeline folder as it is (an FP8 or
+        bitsandbytes export, low_vram, model.transformer_path), else {}. tools.gpu_check overrides this to train a
+        random-weight transformer of FLUX.1's real size without a 24 GB download."""
+        return transformer_source.components(model_cfg, source, device, dtype)
 
     # -- training ---------------------------------------------------------------------------------------------
     def denoiser(self) -> torch.nn.Module:
@@ -163,15 +179,16 @@ class FluxKontext(Architecture):
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> scaled VAE latents, using the posterior mean as the Kontext pipeline does."""
         # non_blocking: the loader pins host memory on CUDA, so the copy overlaps instead of syncing the host
-        latents = self.vae.encode(pixels.to(self.device, self.vae.dtype, non_blocking=True)).latent_dist.mode()
-        return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        vae = self.vae
+        latents = vae.encode(pixels.to(vae.device, vae.dtype, non_blocking=True)).latent_dist.mode()
+        return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).to(self.device)
 
     @torch.no_grad()
     def encode_captions(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """T5 sequence + CLIP pooled embeddings; each distinct caption is encoded once (bounded LRU cache)."""
         missing = sorted({c for c in captions if c not in self._text_cache and c not in self._pinned})
         if missing:
-            if self.pipe.text_encoder_2 is None:
+            if self.encoders.text_unloaded:
                 raise RuntimeError(f"the text encoders were unloaded after caching (train.cache_text_embeddings), "
                                    f"but caption {missing[0]!r} was not encoded before")
             embeds, pooled = self._encode_prompts(missing)
@@ -188,10 +205,11 @@ class FluxKontext(Architecture):
                                                                               embeds.dtype)
 
     def _encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        embeds, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=self.device,
-                                                    num_images_per_prompt=1,
+        self.encoders.text_encoders()
+        embeds, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None,
+                                                    device=self.encoders.te_device, num_images_per_prompt=1,
                                                     max_sequence_length=self.max_sequence_length)
-        return embeds, pooled
+        return embeds.to(self.device, self.dtype), pooled.to(self.device, self.dtype)  # model.te_* may differ
 
     def encode_batch(self, batch: dict) -> EncodedBatch:
         """Encoders on a collated batch; latents and embeddings the dataset took from a cache are used as they are.
@@ -271,9 +289,7 @@ class FluxKontext(Architecture):
     def latent_encoder(self) -> Encoder:
         """{"target", "control"[, "control_2", ...]} pixels -> {"target_latents", "control_latents"[, ...]}: (16, h, w)
         each."""
-        vae = self.vae
-        identity = make_key("vae", {"config": dict(vae.config), "weights": module_fingerprint(vae),
-                                    "dtype": str(vae.dtype), "latents": "posterior mode, shifted and scaled"})
+        identity = make_key("vae", {**self.encoders.identity("vae"), "latents": "posterior mode, shifted and scaled"})
         return Encoder(identity, self._encode_pixel_pairs)
 
     def _encode_pixel_pairs(self, items: list[dict]) -> list[dict]:
@@ -284,14 +300,11 @@ class FluxKontext(Architecture):
     def text_encoder(self) -> Encoder:
         """caption -> {"prompt_embeds": (L, D) T5, "pooled": (P,) CLIP}."""
         pipe = self.pipe
-        if pipe.text_encoder_2 is None:
+        if self.encoders.text_unloaded:
             raise RuntimeError("the text encoders are unloaded")
         parts = {"max_sequence_length": self.max_sequence_length}
-        for name in ("text_encoder", "text_encoder_2"):
-            module = getattr(pipe, name)
-            config = {k: v for k, v in module.config.to_dict().items()
-                      if not k.startswith("_") and k != "transformers_version"}
-            parts[name] = {"config": config, "weights": module_fingerprint(module), "dtype": str(module.dtype)}
+        for name in ("text_encoder", "text_encoder_2"):  # from the files: the encoders need not be loaded
+            parts[name] = self.encoders.identity(name)
         for name in ("tokenizer", "tokenizer_2"):
             parts[name] = make_key("tokenizer", {"json": getattr(pipe, name).backend_tokenizer.to_str()})
         return Encoder(make_key("text", parts), self._encode_caption_list)
@@ -301,9 +314,16 @@ class FluxKontext(Architecture):
         embeds, pooled = self._encode_prompts(captions)
         return [{"prompt_embeds": e, "pooled": p} for e, p in zip(embeds, pooled)]
 
+    def pin_text_embeddings(self, embeddings: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Caption embeddings taken from the cache (text_encoder's outputs), kept for good: sample prompts and
+        validation captions then need no text encoder."""
+        self._pinned.update({c: (t["prompt_embeds"].to(self.device), t["pooled"].to(self.device))
+                             for c, t in embeddings.items()})
+
     def unload_text_encoders(self, keep: Sequence[str]) -> None:
-        """Encode `keep` (sample prompts, validation captions) for good, then free both text encoders."""
-        if self.pipe.text_encoder_2 is None:
+        """Encode `keep` (sample prompts, validation captions) for good, unless pinned already, then free both text
+        encoders (or make sure they never load)."""
+        if self.encoders.text_unloaded:
             return
         keep = sorted(set(keep) - set(self._pinned))
         for start in range(0, len(keep), TEXT_ENCODE_BATCH):
@@ -312,11 +332,7 @@ class FluxKontext(Architecture):
                 embeds, pooled = self._encode_prompts(chunk)
             self._pinned.update({c: (embeds[i], pooled[i]) for i, c in enumerate(chunk)})
         self._text_cache.clear()
-        self.pipe.text_encoder = None
-        self.pipe.text_encoder_2 = None
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.encoders.unload_text()
         log.info("text encoders unloaded; %d prompts kept encoded", len(self._pinned))
 
     # -- sampling ---------------------------------------------------------------------------------------------
@@ -327,8 +343,20 @@ class FluxKontext(Architecture):
         """One image per request; a request's control is one image or a list of them (several --ctrl_img; an empty
         list: text-to-image, FluxKontextPipeline with image=None). `stop()` is asked after every denoising step: true
         ends the loop early (the image is then unfinished)."""
-        with eval_mode(self.transformer):
+        with self.vae_on_device(), eval_mode(self.transformer):
             return [self._render(r, c, stop) for r, c in zip(requests, controls)]
+
+    @contextlib.contextmanager
+    def vae_on_device(self) -> Iterator[None]:
+        """The VAE (loaded now if training never needed it) on the training device for a pipeline call: the pipeline
+        runs on its first module's device, the VAE's; back on model.vae_device afterwards."""
+        vae = self.vae
+        home = vae.device
+        vae.to(self.device)
+        try:
+            yield
+        finally:
+            vae.to(home)
 
     def _render(self, request: SampleRequest, control: Union[Image.Image, Sequence[Image.Image]],
                 stop: Optional[Callable[[], bool]] = None) -> Image.Image:
@@ -348,6 +376,9 @@ class FluxKontext(Architecture):
                         max_sequence_length=self.max_sequence_length,
                         _auto_resize=False, output_type="pil", callback_on_step_end=_interrupt_on(stop))
         return out.images[0]
+
+
+_LAZY = {"vae": None, "text_encoder": None, "text_encoder_2": None}  # loaded on first use (encoders.py)
 
 
 def _interrupt_on(stop: Optional[Callable[[], bool]]):

@@ -190,11 +190,7 @@ class BaseSDTrainProcess:
         if train.compile:
             compile_blocks(model.transformer)
 
-        dataset, reg_dataset = training_data.build_datasets(pairs, self.cfg, train.seed)
-        for data in (dataset, reg_dataset):  # before caches key on buckets and samplers group by them
-            for level, note in data.fit_buckets(train.batch_size * rt.world_size) if data is not None else ():
-                if rt.is_main:
-                    log.log(level, note)
+        dataset, reg_dataset = training_data.prepare_datasets(pairs, self.cfg, rt)
         training_data.attach_caches(self.cfg, rt, model, [d for d in (dataset, reg_dataset) if d is not None],
                                     requests, validation)
         stream = training_data.make_stream(dataset, rt, train, train.seed)

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from toolkit.arch import Architecture
-from toolkit.data.cache import CachingModel, cache_dataset
+from toolkit.data.cache import CachingModel, FillReport, cache_captions, cache_dataset
 from toolkit.data.dataset import PairedDataset, collate_batch, option
 from toolkit.data.pairs import Pair
 from toolkit.data.sampler import BucketBatchSampler
@@ -100,35 +100,74 @@ def epochs(stream: Stream) -> Iterator[dict]:
         epoch += 1
 
 
-def attach_caches(cfg, rt: Runtime, model: Architecture, datasets: Sequence[PairedDataset], requests,
-                  validation: Optional[ValidationSet]) -> None:
-    """Encode latents / caption embeddings once (toolkit.data.cache); with captions cached, free the text encoders
-    after encoding what sampling and validation will still ask for."""
+def prepare_datasets(pairs, cfg, rt: Runtime) -> tuple[PairedDataset, Optional[PairedDataset]]:
+    """The training and regularisation datasets with their buckets fitted to the global batch (before caches key on
+    buckets and samplers group by them)."""
+    dataset, reg_dataset = build_datasets(pairs, cfg, cfg.train.seed)
+    for data in (dataset, reg_dataset):
+        for level, note in data.fit_buckets(cfg.train.batch_size * rt.world_size) if data is not None else ():
+            if rt.is_main:
+                log.log(level, note)
+    return dataset, reg_dataset
+
+
+def keep_captions(cfg, datasets: Sequence[PairedDataset], requests, validation: Optional[ValidationSet]) -> list[str]:
+    """Captions encoded outside the training items: sample prompts, validation captions, the trigger word of
+    static captions, the class captions of diff_output_preservation."""
+    keep = [r.prompt for r in requests]
+    if any(d.static_captions for d in datasets):  # train.unload_text_encoder: the trigger word, and ""
+        keep += [cfg.trigger_word or "", ""]
+    if validation is not None:
+        keep += [c for i in range(len(validation.dataset)) for c in validation.dataset.item_captions(i)]
+    if cfg.train.diff_output_preservation:  # the class captions are encoded at every step
+        keep += preservation.class_captions(
+            [c for d in datasets for i in range(len(d)) for c in d.item_captions(i)], cfg.trigger_word,
+            cfg.train.diff_output_preservation_class)
+    return keep
+
+
+def fill_caches(cfg, rt: Runtime, model, datasets: Sequence[PairedDataset], keep: Sequence[str],
+                progress: bool = False) -> list[FillReport]:
+    """Make every cache entry the config uses present (each rank its share of the disk entries) and attach the
+    lookups to the datasets; with cached text, `keep` is cached too and handed to the model (pin_text_embeddings),
+    so neither training nor sampling needs a text encoder for it. Returns what each fill reused and encoded."""
     latents = any(d.cache_latents or d.cache_latents_to_disk for d in cfg.datasets)
     text = cfg.train.cache_text_embeddings
-    unload = text or cfg.train.unload_text_encoder
-    if not (latents or unload):
-        return
+    if not (latents or text):
+        return []
     if not isinstance(model, CachingModel):
         raise ConfigError(f"model.arch {cfg.model.arch}: this architecture cannot cache latents or "
                           "text embeddings, nor unload its text encoders; turn the cache options and "
                           "train.unload_text_encoder off")
     latent_encoder, text_encoder = model.latent_encoder() if latents else None, model.text_encoder() if text else None
-    for dataset in datasets if latents or text else ():  # the training items, then the regularisation items
-        dataset.attach_cache(cache_dataset(dataset, cfg.datasets, rt=rt, batch_size=cfg.train.batch_size,
-                                           latents=latent_encoder, text=text_encoder))
+    reports = []
+    for dataset in datasets:  # the training items, then the regularisation items
+        cache = cache_dataset(dataset, cfg.datasets, rt=rt, batch_size=cfg.train.batch_size, latents=latent_encoder,
+                              text=text_encoder, progress=progress)
+        dataset.attach_cache(cache)
+        reports.append(cache.report)
+    if text and keep and hasattr(model, "pin_text_embeddings"):
+        embeddings, report = cache_captions(keep, cfg.datasets, text=text_encoder, rt=rt,
+                                            batch_size=cfg.train.batch_size, progress=progress)
+        model.pin_text_embeddings(embeddings)
+        reports.append(report)
+    return reports
+
+
+def attach_caches(cfg, rt: Runtime, model: Architecture, datasets: Sequence[PairedDataset], requests,
+                  validation: Optional[ValidationSet]) -> None:
+    """Encode latents / caption embeddings once (toolkit.data.cache); with captions cached, free the text encoders
+    after encoding what sampling and validation will still ask for (nothing when that was cached too)."""
+    unload = cfg.train.cache_text_embeddings or cfg.train.unload_text_encoder
+    if unload and not isinstance(model, CachingModel):
+        raise ConfigError(f"model.arch {cfg.model.arch}: this architecture cannot cache latents or "
+                          "text embeddings, nor unload its text encoders; turn the cache options and "
+                          "train.unload_text_encoder off")
+    keep = keep_captions(cfg, datasets, requests, validation) if unload else []
+    fill_caches(cfg, rt, model, datasets, keep)
     if unload:
-        keep = [r.prompt for r in requests]
-        if any(d.static_captions for d in datasets):  # train.unload_text_encoder: the trigger word, and ""
-            keep += [cfg.trigger_word or "", ""]
-        if validation is not None:
-            keep += [c for i in range(len(validation.dataset)) for c in validation.dataset.item_captions(i)]
-        if cfg.train.diff_output_preservation:  # the class captions are encoded at every step
-            keep += preservation.class_captions(
-                [c for d in datasets for i in range(len(d)) for c in d.item_captions(i)], cfg.trigger_word,
-                cfg.train.diff_output_preservation_class)
         model.unload_text_encoders(keep)
 
 
-__all__ = ["REG_SEED_OFFSET", "Stream", "attach_caches", "build_datasets", "epochs", "log_reg", "make_stream",
-           "reg_schedule", "split_pairs"]
+__all__ = ["REG_SEED_OFFSET", "Stream", "attach_caches", "build_datasets", "epochs", "fill_caches", "keep_captions",
+           "log_reg", "make_stream", "prepare_datasets", "reg_schedule", "split_pairs"]

@@ -113,8 +113,6 @@ TABLE: dict[str, dict[str, Rule]] = {
         "compile_fullgraph": NoEffect(_SPEED),
         "compile_dynamic": NoEffect(_SPEED),
         "cache_size_limit": NoEffect(_SPEED),
-        "vae_device": NoEffect(_SPEED),
-        "te_device": NoEffect(_SPEED),
         "layer_offloading_transformer_percent": _with("layer_offloading"),
         "layer_offloading_text_encoder_percent": _with("layer_offloading"),
         "split_model_other_module_param_count_scale": _with("split_model_over_gpus"),
@@ -148,8 +146,6 @@ TABLE: dict[str, dict[str, Rule]] = {
         "model_paths": Unsupported(EMPTY, "per-component model paths are not implemented"),
         "in_context": Unsupported((False,), "in-context training is not implemented"),
         "vae_path": Unsupported(EMPTY, "a separate VAE is not implemented"),
-        "vae_dtype": Unsupported(EMPTY, "a separate VAE dtype is not implemented; train.dtype is used"),
-        "te_dtype": Unsupported(EMPTY, "a separate text-encoder dtype is not implemented; train.dtype is used"),
         "te_name_or_path": Unsupported(EMPTY, "separate text encoders are not implemented"),
         "extras_name_or_path": Unsupported(_base_model, "a separate model for the VAE and text encoders is not "
                                                   "implemented"),

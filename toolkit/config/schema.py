@@ -129,6 +129,16 @@ class ModelConfig:
         "e.g. a full fine-tune's <run folder>/transformer; '[process:N]' means the final transformer of the earlier "
         "full fine-tune config.process[N] of this job (training stages).", NON_EMPTY, normalize=_expand_home,
         aliases=("transformer", "transformer_folder", "resume_from_stage")))
+    vae_device: Optional[str] = field(default=None, metadata=_meta(
+        "Device of the VAE while caching latents and encoding training images (e.g. cuda:1 next to a training cuda:0); "
+        "latents move to the training device. Unset: the training device.", DEVICE))
+    te_device: Optional[str] = field(default=None, metadata=_meta(
+        "Device of the text encoders while caching or encoding captions; embeddings move to the training device. "
+        "Unset: the training device.", DEVICE))
+    vae_dtype: Optional[TrainDType] = field(default=None, metadata=_meta(
+        "Dtype of the VAE (bf16, fp16, fp32); unset: train.dtype. CPU always uses float32."))
+    te_dtype: Optional[TrainDType] = field(default=None, metadata=_meta(
+        "Dtype of the text encoders; unset: train.dtype. CPU always uses float32."))
 
 
 @dataclass(kw_only=True)

@@ -34,45 +34,14 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 
 from toolkit.data.change_weights import changed_region_weights
+from toolkit.data.fingerprint import (CACHE_VERSION, file_digest, folder_fingerprint, make_key,
+                                      module_fingerprint)
 from toolkit.state.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the meaning of a key or the file layout changes
 DEFAULT_FOLDER_NAME = "_latent_cache"
 Tensors = dict[str, torch.Tensor]
-
-
-# -- keys and fingerprints -----------------------------------------------------------------------------------------
-def make_key(kind: str, parts: Mapping[str, Any]) -> str:
-    """`<kind>-<hash>` of `parts` (JSON-able values; tuples count as lists)."""
-    text = json.dumps({"cache_version": CACHE_VERSION, **parts}, sort_keys=True, default=str)
-    return f"{kind}-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:40]}"
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes: survives copies and touches, changes with any edit."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _word_sum(tensor: torch.Tensor) -> int:
-    """Sum of the tensor's raw bytes read as 32-bit words: exact integer arithmetic, so the same on any device, any
-    thread count and any reduction order; computed where the tensor lives, without a copy."""
-    raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    for dtype, size in ((torch.int32, 4), (torch.int16, 2)):
-        if raw.numel() % size == 0:
-            return int(raw.view(dtype).sum(dtype=torch.int64))
-    return int(raw.sum(dtype=torch.int64))
-
-
-@torch.no_grad()
-def module_fingerprint(module: torch.nn.Module) -> str:
-    """Identity of a module's weights: every state-dict entry's name, shape, dtype and word sum."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{_word_sum(tensor)};".encode("utf-8"))
-    return h.hexdigest()[:40]
 
 
 def _checksum(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -209,7 +178,7 @@ class FillReport:
     encoded_after_wait: int = 0  # missing after the wait (cache folder not shared), encoded here
 
 
-def fill(jobs: Sequence[Job], rt: Coordinator, batch_size: int) -> FillReport:
+def fill(jobs: Sequence[Job], rt: Coordinator, batch_size: int, progress: bool = False) -> FillReport:
     """Make every job's entry present; every process of the group must call this with the same jobs."""
     unique: dict[tuple[str, str], Job] = {}
     for job in jobs:  # one entry per file (stores on one folder are one store) or per memory store
@@ -220,7 +189,7 @@ def fill(jobs: Sequence[Job], rt: Coordinator, batch_size: int) -> FillReport:
     mine = [shared[i] for i in rt.my_share(len(shared))] + [job for job in ordered if not job.store.shared]
     todo = [job for job in mine if job.store.get(job.key) is None]  # reads and checks every entry it owns
     report = FillReport(entries=len(ordered), reused=len(mine) - len(todo), encoded=len(todo))
-    _encode(todo, batch_size)
+    _encode(todo, batch_size, progress)
     rt.wait()
     late = [job for job in shared if not job.store.exists(job.key)]
     if late:
@@ -231,11 +200,14 @@ def fill(jobs: Sequence[Job], rt: Coordinator, batch_size: int) -> FillReport:
     return report
 
 
-def _encode(jobs: Sequence[Job], batch_size: int) -> None:
+def _encode(jobs: Sequence[Job], batch_size: int, progress: bool = False) -> None:
+    from tqdm.auto import tqdm
+
     groups: dict[tuple[str, Hashable], list[Job]] = {}
     for job in jobs:
         groups.setdefault((job.encoder.identity, job.group), []).append(job)
     done = 0
+    bar = tqdm(total=len(jobs), desc="caching", unit="entry", disable=not progress or not jobs)
     for members in groups.values():
         for start in range(0, len(members), batch_size):
             batch = members[start:start + batch_size]
@@ -245,7 +217,9 @@ def _encode(jobs: Sequence[Job], batch_size: int) -> None:
             for job, tensors in zip(batch, outputs):
                 job.store.put(job.key, tensors)
             done += len(batch)
+            bar.update(len(batch))
         log.info("cache: encoded %d / %d entries", done, len(jobs))
+    bar.close()
 
 
 def with_change_weights(latents: Encoder, blur_px: float, floor: float) -> Encoder:
@@ -282,7 +256,9 @@ class DatasetCache:
     """What a dataset item takes from the caches: latents by item, text embeddings by (dataset entry, caption)."""
 
     def __init__(self, latents: dict[int, tuple[TensorStore, str]],
-                 text: dict[tuple[int, str], tuple[TensorStore, str]], item_datasets: Sequence[int]) -> None:
+                 text: dict[tuple[int, str], tuple[TensorStore, str]], item_datasets: Sequence[int],
+                 report: Optional[FillReport] = None) -> None:
+        self.report = report or FillReport()  # what filling it reused and encoded
         self._latents = latents
         self._text = text
         self._item_datasets = list(item_datasets)
@@ -343,7 +319,7 @@ def _digests(paths: Sequence[Path], rt: Coordinator) -> dict[str, str]:
 
 
 def cache_dataset(dataset: Any, configs: Sequence[Any], *, latents: Optional[Encoder], text: Optional[Encoder],
-                  rt: Coordinator, batch_size: int) -> DatasetCache:
+                  rt: Coordinator, batch_size: int, progress: bool = False) -> DatasetCache:
     """Encode what `dataset` (toolkit.data.dataset.PairedDataset) needs and is not cached yet; return the lookup.
 
     `latents` covers the items of dataset entries with cache_latents(_to_disk), `text` every caption an item can
@@ -379,12 +355,32 @@ def cache_dataset(dataset: Any, configs: Sequence[Any], *, latents: Optional[Enc
                 if (item_datasets[i], caption) not in text_keys:
                     text_keys[(item_datasets[i], caption)] = (store, key)
                     jobs.append(Job(store, key, text, group="text", load=lambda c=caption: c))
-    report = fill(jobs, rt, batch_size)
+    report = fill(jobs, rt, batch_size, progress)
     log.info("cache: %d entries, %d reused, %d encoded here (%d after the wait)", report.entries, report.reused,
              report.encoded, report.encoded_after_wait)
-    return DatasetCache(latent_keys, text_keys, item_datasets)
+    return DatasetCache(latent_keys, text_keys, item_datasets, report)
+
+
+def cache_captions(captions: Sequence[str], configs: Sequence[Any], *, text: Encoder, rt: Coordinator,
+                   batch_size: int, progress: bool = False) -> tuple[dict[str, Tensors], FillReport]:
+    """Embeddings of extra captions (sample prompts, validation captions) through the same cache, kept in the first
+    dataset entry's disk cache (in memory when no entry caches to disk): a later run needs no text encoder for
+    them either. Every process of the group must call this."""
+    _, text_stores = _stores(configs, True)
+    store = next((s for s in text_stores if s is not None and s.shared), text_stores[0] if text_stores else None)
+    store = store or TensorStore(keep_in_memory=True)
+    keys = {c: make_key("text", {"caption": c, "encoder": text.identity}) for c in sorted(set(captions))}
+    jobs = [Job(store, key, text, group="text", load=lambda c=c: c) for c, key in keys.items()]
+    report = fill(jobs, rt, batch_size, progress)
+    out = {}
+    for caption, key in keys.items():
+        tensors = store.get(key)
+        if tensors is None:
+            raise RuntimeError(f"cache entry {key} of {store} for caption {caption!r} vanished after caching")
+        out[caption] = tensors
+    return out, report
 
 
 __all__ = ["CACHE_VERSION", "CachingModel", "Coordinator", "DatasetCache", "Encoder", "FillReport", "Job", "TensorStore",
-           "cache_dataset", "cache_folder", "cache_folder_problems", "file_digest", "fill", "make_key",
-           "module_fingerprint"]
+           "cache_captions", "cache_dataset", "cache_folder", "cache_folder_problems", "file_digest", "fill", "folder_fingerprint",
+           "make_key", "module_fingerprint"]
