@@ -199,7 +199,7 @@ class Planner:
         if opts.quantize:
             parts.append(Part("dequantized weight (largest layer)", largest * dtype_bytes(opts.dtype)))
         load = (frozen if opts.network is not None else weights) + encoders + vae
-        load_note = "all components before the text encoders unload"
+        load_note = "all components before the text encoders unload (none load when run.py cache filled the caches)"
         if opts.quantize and not opts.low_vram:
             load = max(load, full_bytes)
             load_note = "the full-precision transformer, quantized on the device (model.low_vram avoids it)"
