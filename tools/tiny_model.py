@@ -39,11 +39,13 @@ from tools.tiny_flux2 import build_tiny_flux2_pipeline
 from tools.tiny_flux2_dev import build_tiny_flux2_dev_pipeline
 from tools.tiny_qwen import VARIANTS, build_tiny_qwen_pipeline
 from tools.tiny_variants import QUANTIZED_VARIANTS, check_variant, quantize_transformer_folder
+from tools.tiny_vae import make_block_mean_vae
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MARKER_NAME = "tiny_model_build.json"
+VAE_KINDS = ("random", "block_mean")  # tools.tiny_vae: "block_mean" weights reconstruct images
 
 _TINY_VAE: dict[str, Any] = {
     # Four blocks keep FLUX's real VAE scale factor 8; 16 latent channels pack 2x2 into 64 transformer channels.
@@ -211,13 +213,16 @@ def _build_modules(shapes: dict[str, dict[str, Any]], clip_tok: Any, t5_tok: Any
     }
 
 
-def _write_pipeline(workdir: Path, preset: str, seed: int, variant: str | None = None) -> None:
+def _write_pipeline(workdir: Path, preset: str, seed: int, variant: str | None = None, vae: str = "random") -> None:
     """Write every component of the pipeline into workdir (a fresh folder); `variant`: a pre-quantized transformer
-    (tools.tiny_variants)."""
+    (tools.tiny_variants); `vae`: see VAE_KINDS."""
     from diffusers import FluxKontextPipeline
 
     clip_tok, t5_tok = _build_tokenizers(workdir)
-    pipe = FluxKontextPipeline(**_build_modules(PRESETS[preset], clip_tok, t5_tok, seed))
+    modules = _build_modules(PRESETS[preset], clip_tok, t5_tok, seed)
+    if vae == "block_mean":
+        make_block_mean_vae(modules["vae"])
+    pipe = FluxKontextPipeline(**modules)
     pipe.save_pretrained(workdir, safe_serialization=True)
     index_path = workdir / "model_index.json"
     index = json.loads(index_path.read_text(encoding="utf-8"))
@@ -228,11 +233,15 @@ def _write_pipeline(workdir: Path, preset: str, seed: int, variant: str | None =
 
 
 def build_tiny_pipeline(out_dir: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool = False,
-                        variant: str | None = None) -> Path:
+                        variant: str | None = None, vae: str = "random") -> Path:
     """Build (or reuse) a random-weight FLUX Kontext folder of the given preset; returns its absolute path.
-    `variant` (fp8, fp8_scaled, nf4): the same weights with a pre-quantized transformer."""
+    `variant` (fp8, fp8_scaled, nf4): the same weights with a pre-quantized transformer. vae="block_mean": VAE
+    weights that reconstruct images (8x8 block colours, tools.tiny_vae), so renders can resemble their targets and
+    edit metrics move; the other components are the same bytes as with "random"."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if vae not in VAE_KINDS:
+        raise UserError(f"unknown vae {vae!r}; choose one of {list(VAE_KINDS)}")
     if variant is not None and variant not in QUANTIZED_VARIANTS:
         raise UserError(f"--variant {variant!r} is not a FLUX Kontext variant; choose one of {list(QUANTIZED_VARIANTS)}")
     if variant is not None:
@@ -240,8 +249,10 @@ def build_tiny_pipeline(out_dir: str | Path, preset: str = "tiny", seed: int = 0
     marker = {"format_version": FORMAT_VERSION, "preset": preset, "seed": seed}
     if variant is not None:
         marker["variant"] = variant
+    if vae != "random":  # absent for the random VAE: existing builds are reused as they are
+        marker["vae"] = vae
     return install_atomically(out_dir, MARKER_NAME, marker, overwrite,
-                              lambda tmp: _write_pipeline(tmp, preset, seed, variant))
+                              lambda tmp: _write_pipeline(tmp, preset, seed, variant, vae))
 
 
 ARCHS = ("flux_kontext", "qwen_image_edit_plus", "qwen_image_edit", "flux2_klein", "flux2")
@@ -257,6 +268,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="Qwen-Image-Edit-Plus release whose transformer config to follow (2509 default, 2511: "
                              "zero_cond_t); for flux_kontext a pre-quantized transformer: fp8, fp8_scaled, or nf4 "
                              "(nf4 needs a CUDA GPU to write)")
+    parser.add_argument("--vae", default="random", choices=VAE_KINDS,
+                        help="flux_kontext VAE weights: random, or block_mean (reconstructs 8x8 block colours, so "
+                             "edit metrics can rise in a demo)")
     parser.add_argument("--seed", default=0, type=int, help="weight seed; same seed gives byte-identical files")
     parser.add_argument("--overwrite", action="store_true", help="replace whatever is at --out")
     args = parser.parse_args(argv)
@@ -272,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
         except UserError as exc:
             parser.error(str(exc))
         path = build_tiny_pipeline(args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite,
-                                   variant=args.variant)
+                                   variant=args.variant, vae=args.vae)
     elif args.arch == "flux2_klein":
         path = build_tiny_flux2_pipeline(args.out, arch=args.arch, seed=args.seed, overwrite=args.overwrite)
     elif args.arch == "flux2":
