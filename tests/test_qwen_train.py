@@ -100,17 +100,6 @@ def test_example_trains_with_match_target_res_and_resumes_bit_identically(tmp_pa
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 
 
-def test_latent_caching_is_refused_by_name(tmp_path, tiny_qwen_dir, multi_data_dir, capsys):
-    """The prompt embedding depends on the control images and the VL tower needs their pixels: no caption- or
-    latent-only cache fits, so asking for one is an error rather than a silently wrong cache."""
-    text = example(tmp_path, tiny_qwen_dir, multi_data_dir, **{"train.steps": 1, "sample.prompts": []}).read_text()
-    raw = yaml.safe_load(text)
-    raw["config"]["process"][0]["datasets"][0]["cache_latents"] = True
-    config = write_config(tmp_path / "cached.yaml", raw)
-    assert run.main([str(config)]) == 2
-    assert "qwen_image_edit_plus: this architecture cannot cache" in capsys.readouterr().err
-
-
 @pytest.mark.distributed
 def test_two_processes_train_and_sample(tmp_path, tiny_qwen_dir, multi_data_dir):
     from tests.launch import accelerate_launch, explain

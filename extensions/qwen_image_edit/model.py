@@ -19,6 +19,7 @@ import torch
 from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
 from PIL import Image
 
+from extensions.qwen_image_edit.caching import QwenCaching, batch_items, stack_padded
 from extensions.qwen_image_edit.conditioning import (CONDITION_IMAGE_SIZE, VAE_IMAGE_SIZE, Conditioning,
                                                      encode_conditioning, encode_pixels, to_pil)
 from extensions.qwen_image_edit.packing import img_shapes, pack_latents
@@ -92,7 +93,7 @@ def _pad_prompts(conds: Sequence[Conditioning]) -> tuple[torch.Tensor, torch.Ten
 
 
 @register_architecture
-class QwenImageEditPlus(Architecture):
+class QwenImageEditPlus(QwenCaching, Architecture):
     name = "qwen_image_edit_plus"
     default_lora_targets = LORA_TARGETS
     supports_match_target_res = True
@@ -164,7 +165,10 @@ class QwenImageEditPlus(Architecture):
 
     @torch.no_grad()
     def encode_batch(self, batch: dict) -> EncodedBatch:
-        """Target latents, and per sample its prompt with its control images and their reference tokens."""
+        """Target latents, and per sample its prompt with its control images and their reference tokens; latents and
+        prompt embeddings the dataset took from a cache (caching.py) are used as they are."""
+        if "target_latents" in batch or "prompt_embeds" in batch:
+            return self._encode_cached_batch(batch)
         target = batch["target"].to(self.device, self.vae.dtype, non_blocking=True)
         x0 = encode_pixels(self.vae, target)
         width, height = target.shape[-1], target.shape[-2]
@@ -177,6 +181,26 @@ class QwenImageEditPlus(Architecture):
         return EncodedBatch(x0=pack_latents(x0).to(self.dtype),
                             references=torch.cat([c.references for c in conds]).to(self.dtype),
                             target_hw=tuple(x0.shape[-2:]), reference_hws=conds[0].reference_hws,
+                            prompt_embeds=embeds.to(self.dtype), prompt_mask=mask)
+
+    def _encode_cached_batch(self, batch: dict) -> EncodedBatch:
+        names = control_names(batch)
+        items = batch_items(batch, ("target", *names))
+        if "target_latents" in batch:
+            target = batch["target_latents"].to(self.device, non_blocking=True)
+            references = [batch[f"{n}_latents"].to(self.device, non_blocking=True)
+                          for n in control_names(batch, "_latents")]
+        else:
+            rows = self._encode_item_latents(items)
+            target = torch.stack([r["target_latents"] for r in rows])
+            references = [torch.stack([r[f"{n}_latents"] for r in rows]) for n in names]
+        if "prompt_embeds" in batch:
+            embeds, mask = batch["prompt_embeds"].to(self.device), batch["prompt_mask"].to(self.device)
+        else:
+            embeds, mask = stack_padded(self.prompt_rows(batch["caption"], items))
+        return EncodedBatch(x0=pack_latents(target).to(self.dtype),
+                            references=torch.cat([pack_latents(r) for r in references], dim=1).to(self.dtype),
+                            target_hw=tuple(target.shape[-2:]), reference_hws=[tuple(r.shape[-2:]) for r in references],
                             prompt_embeds=embeds.to(self.dtype), prompt_mask=mask)
 
     def clean_latents(self, encoded: EncodedBatch) -> torch.Tensor:

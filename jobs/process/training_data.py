@@ -116,7 +116,8 @@ def attach_caches(cfg, rt: Runtime, model: Architecture, datasets: Sequence[Pair
     latent_encoder, text_encoder = model.latent_encoder() if latents else None, model.text_encoder() if text else None
     for dataset in datasets if latents or text else ():  # the training items, then the regularisation items
         dataset.attach_cache(cache_dataset(dataset, cfg.datasets, rt=rt, batch_size=cfg.train.batch_size,
-                                           latents=latent_encoder, text=text_encoder))
+                                           latents=latent_encoder, text=text_encoder,
+                                           text_sees_images=model.text_sees_images))
     if unload:
         keep = [r.prompt for r in requests]
         if any(d.static_captions for d in datasets):  # train.unload_text_encoder: the trigger word, and ""
