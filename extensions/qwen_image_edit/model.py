@@ -24,7 +24,8 @@ from extensions.qwen_image_edit.conditioning import (CONDITION_IMAGE_SIZE, VAE_I
                                                      encode_conditioning, encode_pixels, to_pil)
 from extensions.qwen_image_edit.packing import img_shapes, pack_latents
 from extensions.qwen_image_edit.processor import load_processor
-from extensions.qwen_image_edit.quantize import TRANSFORMER_EXCLUDE, quantize_frozen
+from extensions.qwen_image_edit.quantize import (TRANSFORMER_EXCLUDE, keep_base_frozen, load_transformer_blockwise,
+                                                 quantize_frozen, safe_exclude)
 from extensions.qwen_image_edit.sampling import render
 from toolkit.arch import Architecture, eval_mode, register_architecture
 from toolkit.data.dataset import control_names
@@ -128,24 +129,34 @@ class QwenImageEditPlus(QwenCaching, Architecture):
 
     @classmethod
     def load(cls, model_cfg: Any, device: torch.device, dtype: torch.dtype) -> "QwenImageEditPlus":
-        if model_cfg.low_vram:
-            raise ArchitectureError(f"model.low_vram is not implemented for {cls.name} yet; use model.quantize")
         log.info("loading %s (%s) on %s", model_cfg.name_or_path, dtype, device)
         local = Path(model_cfg.name_or_path).expanduser()
         source = str(local) if local.exists() else model_cfg.name_or_path
+        qtype = model_cfg.qtype
         components: dict[str, Any] = {"processor": load_processor(source)}
-        if model_cfg.transformer_path:
+        if model_cfg.low_vram:
+            # Block by block, quantized on the CPU: the device never holds the full-precision transformer.
+            components["transformer"] = load_transformer_blockwise(source, dtype, device,
+                                                                   qtype if model_cfg.quantize else None,
+                                                                   folder=model_cfg.transformer_path)
+        elif model_cfg.transformer_path:
             components["transformer"] = QwenImageTransformer2DModel.from_pretrained(model_cfg.transformer_path,
                                                                                     dtype=dtype)
         pipe = cls.pipeline_class.from_pretrained(source, dtype=dtype, **components)
         for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
             module.requires_grad_(False)
             module.eval()
+        # Without low_vram, quantize where the weights will live (fast on a GPU, needs the full precision there).
+        quantize_on = torch.device("cpu") if model_cfg.low_vram else device
         if model_cfg.quantize_te:
-            quantize_frozen(pipe.text_encoder.to(device), model_cfg.qtype)
-        if model_cfg.quantize:
-            quantize_frozen(pipe.transformer.to(device), model_cfg.qtype, TRANSFORMER_EXCLUDE)
+            text_encoder = pipe.text_encoder.to(quantize_on)
+            quantize_frozen(text_encoder, qtype, safe_exclude(text_encoder, qtype, dtype))
+            keep_base_frozen(text_encoder)
+        if model_cfg.quantize and not model_cfg.low_vram:
+            transformer = pipe.transformer.to(quantize_on)
+            quantize_frozen(transformer, qtype, safe_exclude(transformer, qtype, dtype, TRANSFORMER_EXCLUDE))
         pipe.to(device)
+        keep_base_frozen(pipe.transformer)
         return cls(pipe, model_cfg, device, dtype)
 
     # -- training ---------------------------------------------------------------------------------------------
