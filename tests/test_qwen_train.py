@@ -230,12 +230,16 @@ def test_validation_loss_with_two_control_folders(tmp_path, tiny_qwen_dir, multi
 
 def test_comfy_format_without_a_known_layout_fails_before_the_model_loads(tmp_path, tiny_qwen_dir, multi_data_dir,
                                                                          monkeypatch, capsys):
+    """An architecture that registers no ComfyUI layout (both Qwen archs now do: stand one in) is refused before
+    loading."""
     from extensions.qwen_image_edit import QwenImageEditPlus
+    from jobs.process import BaseSDTrainProcess as process_module
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded although the run should have stopped before that")
 
     monkeypatch.setattr(QwenImageEditPlus, "load", classmethod(refuse))
+    monkeypatch.setattr(process_module, "find_conventions", lambda arch: None)
     config = example(tmp_path, tiny_qwen_dir, multi_data_dir, **{"save.format": "comfy"})
     assert run.main([str(config)]) == 2
     assert "save.format: comfy: no ComfyUI key layout is known for model.arch qwen_image_edit_plus" in \
