@@ -102,21 +102,26 @@ def test_example_trains_with_match_target_res_and_resumes_bit_identically(tmp_pa
 
 @pytest.mark.distributed
 def test_two_processes_train_and_sample(tmp_path, tiny_qwen_dir, multi_data_dir):
-    from tests.launch import accelerate_launch, explain
+    """The tiny twin through ./run_distributed_training.sh CONFIG 2, with latents and prompts cached to disk: each
+    rank encodes its share of the entries, both train on all of them and each renders one sample."""
+    from tests.launch import explain, run_launcher
 
     config = example(tmp_path, tiny_qwen_dir, multi_data_dir, **{
         "train.steps": 2, "train.distributed_training": True, "save.save_every": 1000, "sample.sample_every": 2,
-        "train.skip_first_sample": True})
+        "train.skip_first_sample": True, "train.cache_text_embeddings": True})
     raw = yaml.safe_load(config.read_text(encoding="utf-8"))
     prompt = raw["config"]["process"][0]["sample"]["prompts"][0]
     raw["config"]["process"][0]["sample"]["prompts"] = [prompt, prompt + " --seed 9"]  # one prompt per rank
+    raw["config"]["process"][0]["datasets"][0].update(cache_latents_to_disk=True, cache_dir=str(tmp_path / "cache"))
     write_config(config, raw)
-    proc = accelerate_launch(REPO / "run.py", config)
+    proc = run_launcher(config, 2, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, explain(proc)
     run_dir = tmp_path / "output" / NAME
     assert load_file(str(run_dir / f"{NAME}.safetensors"))
     assert sorted(p.name for p in (run_dir / "samples").glob("000000002_0*.png")) == ["000000002_00.png",
                                                                                    "000000002_01.png"]
+    kinds = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").glob("*.safetensors"))
+    assert kinds.count("latents") == 4 and kinds.count("text") == 8  # 4 items x (caption, "" of the dropout)
 
 
 def test_match_target_res_on_an_architecture_without_it_is_an_error(tmp_path, tiny_model_dir, demo_data_dir,
