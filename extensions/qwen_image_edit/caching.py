@@ -16,8 +16,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from extensions.qwen_image_edit.conditioning import (VAE_IMAGE_SIZE, encode_pixels, encode_references,
-                                                     pipeline_inputs, to_pil)
+from extensions.qwen_image_edit.conditioning import VAE_IMAGE_SIZE, pipeline_inputs, to_pil
 from toolkit.data.cache import Encoder, make_key, module_fingerprint
 from toolkit.data.dataset import control_names
 
@@ -52,18 +51,21 @@ class QwenCaching:
                                     **self._reference_rule()})
         return Encoder(identity, self._encode_item_latents)
 
-    @torch.no_grad()
     def _encode_item_latents(self, items: list[dict]) -> list[dict]:
+        targets = [self.encode_images(item["target"][None])[0] for item in items]
+        return [{"target_latents": t, **r} for t, r in zip(targets, self.reference_latents(items))]
+
+    @torch.no_grad()
+    def reference_latents(self, items: Sequence[dict]) -> list[dict]:
+        """Per sample {"control_latents": (z, h, w), "control_2_latents", ...}: each control image (3, H, W) at the
+        target's size, resized to the reference size as the pipeline does, through the VAE."""
         out = []
         for item in items:
-            target = item["target"]
             names = control_names(item)
-            row = {"target_latents": encode_pixels(self.vae, target[None].to(self.device, self.vae.dtype))[0]}
+            target = item["target"]
             _, pixels = pipeline_inputs(self.pipe, [to_pil(item[n]) for n in names],
                                         self.reference_area(target.shape[-1], target.shape[-2]), self.condition_area)
-            for name, latents in zip(names, encode_references(self.vae, pixels, self.device, self.vae.dtype)):
-                row[f"{name}_latents"] = latents[0]
-            out.append(row)
+            out.append({f"{n}_latents": self.encode_images(p)[0] for n, p in zip(names, pixels)})
         return out
 
     # -- prompts ------------------------------------------------------------------------------------------------
@@ -80,7 +82,7 @@ class QwenCaching:
         return Encoder(make_key("text", parts), self._encode_item_prompts)
 
     @torch.no_grad()
-    def prompt_rows(self, captions: Sequence[str], controls: Sequence[dict]) -> list[dict]:
+    def encode_captions(self, captions: Sequence[str], controls: Sequence[dict]) -> list[dict]:
         """Per sample its prompt embedding (L, D) and mask (L,), the control pixels (3, H, W) seen as training sees
         them."""
         rows = []
@@ -97,7 +99,7 @@ class QwenCaching:
         return rows
 
     def _encode_item_prompts(self, inputs: list[tuple[str, dict]]) -> list[dict]:
-        return self.prompt_rows([caption for caption, _ in inputs], [pixels for _, pixels in inputs])
+        return self.encode_captions([caption for caption, _ in inputs], [pixels for _, pixels in inputs])
 
     def unload_text_encoders(self, keep: Sequence[str]) -> None:
         """Free Qwen2.5-VL when nothing asks for it any more. Sample and validation prompts are encoded with their

@@ -21,7 +21,7 @@ from PIL import Image
 
 from extensions.qwen_image_edit.caching import QwenCaching, batch_items, stack_padded
 from extensions.qwen_image_edit.conditioning import (CONDITION_IMAGE_SIZE, VAE_IMAGE_SIZE, Conditioning,
-                                                     encode_conditioning, encode_pixels, to_pil)
+                                                     encode_conditioning, encode_pixels)
 from extensions.qwen_image_edit.packing import img_shapes, pack_latents
 from extensions.qwen_image_edit.processor import load_processor
 from extensions.qwen_image_edit.quantize import (TRANSFORMER_EXCLUDE, keep_base_frozen, load_transformer_blockwise,
@@ -78,19 +78,6 @@ class QwenEditDenoiser(torch.nn.Module):
                                encoder_hidden_states_mask=encoder_hidden_states_mask, img_shapes=img_shapes,
                                attention_kwargs={}, return_dict=False)[0]
         return out[:, :n_target]
-
-
-def _pad_prompts(conds: Sequence[Conditioning]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample prompt embeddings (lengths differ with the caption) -> zero-padded batch and its mask."""
-    length = max(c.prompt_embeds.shape[1] for c in conds)
-    embeds = torch.zeros(len(conds), length, conds[0].prompt_embeds.shape[-1],
-                         dtype=conds[0].prompt_embeds.dtype, device=conds[0].prompt_embeds.device)
-    mask = torch.zeros(len(conds), length, dtype=torch.long, device=embeds.device)
-    for i, cond in enumerate(conds):
-        n = cond.prompt_embeds.shape[1]
-        embeds[i, :n] = cond.prompt_embeds[0]
-        mask[i, :n] = 1 if cond.prompt_mask is None else cond.prompt_mask[0]
-    return embeds, mask
 
 
 @register_architecture
@@ -175,40 +162,31 @@ class QwenImageEditPlus(QwenCaching, Architecture):
                                    self.dtype, self.condition_area)
 
     @torch.no_grad()
-    def encode_batch(self, batch: dict) -> EncodedBatch:
-        """Target latents, and per sample its prompt with its control images and their reference tokens; latents and
-        prompt embeddings the dataset took from a cache (caching.py) are used as they are."""
-        if "target_latents" in batch or "prompt_embeds" in batch:
-            return self._encode_cached_batch(batch)
-        target = batch["target"].to(self.device, self.vae.dtype, non_blocking=True)
-        x0 = encode_pixels(self.vae, target)
-        width, height = target.shape[-1], target.shape[-2]
-        names = control_names(batch)
-        conds = [self.condition(caption, [to_pil(batch[name][i]) for name in names], width, height)
-                 for i, caption in enumerate(batch["caption"])]
-        if any(c.reference_hws != conds[0].reference_hws for c in conds):
-            raise ValueError("control images of one batch must share their size (one bucket per batch)")
-        embeds, mask = _pad_prompts(conds)
-        return EncodedBatch(x0=pack_latents(x0).to(self.dtype),
-                            references=torch.cat([c.references for c in conds]).to(self.dtype),
-                            target_hw=tuple(x0.shape[-2:]), reference_hws=conds[0].reference_hws,
-                            prompt_embeds=embeds.to(self.dtype), prompt_mask=mask)
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> normalised VAE latents (B, z_dim, H/8, W/8), the posterior mode."""
+        return encode_pixels(self.vae, pixels.to(self.device, self.vae.dtype, non_blocking=True))
 
-    def _encode_cached_batch(self, batch: dict) -> EncodedBatch:
-        names = control_names(batch)
+    @torch.no_grad()
+    def encode_batch(self, batch: dict) -> EncodedBatch:
+        """Target latents, and per sample its prompt with its control images and their reference tokens, made as
+        the pipeline makes them (conditioning.py); latents and prompt embeddings the dataset took from a cache
+        (caching.py) are used as they are."""
+        names = control_names(batch) or control_names(batch, "_latents")
+        if len(names) > self.max_controls:
+            raise ArchitectureError(f"{self.name} takes at most {self.max_controls} control image(s), got "
+                                    f"{len(names)}")
         items = batch_items(batch, ("target", *names))
         if "target_latents" in batch:
             target = batch["target_latents"].to(self.device, non_blocking=True)
-            references = [batch[f"{n}_latents"].to(self.device, non_blocking=True)
-                          for n in control_names(batch, "_latents")]
+            references = [batch[f"{n}_latents"].to(self.device, non_blocking=True) for n in names]
         else:
-            rows = self._encode_item_latents(items)
-            target = torch.stack([r["target_latents"] for r in rows])
+            target = self.encode_images(batch["target"])
+            rows = self.reference_latents(items)
             references = [torch.stack([r[f"{n}_latents"] for r in rows]) for n in names]
         if "prompt_embeds" in batch:
             embeds, mask = batch["prompt_embeds"].to(self.device), batch["prompt_mask"].to(self.device)
         else:
-            embeds, mask = stack_padded(self.prompt_rows(batch["caption"], items))
+            embeds, mask = stack_padded(self.encode_captions(batch["caption"], items))
         return EncodedBatch(x0=pack_latents(target).to(self.dtype),
                             references=torch.cat([pack_latents(r) for r in references], dim=1).to(self.dtype),
                             target_hw=tuple(target.shape[-2:]), reference_hws=[tuple(r.shape[-2:]) for r in references],
