@@ -76,3 +76,29 @@ def test_comfy_layout_round_trips_and_loads_in_the_pipeline_like_the_diffusers_f
     from_comfy = render()
     assert np.abs(from_diffusers - base).max() * 255 > 2, "the LoRA changed nothing"
     np.testing.assert_allclose(from_comfy, from_diffusers, atol=1e-5)
+
+
+def test_generate_loads_the_comfy_file_like_the_diffusers_file(tmp_path, tiny_qwen_dir, monkeypatch):
+    """run.py generate / compare (QwenEditRenderer) read save.format comfy files too."""
+    from extensions.qwen_image_edit.generate import QwenEditRenderer
+    from toolkit.adapters.lora_convert import convert_file
+    from toolkit.config.schema import ModelConfig
+    from toolkit.render.sampling import SampleRequest
+
+    small_reference_area(monkeypatch)
+    lora = _lora_file(_pipe(tiny_qwen_dir), tmp_path / "lora.safetensors", LORA_TARGETS)
+    comfy = convert_file(lora, tmp_path / "comfy.safetensors", "comfy", get_conventions("qwen_image_edit_plus"))
+    renderer = QwenEditRenderer.load(ModelConfig(name_or_path=str(tiny_qwen_dir), arch="qwen_image_edit_plus",
+                                                 match_target_res=True), torch.device("cpu"), torch.float32)
+    renderer.add_lora(lora, "diffusers_file")
+    renderer.add_lora(comfy, "comfy_file")
+    request = SampleRequest(index=0, prompt="make it blue", ctrl_img=tmp_path, seed=3, width=64, height=48,
+                            guidance_scale=1.0, steps=2)
+
+    def render(adapter):
+        renderer.use_lora(adapter)
+        return np.asarray(renderer.model.sample([request], [[control_image(64, 48, 1)]])[0], dtype=np.int16)
+
+    base, from_diffusers, from_comfy = render(None), render("diffusers_file"), render("comfy_file")
+    assert np.abs(from_diffusers - base).max() > 2, "the LoRA changed nothing"
+    assert np.abs(from_comfy - from_diffusers).max() <= 1
