@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup setup-ray demo-assets demo demo-qwen test bench clean-demo
+.PHONY: setup setup-ray setup-trackers demo-assets demo demo-qwen test bench clean-demo
 
 $(VENV)/.installed: requirements.txt
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,13 @@ $(VENV)/.installed-ray: $(VENV)/.installed requirements-ray.txt
 
 setup-ray: $(VENV)/.installed-ray
 
+# W&B and MLflow trackers (optional): installed for the tests too, so tests/test_trackers.py runs in CI.
+$(VENV)/.installed-trackers: $(VENV)/.installed requirements-trackers.txt
+	$(PYTHON) -m pip install -q -r requirements-trackers.txt
+	touch $@
+
+setup-trackers: $(VENV)/.installed-trackers
+
 demo-assets: setup
 	$(PYTHON) -m tools.tiny_model --out models/tiny-flux-kontext
 	$(PYTHON) -m tools.demo_data --out data/demo
@@ -35,7 +42,7 @@ demo-qwen: setup
 	$(PYTHON) -m tools.demo_data --out data/demo_multi --num-controls 2
 	$(PYTHON) run.py config/examples/train_lora_qwen_image_edit_plus_tiny.yaml
 
-test: setup-ray
+test: setup-ray setup-trackers
 	$(PYTHON) -m pytest -q tests
 
 clean-demo:

@@ -45,6 +45,8 @@ def parse_args(argv):
     parser.add_argument("--fresh", action="store_true",
                         help="start over in a new run folder (<name>_v2, _v3...) instead of resuming the existing one")
     parser.add_argument("--help-config", action="store_true", help="print every config key with its meaning")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="caption jobs: list what would be captioned, load no model, write nothing")
     ray = parser.add_argument_group("Ray cluster (`--launcher ray`, needs `pip install -r requirements-ray.txt`)")
     ray.add_argument("--launcher", choices=("local", "ray"), default="local",
                      help="local: this process (or the ones `accelerate launch` started); ray: Ray Train workers")
@@ -157,7 +159,7 @@ def main(argv=None) -> int:
     status = 0
     for config in args.config_file_list:
         try:
-            job = get_job(config, name_override=args.name, fresh=args.fresh)
+            job = get_job(config, name_override=args.name, fresh=args.fresh, dry_run=args.dry_run)
             run_job(job, args)
             continue
         except TrainingInterrupted as exc:  # a stop signal: stop everything, whatever --recover says
@@ -170,7 +172,7 @@ def main(argv=None) -> int:
             log.error("%s", _naming(config, exc))
             status = status or 2
         except Exception:
-            log.exception("%s: training failed", config)
+            log.exception("%s: the job failed", config)
             status = 1
         if not args.recover:
             return status

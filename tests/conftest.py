@@ -37,6 +37,22 @@ def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight Qwen2.5-VL folder with processor and chat template (the caption job's model), read-only."""
+    from tools.tiny_vlm import build_tiny_vlm
+
+    return build_tiny_vlm(tmp_path_factory.mktemp("models") / "tiny-qwen-vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_dev_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A diffusers-format FLUX.2 [dev] (Flux2Pipeline) folder with random weights, read-only for the session."""
+    from tools.tiny_flux2_dev import build_tiny_flux2_dev_pipeline
+
+    return build_tiny_flux2_dev_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux2-dev", seed=0)
+
+
+@pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic invert-colors dataset (8 pairs, 3 aspect ratios), read-only for the whole session."""
     from tools.demo_data import build_demo_dataset

@@ -73,6 +73,9 @@ def test_no_effect_keys_make_exactly_one_log_line(tmp_path: Path, caplog: pytest
 MAPPED: list[tuple[str, dict, str, Any]] = [
     ("process.training_seed", {"training_seed": 7}, "train.seed", 7),
     ("logging.log_every", {"logging": {"log_every": 3}}, "log_every", 3),
+    ("logging.use_wandb", {"logging": {"use_wandb": True}}, "trackers.use_wandb", True),
+    ("logging.project_name", {"logging": {"project_name": "edits"}}, "trackers.project_name", "edits"),
+    ("logging.run_name", {"logging": {"run_name": "r1"}}, "trackers.run_name", "r1"),
     ("save.save_format", {"save": {"save_format": "safetensors"}}, "save.format", "diffusers"),
     ("network.rank", {"network": {"rank": 8}}, "network.linear", 8),
     ("network.alpha", {"network": {"alpha": 4}}, "network.linear_alpha", 4.0),
@@ -215,7 +218,6 @@ def test_mapped_key_and_our_key_disagreeing_is_a_problem(tmp_path: Path) -> None
      "'qfloat8'"),
     ({"network": {"network_kwargs": {"ignore_if_contains": ["single"]}}}, "network.network_kwargs",
      "{'ignore_if_contains': ['single']}"),
-    ({"logging": {"use_wandb": True}}, "logging.use_wandb", "True"),
     ({"sample": {"network_multiplier": 0.5}}, "sample.network_multiplier", "0.5"),
     ({"sample": {"samples": [{"prompt": "p", "ctrl_img": "/c.png", "network_multiplier": 0.8}]}},
      "sample.samples[0].network_multiplier", "0.8"),

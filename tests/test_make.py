@@ -16,6 +16,7 @@ def test_make_test_installs_the_ray_extra_and_ci_runs_make_test(tmp_path):
                          text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr
     assert "-r requirements-ray.txt" in dry.stdout and "pytest -q tests" in dry.stdout, dry.stdout
+    assert "-r requirements-trackers.txt" in dry.stdout, dry.stdout
     commands = [line for line in (REPO / ".ci" / "run").read_text().splitlines()
                 if line.strip() and not line.startswith(("#", "set ", "cd ", "export "))]
     assert commands == ["make test"]

@@ -84,3 +84,18 @@ def test_a_changed_control_image_gets_new_prompt_entries(tmp_path, tiny_qwen_dir
     assert {k for k in keys if keys[k] != keys2[k]} == {(0, c) for c in dataset.item_captions(0)}
     latent_keys = [[c.latent_entry(i)[1] for i in range(len(dataset))] for c in (dataset.cache, ctx2.dataset.cache)]
     assert [a != b for a, b in zip(*latent_keys)] == [True] + [False] * (len(dataset) - 1)
+
+
+def test_control_dropout_with_cached_prompts_is_refused_before_loading(tmp_path, tiny_qwen_dir, multi_data_dir,
+                                                                      monkeypatch, capsys):
+    """A dropped batch trains on the prompt without its pictures, but a cached prompt entry holds them."""
+    from extensions.qwen_image_edit import QwenImageEditPlus
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded although the run should have stopped before that")
+
+    monkeypatch.setattr(QwenImageEditPlus, "load", classmethod(refuse))
+    config = with_dataset(example(tmp_path, tiny_qwen_dir, multi_data_dir, **{"train.cache_text_embeddings": True}),
+                          control_dropout_rate=0.2)
+    assert run.main([str(config)]) == 2
+    assert "control_dropout_rate: cached prompts hold their control images" in capsys.readouterr().err

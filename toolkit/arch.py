@@ -32,6 +32,10 @@ class Architecture(ABC):
     #: embeddings are keyed by each item's control images too, and items keep their pixels for it (toolkit.data.cache).
     text_sees_images: ClassVar[bool] = False
 
+    #: Whether a batch without control images trains (plain generation: zero control tokens); datasets without
+    #: control_path and datasets[].control_dropout_rate need it.
+    trains_without_controls: ClassVar[bool] = False
+
     transformer: torch.nn.Module
 
     @classmethod

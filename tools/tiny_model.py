@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 from toolkit.errors import UserError
 from tools.tiny_common import corpus_lines, install_atomically, learn_bpe_merges
+from tools.tiny_flux2_dev import build_tiny_flux2_dev_pipeline
 from tools.tiny_qwen import VARIANTS, build_tiny_qwen_pipeline
 
 logger = logging.getLogger(__name__)
@@ -215,12 +216,12 @@ def build_tiny_pipeline(out_dir: str | Path, preset: str = "tiny", seed: int = 0
     return install_atomically(out_dir, MARKER_NAME, marker, overwrite, lambda tmp: _write_pipeline(tmp, preset, seed))
 
 
-ARCHS = ("flux_kontext", "qwen_image_edit_plus", "qwen_image_edit")
+ARCHS = ("flux_kontext", "qwen_image_edit_plus", "qwen_image_edit", "flux2")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build a random-weight pipeline folder offline (FLUX.1 Kontext by "
-                                                 "default, or Qwen-Image-Edit(-Plus) with --arch).")
+                                                 "default; Qwen-Image-Edit(-Plus) or FLUX.2 [dev] with --arch).")
     parser.add_argument("--out", required=True, type=Path, help="folder to write (created atomically)")
     parser.add_argument("--arch", default="flux_kontext", choices=ARCHS, help="which pipeline to build")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model shapes (flux_kontext)")
@@ -233,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.arch == "flux_kontext":
         path = build_tiny_pipeline(args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite)
+    elif args.arch == "flux2":
+        path = build_tiny_flux2_dev_pipeline(args.out, seed=args.seed, overwrite=args.overwrite)
     else:
         path = build_tiny_qwen_pipeline(args.out, arch=args.arch, variant=args.variant, seed=args.seed,
                                         overwrite=args.overwrite)

@@ -74,6 +74,7 @@ class KontextDenoiser(torch.nn.Module):
 class FluxKontext(Architecture):
     name = "flux_kontext"
     default_lora_targets = LORA_TARGETS
+    trains_without_controls = True  # zero control tokens: text-to-image (encode_batch)
 
     def __init__(self, pipe: FluxKontextPipeline, model_cfg: Any, device: torch.device, dtype: torch.dtype):
         self.pipe = pipe

@@ -92,7 +92,8 @@ class QwenCaching:
             width, height = (pixels[names[0]].shape[-1], pixels[names[0]].shape[-2]) if names else (0, 0)
             condition_images, _ = pipeline_inputs(self.pipe, images, self.reference_area(width, height),
                                                   self.condition_area)
-            embeds, mask = self.pipe.encode_prompt(caption, image=condition_images, device=self.device)
+            # No control image (control dropout): the prompt without any "Picture N", as encode_conditioning.
+            embeds, mask = self.pipe.encode_prompt(caption, image=condition_images or None, device=self.device)
             rows.append({"prompt_embeds": embeds[0].to(self.dtype),
                          "prompt_mask": torch.ones(embeds.shape[1], dtype=torch.long, device=embeds.device)
                          if mask is None else mask[0]})

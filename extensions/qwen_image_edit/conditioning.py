@@ -76,9 +76,11 @@ def encode_conditioning(pipe: Any, prompt: str, controls: Sequence[Image.Image],
                         condition_area: Optional[int] = CONDITION_IMAGE_SIZE) -> Conditioning:
     """Prompt embedding with the control images inside it, and their reference tokens."""
     condition_images, pixels = pipeline_inputs(pipe, controls, reference_area, condition_area)
-    embeds, mask = pipe.encode_prompt(prompt, image=condition_images, device=device)
+    # No control image (control dropout): the prompt without any "Picture N", and no reference tokens.
+    embeds, mask = pipe.encode_prompt(prompt, image=condition_images or None, device=device)
     latents = encode_references(pipe.vae, pixels, device, embeds.dtype)
-    return Conditioning(embeds.to(dtype), mask, torch.cat([pack_latents(x) for x in latents], dim=1).to(dtype),
+    references = [pack_latents(x) for x in latents] or [torch.zeros(1, 0, 4 * pipe.vae.config.z_dim, device=device)]
+    return Conditioning(embeds.to(dtype), mask, torch.cat(references, dim=1).to(dtype),
                         [tuple(x.shape[-2:]) for x in latents])
 
 

@@ -85,6 +85,7 @@ class QwenImageEditPlus(QwenCaching, Architecture):
     name = "qwen_image_edit_plus"
     default_lora_targets = LORA_TARGETS
     supports_match_target_res = True
+    trains_without_controls = True  # zero control images: the prompt alone, no reference tokens (conditioning.py)
     pipeline_class: ClassVar[type] = QwenImageEditPlusPipeline
     #: pixels of the images Qwen2.5-VL sees; None: the reference-sized image (the first Qwen-Image-Edit)
     condition_area: ClassVar[Optional[int]] = CONDITION_IMAGE_SIZE
@@ -187,8 +188,11 @@ class QwenImageEditPlus(QwenCaching, Architecture):
             embeds, mask = batch["prompt_embeds"].to(self.device), batch["prompt_mask"].to(self.device)
         else:
             embeds, mask = stack_padded(self.encode_captions(batch["caption"], items))
-        return EncodedBatch(x0=pack_latents(target).to(self.dtype),
-                            references=torch.cat([pack_latents(r) for r in references], dim=1).to(self.dtype),
+        x0 = pack_latents(target)
+        return EncodedBatch(x0=x0.to(self.dtype),
+                            # no control image (control dropout): zero reference tokens
+                            references=torch.cat([x0[:, :0], *(pack_latents(r) for r in references)],
+                                                 dim=1).to(self.dtype),
                             target_hw=tuple(target.shape[-2:]), reference_hws=[tuple(r.shape[-2:]) for r in references],
                             prompt_embeds=embeds.to(self.dtype), prompt_mask=mask)
 
@@ -235,5 +239,6 @@ class QwenImageEdit(QwenImageEditPlus):
 
     name = "qwen_image_edit"
     pipeline_class = QwenImageEditPipeline
+    trains_without_controls = False  # its prompt template always holds one image
     condition_area = None
     max_controls = 1

@@ -30,6 +30,7 @@ from toolkit.adapters.lora_convert import find_conventions
 from toolkit.adapters.network import adapters_disabled, check_pretrained_file, load_pretrained
 from toolkit.adapters.strength import adapter_strength, batch_strength
 from toolkit.arch import get_architecture
+from toolkit.config.loader import job_to_dict
 from toolkit.config.schema import TrainProcessConfig
 from toolkit.data.cache import cache_folder_problems
 from toolkit.data.pairs import discover_pairs
@@ -44,6 +45,7 @@ from toolkit.train import flow_matching, preservation, stages
 from toolkit.train.compile import check_compile, compile_blocks
 from toolkit.train.ema import EMA, ema_weights
 from toolkit.train.metrics import TrainingMonitor
+from toolkit.train.trackers import flatten, missing_packages, start_trackers
 from toolkit.train.nonfinite import NonFiniteGuard
 from toolkit.train.lr_schedule import make_lr_scheduler, planned_lrs, schedule_points
 from toolkit.train.optim import make_optimizer
@@ -94,10 +96,19 @@ class BaseSDTrainProcess:
             problems.run(check_pretrained_file, self.cfg.network.pretrained_lora, self.cfg.network.type)
         self.model_cfg = problems.run(stages.resolve_model, self.cfg.model, list(upstream), self.index,
                                       default=self.cfg.model)
-        if any(d.mask_path for d in self.cfg.datasets) and not self.arch_cls.supports_loss_masks():
-            problems.add([f"datasets[].mask_path: model.arch {self.cfg.model.arch} cannot train with loss masks"])
+        for key in ("mask_path", "changed_region_loss"):
+            if any(getattr(d, key) for d in self.cfg.datasets) and not self.arch_cls.supports_loss_masks():
+                problems.add([f"datasets[].{key}: model.arch {self.cfg.model.arch} cannot train with loss masks"])
+        dropout = any(d.control_dropout_rate for d in self.cfg.datasets)
+        if dropout and not self.arch_cls.trains_without_controls:
+            problems.add([f"datasets[].control_dropout_rate: model.arch {self.cfg.model.arch} cannot train a batch "
+                          "without its control images; set it to 0"])
+        if dropout and self.train.cache_text_embeddings and self.arch_cls.text_sees_images:
+            problems.add(["datasets[].control_dropout_rate: cached prompts hold their control images (model.arch "
+                          f"{self.cfg.model.arch}); turn train.cache_text_embeddings or the dropout off"])
         pairs = problems.run(discover_pairs, self.cfg.datasets, default=[])
         problems.add(cache_folder_problems(self.cfg.datasets))
+        problems.add(missing_packages(self.cfg.trackers))
         requests = []
         if not self.train.disable_sampling and self.cfg.sample.prompts:
             s = self.cfg.sample
@@ -222,7 +233,8 @@ class BaseSDTrainProcess:
             transformer_folder.remove_temporary(outputs.folder)
             if 0 < start < train.steps and train_state.is_finished(self.resume_state):
                 outputs.keep_final(start, train.steps)
-        monitor = TrainingMonitor(outputs.log_dir, train.steps, min(start, train.steps), enabled=rt.is_main)
+        monitor = TrainingMonitor(outputs.log_dir, train.steps, min(start, train.steps), enabled=rt.is_main,
+                                  trackers=self._trackers(outputs) if rt.is_main else ())
         return TrainingRun(rt=rt, model=model, denoiser=denoiser, params=params, optimizer=optimizer,
                            scheduler=scheduler, dataset=dataset,
                            batches=StepBatches(training_data.epochs(stream), reg and training_data.epochs(reg),
@@ -230,6 +242,14 @@ class BaseSDTrainProcess:
                            sampler=sampler, outputs=outputs, requests=requests, lora_config=lora_config,
                            generator=generator, checkpointer=checkpointer, monitor=monitor, start_step=start,
                            validation=validation, ema=ema)
+
+    def _trackers(self, outputs: RunOutputs) -> list:
+        """W&B / MLflow runs of the main process (process trackers), with the resolved config, secrets redacted."""
+        if not (self.cfg.trackers.use_wandb or self.cfg.trackers.use_mlflow):
+            return []
+        job = job_to_dict(self.job_config, redact=True) if self.job_config is not None else None
+        params = flatten(job["config"]["process"][self.index]) if job is not None else {}
+        return start_trackers(self.cfg.trackers, self.name, outputs.folder.name, outputs.folder, params)
 
     def _train(self, rt: Runtime, pairs, requests, outputs: RunOutputs) -> Path:
         train = self.train

@@ -83,9 +83,9 @@ TABLE: dict[str, dict[str, Rule]] = {
         "log_every": Mapped("log_every", "steps between logged scalars"),
         "use_ui_logger": NoEffect(_UI),
         "verbose": NoEffect("console verbosity"),
-        "use_wandb": Unsupported((False,), "Weights & Biases logging is not implemented; metrics go to TensorBoard"),
-        "project_name": _with("use_wandb"),
-        "run_name": _with("use_wandb"),
+        "use_wandb": Mapped("trackers.use_wandb", "Weights & Biases logging, besides TensorBoard"),
+        "project_name": Mapped("trackers.project_name", "W&B project (MLflow experiment)"),
+        "run_name": Mapped("trackers.run_name", "name of the tracked run"),
     },
     "save": {
         "save_format": Mapped("save.format", "ai-toolkit always saves FLUX LoRAs with diffusers keys",

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from toolkit.config.aitoolkit import SECTIONS, TABLE
+from toolkit.config.aitoolkit_caption import CAPTION_QTYPES, CAPTION_TABLE, OTHER_CAPTIONERS
 from toolkit.config.aitoolkit_rules import DROP, Mapped, NoEffect, Refused, Rule, Unsupported, same_value
 from toolkit.config.aitoolkit_values import VALUE_PATTERNS, VALUES
+from toolkit.config.caption_schema import CAPTION_TYPES
 
-__all__ = ["Translation", "ai_toolkit_help", "translate_job", "translate_process"]
+__all__ = ["Translation", "ai_toolkit_help", "translate_caption_process", "translate_job", "translate_process"]
 
 
 @dataclass
@@ -31,8 +33,8 @@ class Translation:
 
 
 def translate_job(raw: dict) -> Translation:
-    """``translate_process`` on every training process of a raw job (``job: generate`` processes and processes of
-    type generate are left alone), plus ai-toolkit's keys of the ``config`` section. The input is not changed."""
+    """``translate_process`` on every training process of a raw job and ``translate_caption_process`` on every
+    caption process (``job: generate`` processes and processes of type generate are left alone), plus ai-toolkit's keys of the ``config`` section. The input is not changed."""
     out = Translation(copy.deepcopy(raw), [], [])
     root = out.data.get("config")
     if not isinstance(root, dict):
@@ -45,8 +47,12 @@ def translate_job(raw: dict) -> Translation:
     for index, process in enumerate(processes if isinstance(processes, list) else []):
         kind = process.get("type", "generate" if raw.get("job") == "generate" else "sd_trainer") \
             if isinstance(process, dict) else None
+        if kind in OTHER_CAPTIONERS:
+            out.problems.append(_refusal(f"config.process[{index}].type", kind, OTHER_CAPTIONERS[kind]))
+            kind = process["type"] = "captioner"
         if kind is not None and kind != "generate":
-            done = translate_process(process, f"config.process[{index}]")
+            translate = translate_caption_process if kind in CAPTION_TYPES else translate_process
+            done = translate(process, f"config.process[{index}]")
             processes[index] = done.data
             out.no_effect += done.no_effect
             out.problems += done.problems
@@ -98,6 +104,29 @@ def _model_kwargs(model: dict, where: str, out: Translation) -> None:
     _set(model, "match_target_res", kwargs.pop("match_target_res"), f"{where}.model_kwargs.match_target_res", out)
     if not kwargs:
         del model["model_kwargs"]
+
+
+def translate_caption_process(raw: dict, path: str) -> Translation:
+    """Rewrite one raw caption process from ai-toolkit's keys to ours (``CAPTION_TABLE``); the input is not
+    changed. ai-toolkit's qtype spellings are mapped; a qtype we lack is refused only when quantize is on."""
+    out = Translation(copy.deepcopy(raw), [], [])
+    proc = out.data
+    caption = proc.get("caption")
+    if isinstance(caption, dict):
+        for key, rule in CAPTION_TABLE["caption"].items():
+            if key in caption:
+                _apply(caption, key, rule, proc, f"{path}.caption.{key}", out)
+        if "qtype" in caption and isinstance(caption["qtype"], str):
+            qtype = CAPTION_QTYPES.get(caption["qtype"])
+            if qtype is not None:
+                caption["qtype"] = qtype
+            elif caption.get("quantize") is not True:
+                del caption["qtype"]
+                out.no_effect.append(f"{path}.caption.qtype")
+    for key, rule in CAPTION_TABLE["process"].items():
+        if key in proc:
+            _apply(proc, key, rule, proc, f"{path}.{key}", out)
+    return out
 
 
 def _refusal(where: str, value: Any, why: str, off: Any = None) -> str:

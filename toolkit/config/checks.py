@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 
-from toolkit.config.schema import (DatasetConfig, GenerateProcessConfig, JobConfig, NetworkConfig, TrainProcessConfig,
+from toolkit.config.schema import (CaptionProcessConfig, DatasetConfig, GenerateProcessConfig, JobConfig, NetworkConfig, TrainProcessConfig,
                                    folder_list)
+from toolkit.config.caption_schema import PAIR_TYPES
 from toolkit.train.lr_schedule import schedule_problems
 from toolkit.train.stages import full_finetune_problems, stage_problems
 
@@ -18,9 +19,24 @@ def validate_job(job: JobConfig) -> list[str]:
     problems: list[str] = []
     for index, process in enumerate(job.config.process):
         path = f"config.process[{index}]"
-        problems += (_generate_problems(process, path) if isinstance(process, GenerateProcessConfig)
-                     else _process_problems(process, path))
+        if isinstance(process, CaptionProcessConfig):
+            problems += _caption_problems(process, path)
+        else:
+            problems += (_generate_problems(process, path) if isinstance(process, GenerateProcessConfig)
+                         else _process_problems(process, path))
     return problems + stage_problems(job.config.name, job.config.process)
+
+
+def _caption_problems(process: CaptionProcessConfig, path: str) -> list[str]:
+    """A pair captioner needs control images; a single-image captioner would ignore them."""
+    pairs = process.type in PAIR_TYPES
+    if pairs and not folder_list(process.caption.control_path):
+        return [f"{path}.caption.control_path: type {process.type} needs the folder(s) of control images (the "
+                "targets are in caption.path_to_caption); for single images use type captioner"]
+    if not pairs and folder_list(process.caption.control_path):
+        return [f"{path}.caption.control_path: type {process.type} describes single images and would ignore "
+                "control images; use type pair_captioner or remove control_path"]
+    return []
 
 
 def _generate_problems(process: GenerateProcessConfig, path: str) -> list[str]:
@@ -126,6 +142,7 @@ def _dataset_problems(datasets: list[DatasetConfig], path: str) -> list[str]:
                             f"datasets[{first_index[folder]}]")
         first_index.setdefault(folder, index)
         problems += _control_problems(dataset, folder, f"{path}[{index}]")
+        problems += _edit_option_problems(dataset, f"{path}[{index}]")
     # Datasets may differ in their number of control images (none, one, several): batches never mix them.
     for index, dataset in enumerate(datasets):
         paired = dataset.control_path is not None
@@ -160,4 +177,17 @@ def _control_problems(dataset: DatasetConfig, folder: str, path: str) -> list[st
     if val_controls and controls and len(val_controls) != len(controls):
         problems.append(f"{path}.val_control_path: has {len(val_controls)} folder(s) but control_path has "
                         f"{len(controls)}; held-out pairs need as many control images as the training pairs")
+    return problems
+
+
+def _edit_option_problems(dataset: DatasetConfig, path: str) -> list[str]:
+    """Edit-pair options that need control images, or that would override each other."""
+    problems: list[str] = []
+    for key in ("changed_region_loss", "control_dropout_rate"):
+        if getattr(dataset, key) and dataset.control_path is None:
+            problems.append(f"{path}.{key}: the dataset has no control_path (plain images have no control image to "
+                            "compare with or drop); remove the option or set control_path")
+    if dataset.changed_region_loss and dataset.mask_path is not None:
+        problems.append(f"{path}.changed_region_loss: cannot be combined with mask_path (both set the loss weights); "
+                        "keep one of them")
     return problems

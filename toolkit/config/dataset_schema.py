@@ -85,6 +85,26 @@ class DatasetConfig:
     val_control_path: Optional[Union[str, list[str]]] = field(default=None, metadata=_meta(
         "Control images of the held-out pairs, matched to val_folder_path by file name; as many folders as "
         "control_path.", FOLDERS, normalize=_expand_folders, aliases=("validation_control_path", "val_control")))
+    control_dropout_rate: float = field(default=0.0, metadata=_meta(
+        "Probability of training an item without its control images (plain generation from the caption), so the "
+        "LoRA keeps text-to-image. Drawn per item and epoch from train.seed (the same on every rank and after a "
+        "resume); a batch trains without controls when its first item's draw says so (with train.batch_size 1: "
+        "exactly per item; datasets with different rates never share a batch).", PROBABILITY,
+        aliases=("prompt_image_dropout_rate",)))
+    changed_region_loss: bool = field(default=False, metadata=_meta(
+        "Weight the loss towards where the edit changes the image: per pixel |target - control| (first control "
+        "image), blurred, scaled to [changed_region_floor, 1], mean 1; cut, resized and mirrored with the target "
+        "and cached with its latents. Needs control_path; not with mask_path (a mask file sets the weights "
+        "itself)."))
+    changed_region_floor: float = field(default=0.1, metadata=_meta(
+        "With changed_region_loss: weight of unchanged pixels relative to the most-changed ones.", PROBABILITY))
+    changed_region_blur: int = field(default=8, metadata=_meta(
+        "With changed_region_loss: Gaussian blur radius (sigma) in pixels of the bucket-sized difference map, so "
+        "edges of an edit weigh too.", GE0))
+    caption_per_line: bool = field(default=True, metadata=_meta(
+        "A caption file of several non-empty lines holds several instructions for its pair: each epoch every item "
+        "trains on one line, picked from train.seed (the same on every rank and after a resume); with "
+        "train.cache_text_embeddings every line is cached. false: the whole file is one caption."))
     max_image_pixels: int = field(default=89_478_485, metadata=_meta(
         "Largest image (width x height, read from the header before any decoding) this dataset accepts; a larger "
         "file is reported by name before training (decompression-bomb guard; also PIL's MAX_IMAGE_PIXELS). "

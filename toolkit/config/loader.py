@@ -281,8 +281,9 @@ def load_job_dict(raw: dict, source: str, name_override: Optional[str] = None,
     job = convert(raw, JobConfig, "", problems)
     if not problems:
         for process in job.config.process:
-            prompts = process.sample if hasattr(process, "sample") else process.generate
-            prompts.prompts = [_inject_trigger(p, process.trigger_word) for p in prompts.prompts]
+            prompts = getattr(process, "sample", None) or getattr(process, "generate", None)  # caption: none
+            if prompts is not None:
+                prompts.prompts = [_inject_trigger(p, process.trigger_word) for p in prompts.prompts]
         problems.extend(validate_job(job))
     if problems:
         raise ConfigProblems(source, problems)

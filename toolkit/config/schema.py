@@ -15,14 +15,17 @@ Field-level rules live here; rules that relate several fields live in ``checks.v
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from toolkit.config.caption_schema import CaptionConfig, CaptionProcessConfig
 from toolkit.config.dataset_schema import DatasetConfig
 from toolkit.config.fields import (Check, _meta, _expand_home, folder_list, GT0, GE0, NON_EMPTY, SIZE16, DEVICE,
                                    FILE_NAME, DROPOUT, T5_LENGTH, HUB_REPO_ID)
+from toolkit.config.trackers_schema import TrackersConfig
 from toolkit.config.train_schema import EMAConfig, TrainConfig, TrainDType
 
 __all__ = [
-    "Check", "DatasetConfig", "EMAConfig", "GenerateConfig", "GenerateProcessConfig", "JobConfig", "LoraFileConfig",
-    "ModelConfig", "NetworkConfig", "RootConfig", "SampleConfig", "SaveConfig", "TrainConfig", "TrainProcessConfig",
+    "CaptionConfig", "CaptionProcessConfig", "Check", "DatasetConfig", "EMAConfig", "GenerateConfig",
+    "GenerateProcessConfig", "JobConfig", "LoraFileConfig", "ModelConfig", "NetworkConfig", "RootConfig",
+    "SampleConfig", "SaveConfig", "TrackersConfig", "TrainConfig", "TrainProcessConfig",
     "folder_list",
 ]
 
@@ -172,6 +175,8 @@ class TrainProcessConfig:
     train: TrainConfig = field(default_factory=TrainConfig, metadata=_meta("Optimisation settings."))
     model: ModelConfig = field(metadata=_meta("The base model."))
     sample: SampleConfig = field(default_factory=SampleConfig, metadata=_meta("Sample images during training."))
+    trackers: TrackersConfig = field(default_factory=TrackersConfig, metadata=_meta(
+        "Experiment trackers (Weights & Biases, MLflow) besides TensorBoard."))
 
 
 @dataclass(kw_only=True)
@@ -233,7 +238,7 @@ class GenerateProcessConfig:
     generate: GenerateConfig = field(metadata=_meta("Prompts, control images and sampler settings."))
 
 
-ProcessConfig = Union[TrainProcessConfig, GenerateProcessConfig]
+ProcessConfig = Union[TrainProcessConfig, GenerateProcessConfig, CaptionProcessConfig]
 
 
 @dataclass(kw_only=True)

@@ -15,8 +15,11 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
+import torch
+
+from toolkit.data.change_weights import changed_region_weights
 from toolkit.data.tensor_store import (CACHE_VERSION, Coordinator, Encoder, FillReport, Job, TensorStore, Tensors,
                                        file_digest, fill, make_key, module_fingerprint)
 
@@ -34,6 +37,16 @@ class CachingModel(Protocol):
     def text_encoder(self) -> Encoder: ...  # caption (with text_sees_images: (caption, control pixels)) -> tensors
 
     def unload_text_encoders(self, keep: Sequence[str]) -> None: ...  # `keep` stays encodable without them
+
+
+def with_change_weights(latents: Encoder, blur_px: float, floor: float) -> Encoder:
+    """`latents`, plus each item's changed-region loss weights ("change_weight", toolkit.data.change_weights) made
+    from the same pixels, so a cached item needs no pixels for them either."""
+    def encode(items: list[Any]) -> list[Mapping[str, torch.Tensor]]:
+        return [{**out, "change_weight": changed_region_weights(item["target"], item["control"], blur_px, floor)}
+                for out, item in zip(latents.encode(items), items)]
+    identity = make_key("change-weights", {"latents": latents.identity, "blur_px": blur_px, "floor": floor})
+    return Encoder(identity, encode)
 
 
 # -- a paired dataset's cache --------------------------------------------------------------------------------------
@@ -137,11 +150,15 @@ def _latent_jobs(dataset: Any, stores: Sequence[Optional[TensorStore]], item_dat
     for i in (i for i in range(len(dataset)) if stores[item_datasets[i]] is not None):
         sources = dataset.image_sources(i)
         files = {name: digests[str(v)] for name, v in sources.items() if isinstance(v, Path)}
-        store, key = stores[item_datasets[i]], make_key("latents", {**sources, **files, "encoder": encoder.identity})
+        # Items with changed_region_loss also cache their loss weights, made from the same pixels.
+        options = dataset.change_weight_options(i) if hasattr(dataset, "change_weight_options") else None
+        item_encoder = encoder if options is None else with_change_weights(encoder, *options)
+        store = stores[item_datasets[i]]
+        key = make_key("latents", {**sources, **files, "encoder": item_encoder.identity})
         keys[i] = (store, key)
         # One encode batch holds one bucket and one set of images (items without controls encode apart).
         group = (sources["bucket"], tuple(name for name, v in sources.items() if isinstance(v, Path)))
-        jobs.append(Job(store, key, encoder, group=group, load=lambda i=i: dataset.load_pixels(i)))
+        jobs.append(Job(store, key, item_encoder, group=group, load=lambda i=i: dataset.load_pixels(i)))
     return keys, jobs
 
 
@@ -209,4 +226,4 @@ def cache_dataset(dataset: Any, configs: Sequence[Any], *, latents: Optional[Enc
 
 __all__ = ["CACHE_VERSION", "CachingModel", "Coordinator", "DatasetCache", "Encoder", "FillReport", "Job", "TensorStore",
            "cache_dataset", "cache_folder", "cache_folder_problems", "file_digest", "fill", "make_key",
-           "module_fingerprint"]
+           "module_fingerprint", "with_change_weights"]

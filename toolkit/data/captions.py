@@ -37,6 +37,26 @@ def read_caption(path: Union[str, Path]) -> str:
     return text.strip()
 
 
+def caption_lines(text: str) -> list[str]:
+    """The captions of one caption file: each non-empty line is one (several instructions for one pair); a file of
+    one line, or an empty one, gives exactly its text."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines if len(lines) > 1 else [text.strip()]
+
+
+def line_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The RNG that picks item `index`'s caption line in `epoch`: string seeding is the same in every process and
+    run, so every rank and a resumed run pick the same line; apart from the caption RNG, so a one-line file draws
+    nothing and its dropout and shuffling are what they were."""
+    return random.Random(f"caption-line:{seed}:{epoch}:{index}")
+
+
+def pick_line(text: str, rng: random.Random) -> str:
+    """One caption of a possibly several-line caption file (see caption_lines); draws only with two or more."""
+    lines = caption_lines(text)
+    return lines[0] if len(lines) == 1 else rng.choice(lines)
+
+
 def _tidy(caption: str) -> str:
     """Remove the empty comma parts and double spaces left where a placeholder was deleted."""
     parts = [" ".join(part.split()) for part in caption.split(",")]

@@ -19,14 +19,16 @@ import random
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from toolkit.data.batch import collate_batch, control_key, control_names, without_controls
 from toolkit.data.buckets import Box, bucket_for, crop_box, merge_small_buckets, scale_box
-from toolkit.data.captions import prepare_caption
+from toolkit.data.captions import caption_lines, line_rng, pick_line, prepare_caption
+from toolkit.data.change_weights import changed_region_weights
 from toolkit.data.images import load_rgb, to_tensor
 from toolkit.data.masks import load_mask
 from toolkit.data.pairs import DatasetConfigLike, Pair
@@ -52,26 +54,12 @@ class ItemPlan:
     mask_box: Optional[Box] = None  # of Pair.mask (dataset mask_path)
 
 
-def control_key(k: int) -> str:
-    """Item / batch key of the k-th control image (0-based): "control", "control_2", "control_3", ...; the
-    control under "control_<n>" gets position-id frame n."""
-    return "control" if k == 0 else f"control_{k + 1}"
-
-
-def control_names(batch: Mapping[str, Any], suffix: str = "") -> list[str]:
-    """The control keys present in an item or batch, in sequence order: "control", "control_2", ... (a key counts
-    with `suffix` appended, e.g. "_latents" for cached latents)."""
-    names: list[str] = []
-    while f"{control_key(len(names))}{suffix}" in batch:
-        names.append(control_key(len(names)))
-    return names
-
-
 # ai-toolkit's defaults of the dataset options that duck-typed configs (tests, tools) may leave out.
 OPTION_DEFAULTS: dict[str, Any] = {"flip_x": False, "flip_y": False, "loss_multiplier": 1.0, "trigger_word": None,
                                    "keep_tokens": 0, "token_dropout_rate": 0.0, "network_weight": 1.0,
                                    "mask_path": None, "mask_min_value": 0.0, "invert_mask": False, "is_reg": False,
-                                   "random_crop": False}
+                                   "random_crop": False, "control_dropout_rate": 0.0, "changed_region_loss": False,
+                                   "changed_region_floor": 0.1, "changed_region_blur": 8, "caption_per_line": True}
 
 
 def option(cfg: DatasetConfigLike, name: str) -> Any:
@@ -93,6 +81,12 @@ def flips(flip_x: bool, flip_y: bool) -> list[tuple[bool, bool]]:
 def caption_rng(seed: int, epoch: int, index: int) -> random.Random:
     """The caption RNG of one item in one epoch; string seeding is stable across processes and Python runs."""
     return random.Random(f"caption:{seed}:{epoch}:{index}")
+
+
+def control_dropout_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The RNG that decides whether item `index` trains without its control images in `epoch` (control_dropout_rate):
+    a function of (seed, epoch, index) only, so every rank, worker and resumed run draws the same."""
+    return random.Random(f"control-dropout:{seed}:{epoch}:{index}")
 
 
 def plan_items(pairs: Sequence[Pair], datasets: Sequence[DatasetConfigLike]) -> list[ItemPlan]:
@@ -208,13 +202,19 @@ class PairedDataset(Dataset):
     def batch_keys(self) -> list[tuple]:
         """What BucketBatchSampler groups by: the bucket, plus what a batch must share: the dataset's network_weight
         when it is not 1 (one LoRA strength per batch), having a loss mask, and the number of control images when it
-        is not 1 (paired and plain-image items never share a batch). Equal to bucket_keys without them."""
+        is not 1 (paired and plain-image items never share a batch), and a non-zero control_dropout_rate (one
+        dropout rate per batch: collate_batch drops a batch's controls by its first item). Equal to bucket_keys
+        without them."""
         keys = []
         for index, plan in enumerate(self.items):
-            weight = float(option(self.datasets[self.dataset_index(index)], "network_weight"))
+            cfg = self.datasets[self.dataset_index(index)]
+            weight = float(option(cfg, "network_weight"))
             n_controls = len(self.pairs[plan.pair_index].controls)
+            dropout = float(option(cfg, "control_dropout_rate"))
+            masked = plan.mask_box is not None or option(cfg, "changed_region_loss")
             extras = ((() if weight == 1.0 else (("network_weight", weight),))
-                      + (() if plan.mask_box is None else (("mask",),))
+                      + (() if not masked else (("mask",),))
+                      + (() if dropout == 0.0 else (("control_dropout", dropout),))
                       + (() if n_controls == 1 else (("controls", n_controls),)))
             keys.append((*plan.bucket, *extras))
         return keys
@@ -295,8 +295,8 @@ class PairedDataset(Dataset):
         return option(cfg, "trigger_word") or self.trigger_word
 
     def item_captions(self, index: int) -> list[str]:
-        """Every caption __getitem__ can give item `index` in any epoch: the caption and, with dropout, "".
-        Shuffled captions have too many orders to list: ValueError."""
+        """Every caption __getitem__ can give item `index` in any epoch: each line of its caption file and, with
+        dropout, "". Shuffled captions have too many orders to list: ValueError."""
         pair = self.pairs[self.items[index].pair_index]
         cfg = self.datasets[pair.dataset_index]
         if self.static_captions:
@@ -304,11 +304,24 @@ class PairedDataset(Dataset):
         if cfg.shuffle_tokens or option(cfg, "token_dropout_rate") > 0.0:
             raise ValueError(f"{pair.target}: shuffle_tokens or token_dropout_rate is on; its captions cannot be "
                              "listed")
-        # prepare_caption without dropout and with certain dropout: the only two outcomes without shuffling.
-        kept = prepare_caption(pair.caption, self.trigger_for(cfg), False, 0.0, random.Random(0),
-                               add_trigger=not option(cfg, "is_reg"))
+        # prepare_caption without dropout and with certain dropout: the only outcomes without shuffling.
+        lines = caption_lines(pair.caption) if option(cfg, "caption_per_line") else [pair.caption]
+        kept = [prepare_caption(line, self.trigger_for(cfg), False, 0.0, random.Random(0),
+                                add_trigger=not option(cfg, "is_reg")) for line in lines]
         rate = cfg.caption_dropout_rate
-        return ([kept] if rate < 1.0 else []) + ([""] if rate > 0.0 else [])
+        return (list(dict.fromkeys(kept)) if rate < 1.0 else []) + ([""] if rate > 0.0 else [])
+
+    def change_weight_options(self, index: int) -> Optional[tuple[float, float]]:
+        """(blur in pixels, floor) of item `index`'s changed-region loss weights; None without changed_region_loss."""
+        cfg = self.datasets[self.dataset_index(index)]
+        if not option(cfg, "changed_region_loss"):
+            return None
+        return float(option(cfg, "changed_region_blur")), float(option(cfg, "changed_region_floor"))
+
+    def raw_caption(self, index: int, cfg: DatasetConfigLike) -> str:
+        """Item `index`'s caption text this epoch: with caption_per_line, one line of a several-line file."""
+        text = self.pairs[self.items[index].pair_index].caption
+        return pick_line(text, line_rng(self.seed, self.epoch, index)) if option(cfg, "caption_per_line") else text
 
     def static_caption(self, cfg: DatasetConfigLike) -> str:
         """The caption of every item with static_captions: the trigger word, "" for regularisation items."""
@@ -319,7 +332,7 @@ class PairedDataset(Dataset):
         pair = self.pairs[plan.pair_index]
         cfg = self.datasets[pair.dataset_index]
         caption = self.static_caption(cfg) if self.static_captions else prepare_caption(
-            pair.caption,
+            self.raw_caption(index, cfg),
             self.trigger_for(cfg),
             cfg.shuffle_tokens,
             cfg.caption_dropout_rate,
@@ -336,47 +349,20 @@ class PairedDataset(Dataset):
             item.update(self.load_pixels(index))
         if self.cache is not None:
             item.update(self.cache.tensors(index, caption))
+        rate = float(option(cfg, "control_dropout_rate"))
+        if rate > 0.0:  # drawn whenever the rate is positive, so the draws never depend on other options
+            item["control_dropped"] = control_dropout_rng(self.seed, self.epoch, index).random() < rate
+        if option(cfg, "changed_region_loss"):  # cached with the latents when they are cached (toolkit.data.cache)
+            item["mask"] = item.pop("change_weight", None)
+            if item["mask"] is None:
+                item["mask"] = changed_region_weights(item["target"], item["control"],
+                                                      *self.change_weight_options(index))
         if plan.mask_box is not None:  # never cached: a mask is one small greyscale decode
             item["mask"] = load_mask(pair.mask, pair.mask_size, plan.mask_box, plan.bucket, plan.flip,
                                      option(cfg, "invert_mask"), option(cfg, "mask_min_value"))
         return {**item, "caption": caption, "index": index, "path": str(pair.target)}
 
 
-# Cached token sequences whose length varies per item (a prompt embedding with the item's images inside it), in items
-# that carry a prompt_mask: padded with zeros to the batch's longest; the mask's zeros mark the padding. Equal lengths
-# (and items without a mask) stay as they are.
-PADDED_SEQUENCES = ("prompt_embeds", "prompt_mask")
-
-
-def _padded_sequences(items: Sequence[dict[str, Any]]) -> Sequence[dict[str, Any]]:
-    names = [n for n in PADDED_SEQUENCES if "prompt_mask" in items[0] and isinstance(items[0].get(n), torch.Tensor)]
-    lengths = {n: max(item[n].shape[0] for item in items) for n in names}
-    if all(item[n].shape[0] == lengths[n] for n in names for item in items):
-        return items
-    return [{**item, **{n: torch.nn.functional.pad(item[n], (0, 0) * (item[n].dim() - 1)
-                                                       + (0, lengths[n] - item[n].shape[0])) for n in names}}
-            for item in items]
-
-
-def collate_batch(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack items of ONE bucket: {"target", "control": [B, 3, H, W], "loss_multiplier", "network_weight": [B],
-    "caption": list[str], "index": LongTensor[B], "path": list[str]}; cached tensors are stacked the same way. Items
-    of different buckets mean the batch sampler is not a bucket sampler."""
-    if not items:
-        raise ValueError("collate_batch got an empty batch")
-    tensors = [name for name, value in items[0].items() if isinstance(value, torch.Tensor)]
-    items = _padded_sequences(items)
-    for item in items:
-        for name in tensors:
-            if item[name].shape != items[0][name].shape:
-                raise ValueError(
-                    f"batch mixes image sizes: {name} {tuple(items[0][name].shape)} and {tuple(item[name].shape)} "
-                    f"(item {item['index']}, {item['path']}); use BucketBatchSampler so a batch holds one bucket"
-                )
-    batch = {name: torch.stack([item[name] for item in items]) for name in tensors}
-    return {
-        **batch,
-        "caption": [item["caption"] for item in items],
-        "index": torch.tensor([int(item["index"]) for item in items], dtype=torch.long),
-        "path": [item["path"] for item in items],
-    }
+# collate_batch and the control keys live in toolkit.data.batch; importing them from here still works.
+__all__ = ["ItemPlan", "ItemCache", "PairedDataset", "caption_rng", "collate_batch", "control_dropout_rng",
+           "control_key", "control_names", "option", "plan_items", "without_controls"]

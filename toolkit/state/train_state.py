@@ -63,7 +63,7 @@ UNHASHED_KEYS = (
     "train.resume_from", "train.disable_sampling", "train.skip_first_sample", "train.distributed_training",
     "train.gradient_checkpointing", "train.cache_text_embeddings", "train.num_workers", "train.compile",
     "train.max_nonfinite_steps", "train.ddp_timeout_seconds", "datasets[].max_image_pixels",
-    "model.low_vram",
+    "model.low_vram", "trackers",
     "datasets[].cache_latents", "datasets[].cache_latents_to_disk", "datasets[].cache_dir",
     "datasets[].val_folder_path", "datasets[].val_control_path",
 )

@@ -6,7 +6,7 @@ import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 from tqdm.auto import tqdm
 
@@ -29,8 +29,10 @@ class TqdmLogHandler(logging.StreamHandler):
 class TrainingMonitor:
     """Writes scalars and drives the progress bar; a silent no-op on non-main ranks."""
 
-    def __init__(self, log_dir: Optional[Path], total_steps: int, start_step: int, enabled: bool) -> None:
+    def __init__(self, log_dir: Optional[Path], total_steps: int, start_step: int, enabled: bool,
+                 trackers: Sequence = ()) -> None:
         self.enabled = enabled
+        self.trackers = list(trackers)  # started accelerate trackers (toolkit.train.trackers): the same scalars
         self.writer = None
         self.bar = None
         self._bar_loss_at = 0.0
@@ -82,6 +84,8 @@ class TrainingMonitor:
             return
         for key, value in values.items():
             self.writer.add_scalar(key, value, step)
+        for tracker in self.trackers:
+            tracker.log({key: float(value) for key, value in values.items()}, step=step)
         if self.bar is not None and "train/loss" in values:
             self.bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values.get('train/lr', 0):.2e}")
 
@@ -94,3 +98,6 @@ class TrainingMonitor:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+        for tracker in self.trackers:
+            tracker.finish()
+        self.trackers = []

@@ -70,6 +70,8 @@ def stage_problems(job_name: str, processes: Sequence[Any]) -> list[str]:
     folders: dict[tuple[str, str], int] = {}
     for index, process in enumerate(processes):
         path = f"config.process[{index}]"
+        if getattr(process, "model", None) is None:  # a caption process: no model to hand on
+            continue
         problems += _reference_problems(process.model.transformer_path, index, processes, path)
         if is_training(process):
             key = (os.path.normpath(process.training_folder), run_name(process, job_name))

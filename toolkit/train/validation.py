@@ -35,7 +35,8 @@ def held_out_datasets(datasets: Sequence) -> list:
     return [dataclasses.replace(d, folder_path=d.val_folder_path, control_path=d.val_control_path,
                                 caption_dropout_rate=0.0, shuffle_tokens=False, num_repeats=1,
                                 token_dropout_rate=0.0, flip_x=False, flip_y=False, mask_path=None,
-                                val_folder_path=None, val_control_path=None)
+                                val_folder_path=None, val_control_path=None, control_dropout_rate=0.0,
+                                changed_region_loss=False)
             for d in datasets if d.val_folder_path]
 
 
