@@ -2,8 +2,8 @@
 """Run one or more training configs: `python run.py CONFIG [CONFIG ...] [--recover] [--name NAME] [--log FILE]`.
 
 Subcommands (jobs/commands.py): `python run.py generate ...`, `python run.py compare RUN_FOLDER`,
-`python run.py convert-lora IN OUT --to comfy|diffusers`, `python run.py push RUN_FOLDER`; each has its
-own --help.
+`python run.py convert-lora IN OUT --to comfy|diffusers`, `python run.py push RUN_FOLDER`,
+`python run.py plan CONFIG [--gpu-memory GiB]`; each has its own --help.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from toolkit.train.signals import TrainingInterrupted  # noqa: E402
 from toolkit.train.nonfinite import TrainingDiverged  # noqa: E402
 
 log = logging.getLogger("run")
-SUBCOMMANDS = ("generate", "compare", "convert-lora", "push")  # checked before CONFIG names, so they win over config files
+SUBCOMMANDS = ("generate", "compare", "convert-lora", "push", "plan")  # checked before CONFIG names, so they win over config files
 
 
 def parse_args(argv):

@@ -1,4 +1,4 @@
-"""The run.py subcommands: `generate`, `compare`, `convert-lora` and `push` (`python run.py CONFIG` trains).
+"""The run.py subcommands: `generate`, `compare`, `convert-lora`, `push` and `plan` (`python run.py CONFIG` trains).
 
 Each takes its argv (without the subcommand) and returns an exit status; run.py turns UserError into exit 2.
 `generate` builds the same typed config a `type: generate` YAML gives, so both are validated by one schema.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -78,6 +79,8 @@ def generate_main(argv: Sequence[str]) -> int:
 
 
 def compare_main(argv: Sequence[str]) -> int:
+    from toolkit.train.metric_names import HIGHER_IS_BETTER
+
     p = argparse.ArgumentParser(prog="run.py compare", description="Render a training run's sample prompts with "
                                 "every checkpoint into one grid, and plot its validation loss against step.")
     p.add_argument("folder", help="the run's output folder: <training_folder>/<name>")
@@ -89,6 +92,11 @@ def compare_main(argv: Sequence[str]) -> int:
     p.add_argument("--no-val", action="store_true", help="only the image grid")
     p.add_argument("--val-folder", default=None, help="held-out targets (overrides the config's val_folder_path)")
     p.add_argument("--val-control", default=None, help="held-out controls (overrides val_control_path)")
+    p.add_argument("--best", default=None, choices=list(HIGHER_IS_BETTER), metavar="METRIC",
+                   help="print the checkpoint with the best value of METRIC on the held-out pairs: "
+                        f"{', '.join(HIGHER_IS_BETTER)} (psnr/ssim higher is better; val_loss/lpips lower)")
+    p.add_argument("--metric-steps", type=int, default=None,
+                   help="denoising steps of the edit metrics (overrides sample.metric_steps; 0: none)")
     args = p.parse_args(argv)
     if (args.val_folder is None) != (args.val_control is None):
         p.error("give --val-folder and --val-control together")
@@ -96,9 +104,16 @@ def compare_main(argv: Sequence[str]) -> int:
     from jobs.extensions import load_extensions
 
     load_extensions()
-    compare_run(Path(args.folder), out=args.out, device=args.device, sample_steps=args.sample_steps,
-                batch_size=args.batch_size, grid=not args.no_grid, val=not args.no_val, val_folder=args.val_folder,
-                val_control=args.val_control)
+    if args.best is not None and args.no_val:
+        p.error("--best measures the held-out pairs: drop --no-val")
+    result = compare_run(Path(args.folder), out=args.out, device=args.device, sample_steps=args.sample_steps,
+                         batch_size=args.batch_size, grid=not args.no_grid, val=not args.no_val,
+                         val_folder=args.val_folder, val_control=args.val_control, best=args.best,
+                         metric_steps=args.metric_steps)
+    if result.best is not None:  # the answer on stdout (logs go to stderr), for scripts
+        checkpoint, value = result.best
+        sys.stdout.write(f"best {args.best}: step {checkpoint.step} {checkpoint.path or 'base model'} "
+                         f"({args.best} = {value:.6g})\n")
     return 0
 
 
@@ -141,7 +156,39 @@ def push_main(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "generate": generate_main, "compare": compare_main, "convert-lora": convert_main, "push": push_main}
+PLAN_DOES_NOT_FIT = 3  # exit status of `plan --gpu-memory` when the plan exceeds it (2: a bad config or flag)
 
-__all__ = ["COMMANDS", "compare_main", "convert_main", "generate_job_dict", "generate_main", "push_main"]
+
+def plan_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="run.py plan", description="Plan a training config's device memory before any "
+                                "weight loads: bytes per part (weights by format, text encoders, VAE, trained "
+                                "weights, gradients, optimizer states, EMA, activations of the largest bucket traced "
+                                "on fake tensors), the loading and training peaks, and what to change when it does "
+                                "not fit. Exit status 0, or %d when the peak exceeds --gpu-memory." % PLAN_DOES_NOT_FIT)
+    p.add_argument("config", help="a training config (path, or name under config/)")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GiB",
+                   help="device memory to plan for, in GiB (default: no verdict; the advice is always shown)")
+    p.add_argument("--process", type=int, default=0, help="which config.process entry (default 0)")
+    p.add_argument("--preset", default=None,
+                   help="plan a published model from config values shipped as facts instead of model.name_or_path "
+                        "(flux_kontext: flux-kontext-dev)")
+    p.add_argument("--resolution", type=int, default=None, metavar="PX",
+                   help="plan this largest bucket side instead of the datasets' largest resolution")
+    args = p.parse_args(argv)
+    if args.gpu_memory is not None and args.gpu_memory <= 0:
+        p.error("--gpu-memory must be > 0")
+    from jobs.extensions import load_extensions
+    from jobs.plan import plan_config
+
+    load_extensions()
+    plan, text = plan_config(args.config, args.gpu_memory, args.process, args.preset, args.resolution)
+    sys.stdout.write(text + "\n")
+    return PLAN_DOES_NOT_FIT if plan.fits is False else 0
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "generate": generate_main, "compare": compare_main, "convert-lora": convert_main, "push": push_main,
+    "plan": plan_main}
+
+__all__ = ["COMMANDS", "PLAN_DOES_NOT_FIT", "compare_main", "convert_main", "generate_job_dict", "generate_main",
+           "plan_main", "push_main"]

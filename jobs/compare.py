@@ -4,8 +4,10 @@ RUN_FOLDER is `<training_folder>/<name>/` (config.yaml, `<name>_<step:09d>.safet
 Writes to RUN_FOLDER/compare/ (or --out):
 - grid.png: rows = the run's sample prompts, columns = control | base (step 0) | each checkpoint by step;
   every cell also as samples/step_<step:09d>_<prompt:02d>.png with its parameters in PNG text chunks;
-- val_loss.csv and val_loss.png when the dataset has held-out pairs (val_folder_path / val_control_path):
-  the flow-matching loss at fixed timesteps and noise (toolkit.train.validation), the same problem for every checkpoint.
+- metrics.csv, plots/<metric>.png and metrics.png when the dataset has held-out pairs (val_folder_path /
+  val_control_path): per checkpoint the flow-matching loss at fixed timesteps and noise (toolkit.train.validation)
+  and the edit metrics (toolkit.train.edit_eval: each held-out control rendered and compared with its target), the
+  same problem for every checkpoint; `best` (--best METRIC) names the checkpoint with the best value.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from toolkit.dist import resolve_device
 from toolkit.errors import UserError
 from toolkit.render.inference import LoraRenderer, batch_key, get_renderer, plan_batches
 from toolkit.adapters.lora import read_lora_metadata
-from toolkit.render.plot import line_plot
+from toolkit.render.plot import metric_plots
 from toolkit.render.sampling import build_requests, contact_sheet, load_control
+from toolkit.train.edit_eval import EditEval
+from toolkit.train.metric_names import HIGHER_IS_BETTER, best_step
 from toolkit.train.validation import ValidationSet
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,9 @@ class CompareResult:
     csv: Optional[Path] = None
     plot: Optional[Path] = None
     val_loss: dict[int, float] = field(default_factory=dict)  # step -> loss
+    scores: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> {val_loss, psnr, ssim, keep_...}
+    plots: list[Path] = field(default_factory=list)  # one PNG per metric
+    best: Optional[tuple[Checkpoint, float]] = None  # the checkpoint with the best value of the --best metric
 
 
 def load_run(folder: Path) -> tuple[str, TrainProcessConfig]:
@@ -82,7 +89,8 @@ def find_checkpoints(folder: Path, name: str) -> list[Checkpoint]:
 
 def compare_run(folder: Path, out: Optional[Path] = None, device: str = "auto", sample_steps: Optional[int] = None,
                 batch_size: int = 1, grid: bool = True, val: bool = True, val_folder: Optional[str] = None,
-                val_control: Optional[str] = None) -> CompareResult:
+                val_control: Optional[str] = None, best: Optional[str] = None,
+                metric_steps: Optional[int] = None) -> CompareResult:
     folder = Path(folder)
     name, process = load_run(folder)
     checkpoints = find_checkpoints(folder, name)
@@ -101,6 +109,9 @@ def compare_run(folder: Path, out: Optional[Path] = None, device: str = "auto", 
         datasets = [replace(datasets[0], val_folder_path=val_folder, val_control_path=val_control)]
     validation = ValidationSet.from_datasets(datasets, process.trigger_word, process.train.seed,
                                              process.train.guidance) if val else None
+    if best is not None and validation is None:
+        raise UserError(f"--best {best}: the run has no held-out pairs to measure (set datasets[].val_folder_path / "
+                        "val_control_path, or pass --val-folder/--val-control)")
     if not requests and validation is None:
         raise UserError("nothing to compare: the run has no sample prompts and no held-out pairs "
                         "(set datasets[].val_folder_path / val_control_path, or pass --val-folder/--val-control)")
@@ -110,21 +121,31 @@ def compare_run(folder: Path, out: Optional[Path] = None, device: str = "auto", 
     dev = torch.device(resolve_device(device))
     renderer = get_renderer(process.model.arch).load(process.model, dev, compute_dtype(process.train.dtype, dev))
     result = CompareResult(checkpoints)
-    cells = _evaluate(renderer, checkpoints, requests, validation, batch_size, out, result)
+    steps = s.metric_steps if metric_steps is None else metric_steps
+    edits = EditEval.from_validation(validation, steps=steps, seed=s.seed, guidance_scale=s.guidance_scale,
+                                     device=dev) if validation is not None and steps > 0 else None
+    cells = _evaluate(renderer, checkpoints, requests, (validation, edits), batch_size, out, result)
     if requests:
         rows = [(thumbnail(load_control(r.ctrl_img, r.width, r.height)), *cells[r.index], r.prompt) for r in requests]
         result.grid = out / "grid.png"
         write_png(result.grid, contact_sheet(rows, column_titles=["control"] + [c.title for c in checkpoints]),
                   {"run": name, "columns": ", ".join(c.title for c in checkpoints)})
-    if result.val_loss:
-        result.csv, result.plot = _write_loss(out, checkpoints, result.val_loss)
+    if result.scores:
+        result.csv, result.plot, result.plots = _write_scores(out, checkpoints, result.scores)
     log.info("compare: %s", ", ".join(str(p) for p in (result.grid, result.csv, result.plot) if p))
+    if best is not None:
+        step, value = best_step(result.scores, best)
+        result.best = (next(c for c in checkpoints if c.step == step), value)
+        log.info("best checkpoint by %s (%s is better): %s, %s = %.5g", best,
+                 "higher" if HIGHER_IS_BETTER[best] else "lower", result.best[0].path or "the base model", best, value)
     return result
 
 
-def _evaluate(renderer: LoraRenderer, checkpoints: list[Checkpoint], requests, validation, batch_size: int,
+def _evaluate(renderer: LoraRenderer, checkpoints: list[Checkpoint], requests, held_out: tuple, batch_size: int,
               out: Path, result: CompareResult) -> dict[int, list]:
-    """Render every request and measure the validation loss with each checkpoint; returns request -> thumbnails."""
+    """Render every request and measure the validation loss and the edit metrics with each checkpoint; returns
+    request -> thumbnails."""
+    validation, edits = held_out
     controls = [load_control(r.ctrl_img, r.width, r.height) for r in requests]
     batches = plan_batches([batch_key(r, c.size) for r, c in zip(requests, controls)], batch_size)
     cells: dict[int, list] = {r.index: [] for r in requests}
@@ -144,27 +165,36 @@ def _evaluate(renderer: LoraRenderer, checkpoints: list[Checkpoint], requests, v
                            "step": checkpoint.step})
                 cells[request.index].append(thumbnail(image))
         if validation is not None:
-            result.val_loss[checkpoint.step] = validation.loss(renderer.model)
-            log.info("%s: val/loss %.5f", checkpoint.title, result.val_loss[checkpoint.step])
+            scores = result.scores.setdefault(checkpoint.step, {})
+            scores["val_loss"] = result.val_loss[checkpoint.step] = validation.loss(renderer.model)
+            if edits is not None:
+                scores.update(EditEval.summary(edits.score(renderer.model, range(len(edits)))))
+            log.info("%s: %s", checkpoint.title, ", ".join(f"{k} {v:.5g}" for k, v in scores.items()))
         if adapter is not None:
             renderer.remove_lora(adapter)
     return cells
 
 
-def _write_loss(out: Path, checkpoints: list[Checkpoint], losses: dict[int, float]) -> tuple[Path, Path]:
+def _write_scores(out: Path, checkpoints: list[Checkpoint], scores: dict[int, dict[str, float]]
+                  ) -> tuple[Path, Path, list[Path]]:
+    """metrics.csv (step, checkpoint, one column per metric), plots/<metric>.png, metrics.png (all metrics)."""
+    metrics = [m for m in HIGHER_IS_BETTER if any(m in row for row in scores.values())]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["step", "checkpoint", "val_loss"])
+    writer.writerow(["step", "checkpoint", *metrics])
     for c in checkpoints:
-        writer.writerow([c.step, c.path.name if c.path else "base", f"{losses[c.step]:.6f}"])
-    csv_path, plot_path = out / "val_loss.csv", out / "val_loss.png"
+        row = scores[c.step]
+        writer.writerow([c.step, c.path.name if c.path else "base", *(f"{row[m]:.6g}" if m in row else ""
+                                                                       for m in metrics)])
+    csv_path, combined_path = out / "metrics.csv", out / "metrics.png"
     atomic_write_text(csv_path, buf.getvalue())
-    steps = [c.step for c in checkpoints]
-    png = io.BytesIO()
-    line_plot(steps, [losses[s] for s in steps], "validation loss (fixed timesteps and noise)", "step",
-              "val loss").save(png, format="PNG")
-    atomic_write_bytes(plot_path, png.getvalue())
-    return csv_path, plot_path
+    singles, combined = metric_plots([c.step for c in checkpoints], scores, metrics)
+    paths = []
+    for metric, png in singles.items():
+        paths.append(out / "plots" / f"{metric}.png")
+        atomic_write_bytes(paths[-1], png)
+    atomic_write_bytes(combined_path, combined)
+    return csv_path, combined_path, paths
 
 
 __all__ = ["Checkpoint", "CompareResult", "compare_run", "find_checkpoints", "load_run"]

@@ -19,7 +19,7 @@ from toolkit.train.validation import ValidationSet
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_model_dir, demo_data_dir):
     """4 steps with a checkpoint every 2 steps, two sample prompts (and one without --ctrl_img) and 2 held-out pairs
-    (validation every 2 steps)."""
+    (validation loss and edit metrics every 2 steps, 1 denoising step per held-out edit)."""
     root = tmp_path_factory.mktemp("compare")
     val = root / "val"
     for sub in ("target", "control"):
@@ -33,7 +33,7 @@ def trained_run(tmp_path_factory, tiny_model_dir, demo_data_dir):
     cfg["config"]["process"][0]["datasets"][0].update(val_folder_path=str(val / "target"),
                                                        val_control_path=str(val / "control"))
     cfg = merge(cfg, {"train.steps": 4, "train.lr": 1e-2, "save.save_every": 2, "save.max_step_saves_to_keep": 4,
-                      "sample.sample_every": 2, "sample.prompts": prompts})
+                      "sample.sample_every": 2, "sample.prompts": prompts, "sample.metric_steps": 1})
     get_job(write_config(root / "cfg.yaml", cfg)).run()
     return root / "out" / "tiny"
 
@@ -50,26 +50,38 @@ def test_compare_writes_grid_and_validation_loss(trained_run, tmp_path, capsys):
     name, _ = load_run(trained_run)
     assert [c.step for c in find_checkpoints(trained_run, name)] == [0, 2, 4]
     out = tmp_path / "cmp"
-    assert run.main(["compare", str(trained_run), "--out", str(out), "--device", "cpu"]) == 0
-    err = capsys.readouterr().err  # the log line and the bar count the same columns (base + 2 checkpoints)
+    assert run.main(["compare", str(trained_run), "--out", str(out), "--device", "cpu", "--best", "psnr"]) == 0
+    captured = capsys.readouterr()
+    err = captured.err  # the log line and the bar count the same columns (base + 2 checkpoints)
     assert "comparing 3 columns" in err and "2 checkpoints" in err and "3/3" in err
 
     # rows: 2 prompts; columns: control | base | step 2 | step 4; 64 px samples in 128 px cells, with titles.
     assert Image.open(out / "grid.png").size == (4 * 128, 20 + 2 * (128 + 20))
     assert len(list((out / "samples").glob("step_*.png"))) == 3 * 2
 
-    with open(out / "val_loss.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    with open(out / "metrics.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    # The held-out pairs are colour inversions: every pixel changes, so there is no keep region to score.
+    assert reader.fieldnames == ["step", "checkpoint", "val_loss", "psnr", "ssim"]
     assert [int(r["step"]) for r in rows] == [0, 2, 4]
     losses = {int(r["step"]): float(r["val_loss"]) for r in rows}
     assert losses[4] < losses[0], "training on the same kind of pairs should lower the held-out loss"
-    assert Image.open(out / "val_loss.png").size == (640, 400)
+    for metric in ("val_loss", "psnr", "ssim"):
+        assert Image.open(out / "plots" / f"{metric}.png").size == (640, 400)
+    assert Image.open(out / "metrics.png").size[0] > 640  # the three curves side by side
 
-    # Training logged the same measurement for its live weights (saved as float32, so it matches).
-    logged = _tensorboard_scalars(trained_run / "logs", "val/loss")
-    assert sorted(logged) == [2, 4]
-    assert logged[4] == pytest.approx(losses[4], rel=1e-4)
-    assert logged[2] == pytest.approx(losses[2], rel=1e-4)
+    # Training logged the same measurements for its live weights (saved as float32, so they match).
+    for tag, column in (("val/loss", "val_loss"), ("val/psnr", "psnr"), ("val/ssim", "ssim")):
+        logged = _tensorboard_scalars(trained_run / "logs", tag)
+        assert sorted(logged) == [2, 4], tag
+        for step in (2, 4):
+            assert logged[step] == pytest.approx(float(rows[step // 2][column]), rel=1e-3), (tag, step)
+
+    # --best psnr names the checkpoint with the highest PSNR on stdout (val_loss would pick the lowest: unit tests)
+    psnr = {int(r["step"]): float(r["psnr"]) for r in rows}
+    best = max(psnr, key=psnr.get)
+    assert captured.out.startswith(f"best psnr: step {best} ") and f"{psnr[best]:.6g}" in captured.out
 
 
 def test_validation_loss_is_deterministic(trained_run):

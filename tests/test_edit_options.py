@@ -107,6 +107,7 @@ def test_datasets_with_another_dropout_rate_never_share_a_batch(tmp_path):
 def test_a_dropped_batch_gives_kontext_no_control_tokens(tmp_path):
     """What the denoiser gets for a dropped batch: zero control tokens, position ids of the target only."""
     model = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, _ids=rope_cache.IdTables(),
+                            trim_text_tokens=False,
                             transformer=SimpleNamespace(config=SimpleNamespace(guidance_embeds=True)))
     batch = {"target_latents": torch.randn(2, 16, 8, 8), "control_latents": torch.randn(2, 16, 8, 8),
              "prompt_embeds": torch.randn(2, 4, 32), "pooled": torch.randn(2, 32), "caption": ["a", "b"]}

@@ -36,20 +36,43 @@ class Architecture(ABC):
     #: control_path and datasets[].control_dropout_rate need it.
     trains_without_controls: ClassVar[bool] = False
 
+    #: Whether datasets[].control_resolution works: the architecture takes control images of another size than the
+    #: target (with their own position ids) instead of resizing them itself.
+    supports_control_resolution: ClassVar[bool] = False
+
+    #: Whether model.trim_text_tokens works (the text sequence of a batch may be cut after its longest caption).
+    supports_trim_text_tokens: ClassVar[bool] = False
+
     transformer: torch.nn.Module
 
     @classmethod
     def check_model_options(cls, model_cfg: Any) -> list[str]:
         """model options this architecture would silently ignore (run before any model loads)."""
+        problems = []
         if model_cfg.match_target_res and not cls.supports_match_target_res:
-            return [f"model.match_target_res: {cls.name} always encodes control images at the target's size; "
-                    "remove the option"]
-        return []
+            problems.append(f"model.match_target_res: {cls.name} always encodes control images at the target's "
+                            "size; remove the option")
+        if getattr(model_cfg, "trim_text_tokens", False) and not cls.supports_trim_text_tokens:
+            problems.append(f"model.trim_text_tokens: not implemented for {cls.name}; remove the option")
+        return problems
 
     @classmethod
     def check_source(cls, name_or_path: str) -> list[str]:
         """Problems with the model location found without loading anything (run before any model loads)."""
         return []
+
+    @classmethod
+    def plan_model(cls, model_cfg: Any, preset: Optional[str] = None) -> Any:
+        """The memory planner's view of this architecture (toolkit.plan.model.PlanModel): its components built on the
+        meta device from their config files (no weights), and how to trace its denoiser. `preset`: one of
+        plan_presets(), a published model's config values shipped as facts, instead of model_cfg's files."""
+        raise ArchitectureError(f"model.arch {cls.name}: the memory planner (run.py plan) does not know this "
+                                "architecture yet")
+
+    @classmethod
+    def plan_presets(cls) -> Sequence[str]:
+        """Names plan_model accepts as `preset`."""
+        return ()
 
     @classmethod
     @abstractmethod

@@ -9,6 +9,9 @@ own), and prints one table row per variant:
 
   | full precision + latent and text caching
 
+  | control at about 64x64 px | text trimmed to the captions | control 64 px + text trimmed   (the cheaper Kontext
+  steps: datasets[].control_resolution, model.trim_text_tokens; compared with full precision)
+
 Rows starting with "+" add one change to qfloat8 (the default qtype) with everything above them; each row says which
 row it is compared with ("vs": its step time / that row's), always the row that differs by just its own change:
 caching is measured both on full precision (where the encoders' share is largest) and on qfloat8 + checkpointing.
@@ -63,6 +66,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "+ latent and text caching": {**_QF8, **_CKPT, **_CACHING},
     "+ low_vram loading": {**_QF8, **_CKPT, **_CACHING, "model.low_vram": True},
     "full precision + latent and text caching": _CACHING,
+    "control at about 64x64 px": {"dataset.control_resolution": 64},
+    "text trimmed to the captions": {"model.trim_text_tokens": True},
+    "control 64 px + text trimmed": {"dataset.control_resolution": 64, "model.trim_text_tokens": True},
 }
 # What each row's "vs" column compares it with: the variant that differs from it by exactly the one change it names.
 COMPARED_TO: dict[str, Optional[str]] = {
@@ -73,6 +79,9 @@ COMPARED_TO: dict[str, Optional[str]] = {
     "+ latent and text caching": "+ gradient checkpointing",
     "+ low_vram loading": "+ latent and text caching",
     "full precision + latent and text caching": "full precision",
+    "control at about 64x64 px": "full precision",
+    "text trimmed to the captions": "full precision",
+    "control 64 px + text trimmed": "full precision",
 }
 
 
@@ -266,6 +275,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--config", default=CONFIG, help=f"the training config to vary (default {CONFIG})")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run the whole variant list this many times, round robin (default 1; 3 on a busy machine)")
+    parser.add_argument("--only", type=lambda text: [v.strip() for v in text.split(",")],
+                        help="comma list of the variants to run (default: all), e.g. 'full precision,text trimmed "
+                             "to the captions'")
     parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # one child process
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
@@ -284,12 +296,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     if warning:
         log.warning("%s", warning)
     started, load_before = time.perf_counter(), os.getloadavg()[0]
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
+    names = args.only or list(VARIANTS)
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--only: unknown variant(s) {unknown}; known: {sorted(VARIANTS)}")
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for repeat in range(args.repeats):
-        for name in VARIANTS:
+        for name in names:
             runs[name].append(_child(name, args))
             log.warning("round %d, %s: %.3f s/step", repeat + 1, name, runs[name][-1]["step_seconds"])
-    rows = [merge_repeats(runs[name]) for name in VARIANTS]
+    rows = [merge_repeats(runs[name]) for name in names]
     sys.stdout.write(format_table(rows) + "\n")
     sys.stdout.write(f"{args.steps} steps after {args.warmup} warm-up per variant x {args.repeats} round(s), device "
                      f"{args.device}, {rows[0]['threads']} threads; total {time.perf_counter() - started:.0f} s; "

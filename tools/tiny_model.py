@@ -76,6 +76,20 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "t5": {"d_model": 512, "d_ff": 1024, "d_kv": 64, "num_layers": 2, "num_heads": 8},
         "vae": _TINY_VAE,
     },
+    # FLUX.1's real text shapes from small encoders (T5 sequence 4096 wide, CLIP pooled 768): tools.gpu_check caches
+    # their embeddings and swaps in a random transformer of the real size; this folder's own transformer is small.
+    "kontext-shapes": {
+        "transformer": {
+            "num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2, "attention_head_dim": 32,
+            "joint_attention_dim": 4096, "pooled_projection_dim": 768, "axes_dims_rope": (8, 12, 12),
+        },
+        "clip": {
+            "hidden_size": 768, "intermediate_size": 256, "num_hidden_layers": 1, "num_attention_heads": 4,
+            "projection_dim": 768,  # FLUX pools CLIPTextModel's pooler_output: hidden_size wide
+        },
+        "t5": {"d_model": 4096, "d_ff": 64, "d_kv": 16, "num_layers": 1, "num_heads": 2},
+        "vae": _TINY_VAE,
+    },
 }
 
 _CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""

@@ -14,7 +14,7 @@ import torch
 from diffusers import FluxKontextPipeline, FluxTransformer2DModel
 from PIL import Image
 
-from extensions.flux_kontext import rope_cache  # a sibling module, not the package API
+from extensions.flux_kontext import plan, rope_cache  # sibling modules, not the package API
 from extensions.flux_kontext.multi_control import render_multi_control
 from extensions.flux_kontext.quantize import (TRANSFORMER_EXCLUDE, keep_base_frozen, load_transformer_blockwise,
                                               quantize_frozen, safe_exclude)
@@ -33,6 +33,7 @@ LORA_TARGETS = (r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|ad
 QUANTIZE_EXCLUDE = list(TRANSFORMER_EXCLUDE)
 TEXT_CACHE_ENTRIES = 128  # in-memory caption embeddings; T5 at 512 tokens x 4096 x bf16 is 4 MiB each
 TEXT_ENCODE_BATCH = 16
+TEXT_TOKEN_MULTIPLE = 64  # model.trim_text_tokens rounds a batch's text length up to this
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -75,6 +76,8 @@ class FluxKontext(Architecture):
     name = "flux_kontext"
     default_lora_targets = LORA_TARGETS
     trains_without_controls = True  # zero control tokens: text-to-image (encode_batch)
+    supports_control_resolution = True  # a smaller control gets its own grid of position ids, as in the pipeline
+    supports_trim_text_tokens = True
 
     def __init__(self, pipe: FluxKontextPipeline, model_cfg: Any, device: torch.device, dtype: torch.dtype):
         self.pipe = pipe
@@ -83,6 +86,8 @@ class FluxKontext(Architecture):
         self.device, self.dtype = device, dtype
         self.source = model_cfg.name_or_path
         self.max_sequence_length = model_cfg.max_sequence_length
+        self.trim_text_tokens = getattr(model_cfg, "trim_text_tokens", False)
+        self._token_counts: dict[str, int] = {}  # caption -> T5 tokens (with EOS), for trim_text_tokens
         self._denoiser = KontextDenoiser(self.transformer)
         self._ids = rope_cache.IdTables()  # position ids per bucket, text ids per length: the same tensors each step
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
@@ -103,23 +108,22 @@ class FluxKontext(Architecture):
         return []
 
     @classmethod
+    def plan_model(cls, model_cfg: Any, preset: Optional[str] = None):
+        return plan.plan_model(model_cfg, preset, LORA_TARGETS, KontextDenoiser)
+
+    @classmethod
+    def plan_presets(cls) -> Sequence[str]:
+        return tuple(plan.PRESETS)
+
+    @classmethod
     def load(cls, model_cfg: Any, device: torch.device, dtype: torch.dtype) -> "FluxKontext":
         log.info("loading %s (%s) on %s", model_cfg.name_or_path, dtype, device)
         # HF_TOKEN is read from the environment by huggingface_hub; it is never passed through our logs or config.
         local = Path(model_cfg.name_or_path).expanduser()
         source = str(local) if local.exists() else model_cfg.name_or_path
         qtype = model_cfg.qtype
-        components = {}
-        if model_cfg.low_vram:
-            # Block by block, quantized on the CPU: the device never holds the full-precision transformer.
-            components["transformer"] = load_transformer_blockwise(source, dtype, device,
-                                                                   qtype if model_cfg.quantize else None,
-                                                                   folder=model_cfg.transformer_path)
-        elif model_cfg.transformer_path:  # e.g. an earlier stage's full fine-tune (toolkit.train.stages)
-            log.info("transformer from %s", model_cfg.transformer_path)
-            components["transformer"] = FluxTransformer2DModel.from_pretrained(model_cfg.transformer_path,
-                                                                               dtype=dtype)
-        pipe = FluxKontextPipeline.from_pretrained(source, dtype=dtype, **components)
+        pipe = FluxKontextPipeline.from_pretrained(source, dtype=dtype,
+                                                   **cls.transformer_components(model_cfg, source, device, dtype))
         for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             module.requires_grad_(False)
             module.eval()
@@ -134,6 +138,22 @@ class FluxKontext(Architecture):
         pipe.to(device)
         keep_base_frozen(pipe.transformer)
         return cls(pipe, model_cfg, device, dtype)
+
+    @classmethod
+    def transformer_components(cls, model_cfg: Any, source: str, device: torch.device, dtype: torch.dtype
+                               ) -> dict[str, torch.nn.Module]:
+        """{"transformer": module} when the transformer does not come from the pipeline folder as it is (low_vram,
+        model.transformer_path), else {}. tools.gpu_check overrides this to train a random-weight transformer of
+        FLUX.1's real size without a 24 GB download."""
+        if model_cfg.low_vram:
+            # Block by block, quantized on the CPU: the device never holds the full-precision transformer.
+            return {"transformer": load_transformer_blockwise(source, dtype, device,
+                                                              model_cfg.qtype if model_cfg.quantize else None,
+                                                              folder=model_cfg.transformer_path)}
+        if model_cfg.transformer_path:  # e.g. an earlier stage's full fine-tune (toolkit.train.stages)
+            log.info("transformer from %s", model_cfg.transformer_path)
+            return {"transformer": FluxTransformer2DModel.from_pretrained(model_cfg.transformer_path, dtype=dtype)}
+        return {}
 
     # -- training ---------------------------------------------------------------------------------------------
     def denoiser(self) -> torch.nn.Module:
@@ -190,12 +210,24 @@ class FluxKontext(Architecture):
             text_ids = self._ids.text_ids(embeds.shape[1], self.device, self.dtype)
         else:
             embeds, pooled, text_ids = self.encode_captions(batch["caption"])
+        if self.trim_text_tokens:
+            embeds = embeds[:, :self.text_tokens_needed(batch["caption"])]
+            text_ids = self._ids.text_ids(embeds.shape[1], self.device, text_ids.dtype)
         x0 = pack_latents(target).to(self.dtype)
         return EncodedBatch(x0=x0, control=torch.cat([x0[:, :0], *(pack_latents(c).to(self.dtype) for c in controls)],
                                                      dim=1),
                             target_hw=tuple(target.shape[-2:]),
                             control_hws=tuple(tuple(c.shape[-2:]) for c in controls),
                             prompt_embeds=embeds.to(self.dtype), pooled=pooled.to(self.dtype), text_ids=text_ids)
+
+    def text_tokens_needed(self, captions: Sequence[str]) -> int:
+        """model.trim_text_tokens: T5 positions a batch keeps, its longest caption's token count (with EOS) rounded up
+        to TEXT_TOKEN_MULTIPLE, at most max_sequence_length. Tokenizers stay loaded when the encoders are unloaded."""
+        for caption in set(captions) - set(self._token_counts):
+            self._token_counts[caption] = len(self.pipe.tokenizer_2(caption, truncation=True,
+                                                                    max_length=self.max_sequence_length).input_ids)
+        longest = max(self._token_counts[c] for c in captions)
+        return min(self.max_sequence_length, -(-longest // TEXT_TOKEN_MULTIPLE) * TEXT_TOKEN_MULTIPLE)
 
     def clean_latents(self, encoded: EncodedBatch) -> torch.Tensor:
         return encoded.x0

@@ -21,8 +21,9 @@ from accelerate.utils import set_seed
 
 from jobs.process import training_data
 from jobs.process.checkpointer import Checkpointer
+from jobs.process.held_out import held_out_edits, measure_held_out
 from jobs.process.outputs import RunOutputs
-from jobs.process.preflight import Problems
+from jobs.process.preflight import Problems, arch_dataset_problems
 from jobs.process.sample_round import render_round
 from jobs.process.training_run import StepResult, TrainingRun, describe_batch
 from toolkit.adapters import full_finetune
@@ -43,7 +44,7 @@ from toolkit.state import train_state, transformer_folder
 from toolkit.state.checkpoint import resolve_run_folder
 from toolkit.train import flow_matching, preservation, stages
 from toolkit.train.compile import check_compile, compile_blocks
-from toolkit.train.ema import EMA, ema_weights
+from toolkit.train.ema import EMA
 from toolkit.train.metrics import TrainingMonitor
 from toolkit.train.trackers import flatten, missing_packages, start_trackers
 from toolkit.train.nonfinite import NonFiniteGuard
@@ -99,13 +100,10 @@ class BaseSDTrainProcess:
         for key in ("mask_path", "changed_region_loss"):
             if any(getattr(d, key) for d in self.cfg.datasets) and not self.arch_cls.supports_loss_masks():
                 problems.add([f"datasets[].{key}: model.arch {self.cfg.model.arch} cannot train with loss masks"])
-        dropout = any(d.control_dropout_rate for d in self.cfg.datasets)
-        if dropout and not self.arch_cls.trains_without_controls:
+        if any(d.control_dropout_rate for d in self.cfg.datasets) and not self.arch_cls.trains_without_controls:
             problems.add([f"datasets[].control_dropout_rate: model.arch {self.cfg.model.arch} cannot train a batch "
                           "without its control images; set it to 0"])
-        if dropout and self.train.cache_text_embeddings and self.arch_cls.text_sees_images:
-            problems.add(["datasets[].control_dropout_rate: cached prompts hold their control images (model.arch "
-                          f"{self.cfg.model.arch}); turn train.cache_text_embeddings or the dropout off"])
+        problems.add(arch_dataset_problems(self.arch_cls, self.cfg.datasets, self.train.cache_text_embeddings))
         pairs = problems.run(discover_pairs, self.cfg.datasets, default=[])
         problems.add(cache_folder_problems(self.cfg.datasets))
         problems.add(missing_packages(self.cfg.trackers))
@@ -241,7 +239,8 @@ class BaseSDTrainProcess:
                                                schedule, start, train.gradient_accumulation_steps),
                            sampler=sampler, outputs=outputs, requests=requests, lora_config=lora_config,
                            generator=generator, checkpointer=checkpointer, monitor=monitor, start_step=start,
-                           validation=validation, ema=ema)
+                           validation=validation, edits=held_out_edits(validation, self.cfg.sample, rt.device),
+                           ema=ema)
 
     def _trackers(self, outputs: RunOutputs) -> list:
         """W&B / MLflow runs of the main process (process trackers), with the resolved config, secrets redacted."""
@@ -265,6 +264,8 @@ class BaseSDTrainProcess:
                 run.stop = stop
                 if requests and not train.skip_first_sample and (start == 0 or train.force_first_sample):
                     self._sample(run, step=start)
+                if start == 0 and not train.skip_first_sample:  # the untrained baseline of the held-out curves
+                    measure_held_out(run, step=0)
                 for step in range(start + 1, train.steps + 1):
                     result = self.optimizer_step(run)
                     monitor.step_done(result.loss)
@@ -275,8 +276,10 @@ class BaseSDTrainProcess:
                 final = checkpointer.save_final()
                 if start < train.steps:
                     checkpointer.save(train.steps, step_lora=False)
-                if requests and train.steps % self.cfg.sample.sample_every and start < train.steps:
-                    self._sample(run, step=train.steps)
+                if train.steps % self.cfg.sample.sample_every and start < train.steps:
+                    if requests:
+                        self._sample(run, step=train.steps)
+                    measure_held_out(run, step=train.steps)  # the held-out curves end at the final LoRA
         finally:
             monitor.close()
         if rt.is_main:
@@ -374,11 +377,8 @@ class BaseSDTrainProcess:
         run.checkpointer.maybe_save(step)
         if run.requests and step % cfg.sample.sample_every == 0 and step >= cfg.sample.sample_start_step:
             self._sample(run, step)
-        if run.validation is not None and step % cfg.sample.sample_every == 0:
-            with ema_weights(run.ema):  # every rank: same weights, same value, no collective
-                val_loss = run.validation.loss(run.model)
-            run.monitor.scalars(step, {"val/loss": val_loss})
-            log.info("step %d: val/loss %.5f", step, val_loss)
+        if step % cfg.sample.sample_every == 0:
+            measure_held_out(run, step)  # validation loss and edit metrics of the held-out pairs
 
     def _sample(self, run: TrainingRun, step: int) -> None:
         """Each rank renders its share of the prompts; the main process writes the images and the contact sheet.

@@ -15,6 +15,7 @@ from toolkit.arch import Architecture
 from toolkit.data.dataset import PairedDataset
 from toolkit.data.sampler import BucketBatchSampler
 from toolkit.dist import Runtime
+from toolkit.train.edit_eval import EditEval
 from toolkit.train.ema import EMA
 from toolkit.train.metrics import TrainingMonitor
 from toolkit.train.signals import GracefulStop
@@ -53,6 +54,7 @@ class TrainingRun:
     monitor: TrainingMonitor
     start_step: int  # 0, or the step a resumed training state ended at
     validation: Optional[ValidationSet] = None  # held-out pairs, None when no dataset has val_folder_path
+    edits: Optional[EditEval] = None  # the held-out pairs as edit problems (edit metrics), None without them
     ema: Optional[EMA] = None  # train.ema_config: averaged LoRA weights for samples, validation and saves
     stop: Optional[GracefulStop] = None  # the stop-signal flag while the loop runs: agreed on at each step, and
     # sampling checks it per image

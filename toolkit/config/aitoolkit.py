@@ -318,7 +318,11 @@ TABLE: dict[str, dict[str, Rule]] = {
         "control_from_same_folder": Unsupported((False,), "controls are paired by file name here"),
         "control_transparent_color": Unsupported(([0, 0, 0],), "another fill color for transparent control "
                                                                "images is not implemented"),
-        "full_size_control_images": Unsupported((True,), "control images are always resized to the target here"),
+        "full_size_control_images": Mapped("control_resolution", "false: control images at about 512x512 pixels "
+                                           "(ai-toolkit squashes them to 512x512 and its Kontext scales them back up "
+                                           "to the target's size, so no tokens are saved there; here they keep the "
+                                           "target's crop and aspect and their tokens shrink)",
+                                           convert=lambda full: None if full else 512),
         "prior_reg": Unsupported((False,), "prior regularisation (the base model's prediction as the target of "
                                            "regularisation images) is not implemented; is_reg is"),
         "random_triggers": Unsupported(EMPTY, "random trigger words are not implemented"),

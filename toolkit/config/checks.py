@@ -84,6 +84,9 @@ def _process_problems(process: TrainProcessConfig, path: str) -> list[str]:
         if process.network is None or train.full_finetune:
             problems.append(f"{path}.train.diff_output_preservation: needs a LoRA or LoKr network (the base "
                             "model's prediction is the LoRA switched off); a full fine-tune has none")
+        if process.model.trim_text_tokens:
+            problems.append(f"{path}.model.trim_text_tokens: cannot be combined with train.diff_output_preservation "
+                            "(its two captions train in one batch of one text length)")
     if save.push_to_hub and not save.hf_repo_id:
         problems.append(f"{path}.save.hf_repo_id: required when save.push_to_hub is true ('namespace/name')")
     return (problems + _dataset_problems(process.datasets, f"{path}.datasets") + _cache_problems(process, path)

@@ -33,6 +33,12 @@ class DatasetConfig:
     resolution: list[int] = field(default_factory=lambda: [512], metadata=_meta(
         "Training sizes in pixels; images are bucketed at each size (a bare number means one size).",
         NON_EMPTY, UNIQUE, item_checks=(RESOLUTION,), coerce=_one_size_to_list))
+    control_resolution: Optional[int] = field(default=None, metadata=_meta(
+        "Control images at about this many pixels squared (the target's crop and aspect ratio, sides multiples of "
+        "16, never upscaled) instead of the target's size: Kontext's control tokens shrink with the area (1024 px "
+        "target, control_resolution 512: 4096 -> 1024 control tokens), with their own position ids as "
+        "FluxKontextPipeline gives a control image of that size. null: the target's size. ai-toolkit's "
+        "full_size_control_images: false maps to 512.", RESOLUTION))
     cache_latents_to_disk: bool = field(default=False, metadata=_meta(
         "Encode target and control latents once, before training, into cache_dir; later steps and runs read them "
         "(an image, resolution or VAE change re-encodes just what changed)."))

@@ -111,6 +111,13 @@ class ModelConfig:
         "it to the device, so the device never holds the full-precision transformer; slower to load."))
     max_sequence_length: int = field(default=512, metadata=_meta(
         "T5 prompt length in tokens; shorter is faster.", T5_LENGTH))
+    trim_text_tokens: bool = field(default=False, metadata=_meta(
+        "Train on each batch's T5 embeddings cut after its longest caption (its T5 token count rounded up to a "
+        "multiple of 64) instead of all max_sequence_length padded tokens: fewer tokens per step (512 px: 2560 -> "
+        "2112 with 64 kept). The embeddings are still encoded at max_sequence_length, as the pipeline does; what "
+        "changes is that image and text tokens no longer attend to the cut padding tokens, which FLUX attends to "
+        "at inference (it has no text attention mask), so the LoRA trains on slightly other inputs than it is used "
+        "with. Training only: samples use the full length. flux_kontext only; not with diff_output_preservation."))
     match_target_res: bool = field(default=False, metadata=_meta(
         "Encode the control images for the transformer at the target's size instead of the architecture's fixed "
         "reference size (Qwen-Image-Edit-Plus: about 1024x1024 pixels, as its pipeline does); much cheaper for small "
@@ -146,6 +153,10 @@ class SampleConfig:
     guidance_scale: float = field(default=4.0, metadata=_meta("Guidance value used when sampling.", GE0))
     sample_steps: int = field(default=20, metadata=_meta(
         "Denoising steps per sample.", GT0, aliases=("num_inference_steps", "steps")))
+    metric_steps: int = field(default=8, metadata=_meta(
+        "Denoising steps of the edit metrics (PSNR, SSIM and their keep-region variants, README 'Edit metrics'): "
+        "every sample_every steps each held-out pair (datasets[].val_folder_path) is rendered with this many steps "
+        "and compared with its target; 0 turns the edit metrics off.", GE0))
 
 
 @dataclass(kw_only=True)

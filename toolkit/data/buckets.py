@@ -110,3 +110,9 @@ def merge_small_buckets(counts: dict[tuple[int, int], int], global_batch: int) -
         total = sizes.pop(small) + sizes.pop(partner) + sizes.pop(merged, 0)
         groups[merged], sizes[merged] = members, total
     return {old: new for new, members in groups.items() for old in members}
+
+
+def control_bucket_for(bucket: tuple[int, int], control_resolution: "int | None") -> tuple[int, int]:
+    """The size control images render at for a target bucket: the bucket itself, or with a control_resolution the
+    bucket scaled down to about control_resolution**2 pixels at its aspect ratio (rule 2; never up, rule 3)."""
+    return bucket if control_resolution is None else bucket_for(*bucket, control_resolution)

@@ -157,7 +157,8 @@ def _latent_jobs(dataset: Any, stores: Sequence[Optional[TensorStore]], item_dat
         key = make_key("latents", {**sources, **files, "encoder": item_encoder.identity})
         keys[i] = (store, key)
         # One encode batch holds one bucket and one set of images (items without controls encode apart).
-        group = (sources["bucket"], tuple(name for name, v in sources.items() if isinstance(v, Path)))
+        group = (sources["bucket"], sources.get("control_bucket"),
+                 tuple(name for name, v in sources.items() if isinstance(v, Path)))
         jobs.append(Job(store, key, item_encoder, group=group, load=lambda i=i: dataset.load_pixels(i)))
     return keys, jobs
 
@@ -191,7 +192,7 @@ def _text_jobs(dataset: Any, stores: Sequence[Optional[TensorStore]], item_datas
             if controls is None:
                 jobs.append(Job(store, key, encoder, group="text", load=lambda c=caption: c))
             else:
-                jobs.append(Job(store, key, encoder, group=("text", controls["bucket"]),
+                jobs.append(Job(store, key, encoder, group=("text", controls["bucket"], controls.get("control_bucket")),
                                 load=lambda c=caption, i=i: (c, _control_pixels(dataset, i))))
     return keys, jobs
 

@@ -40,10 +40,14 @@ def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def changed_region_weights(target: torch.Tensor, control: torch.Tensor, blur_px: float, floor: float
                            ) -> torch.Tensor:
-    """Per-pixel loss weights (1, H, W) of a target (3, H, W) and its control (3, H, W), mean 1 (see module docs).
-    Identical images give uniform weights."""
+    """Per-pixel loss weights (1, H, W) of a target (3, H, W) and its control (3, h, w), mean 1 (see module docs).
+    Identical images give uniform weights. A smaller control (datasets[].control_resolution) is compared after a
+    bilinear resize to the target's size."""
+    if target.shape[0] != control.shape[0]:
+        raise ValueError(f"target {tuple(target.shape)} and control {tuple(control.shape)} differ in channels")
     if target.shape != control.shape:
-        raise ValueError(f"target {tuple(target.shape)} and control {tuple(control.shape)} differ in shape")
+        control = torch.nn.functional.interpolate(control[None].float(), size=tuple(target.shape[-2:]),
+                                                  mode="bilinear", align_corners=False)[0]
     if not 0.0 <= floor <= 1.0:
         raise ValueError(f"changed_region_floor must be in [0, 1], got {floor}")
     diff = gaussian_blur((target.float() - control.float()).abs().mean(0, keepdim=True), blur_px)

@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from toolkit.data.batch import collate_batch, control_key, control_names, without_controls
-from toolkit.data.buckets import Box, bucket_for, crop_box, merge_small_buckets, scale_box
+from toolkit.data.buckets import Box, bucket_for, control_bucket_for, crop_box, merge_small_buckets, scale_box
 from toolkit.data.captions import caption_lines, line_rng, pick_line, prepare_caption
 from toolkit.data.change_weights import changed_region_weights
 from toolkit.data.images import load_rgb, to_tensor
@@ -59,7 +59,8 @@ OPTION_DEFAULTS: dict[str, Any] = {"flip_x": False, "flip_y": False, "loss_multi
                                    "keep_tokens": 0, "token_dropout_rate": 0.0, "network_weight": 1.0,
                                    "mask_path": None, "mask_min_value": 0.0, "invert_mask": False, "is_reg": False,
                                    "random_crop": False, "control_dropout_rate": 0.0, "changed_region_loss": False,
-                                   "changed_region_floor": 0.1, "changed_region_blur": 8, "caption_per_line": True}
+                                   "changed_region_floor": 0.1, "changed_region_blur": 8, "caption_per_line": True,
+                                   "control_resolution": None}
 
 
 def option(cfg: DatasetConfigLike, name: str) -> Any:
@@ -216,7 +217,8 @@ class PairedDataset(Dataset):
                       + (() if not masked else (("mask",),))
                       + (() if dropout == 0.0 else (("control_dropout", dropout),))
                       + (() if n_controls == 1 else (("controls", n_controls),)))
-            keys.append((*plan.bucket, *extras))
+            control = self.control_bucket(plan)
+            keys.append((*plan.bucket, *extras, *(() if control == plan.bucket else (("control", *control),))))
         return keys
 
     def fit_buckets(self, global_batch: int) -> list[tuple[int, str]]:
@@ -265,6 +267,8 @@ class PairedDataset(Dataset):
                    "pixels": PIXEL_PIPELINE_VERSION}
         if pair.control is not None:
             sources.update({"control": pair.control, "control_box": plan.control_box})
+        if self.control_bucket(plan) != plan.bucket:  # only then: other items keep their cache keys
+            sources["control_bucket"] = self.control_bucket(plan)
         for k, (path, box) in enumerate(zip(pair.extra_controls, plan.extra_control_boxes), start=1):
             sources.update({control_key(k): path, f"{control_key(k)}_box": box})
         if any(plan.flip):  # only then: unflipped items keep the cache keys they had before flips existed
@@ -287,8 +291,14 @@ class PairedDataset(Dataset):
         pixels = {"target": to_tensor(render(pair.target, pair.target_size, plan.target_box, plan.bucket, plan.flip))}
         boxes = (plan.control_box, *plan.extra_control_boxes)
         for k, (path, size, box) in enumerate(zip(pair.controls, pair.control_sizes, boxes)):
-            pixels[control_key(k)] = to_tensor(render(path, size, box, plan.bucket, plan.flip))
+            pixels[control_key(k)] = to_tensor(render(path, size, box, self.control_bucket(plan), plan.flip))
         return pixels
+
+    def control_bucket(self, plan: ItemPlan) -> tuple[int, int]:
+        """The (width, height) the item's control images render at: its bucket, or smaller with the dataset's
+        control_resolution (toolkit.data.buckets.control_bucket_for)."""
+        cfg = self.datasets[self.pairs[plan.pair_index].dataset_index]
+        return control_bucket_for(plan.bucket, option(cfg, "control_resolution"))
 
     def trigger_for(self, cfg: DatasetConfigLike) -> Optional[str]:
         """The dataset's own trigger_word, else the process's (as ai-toolkit)."""

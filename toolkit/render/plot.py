@@ -1,56 +1,70 @@
-"""A small line chart drawn with PIL (no matplotlib dependency): validation loss against step."""
+"""Metric curves against training step, drawn with matplotlib's Agg backend (no display needed): one chart per
+metric, and one figure with every metric in its own panel (their scales differ: dB, [0, 1], loss)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import io
+import math
+from typing import Mapping, Optional, Sequence
 
-from PIL import Image, ImageDraw
-
-MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 70, 20, 30, 40
-
-
-def _ticks(low: float, high: float, count: int = 5) -> list[float]:
-    if high == low:
-        return [low]
-    return [low + (high - low) * i / (count - 1) for i in range(count)]
+LABELS = {"val_loss": "validation loss (fixed timesteps and noise)", "psnr": "PSNR vs target (dB)",
+          "ssim": "SSIM vs target", "lpips": "LPIPS vs target (lower is better)",
+          "keep_psnr": "PSNR of the kept region (dB)", "keep_ssim": "SSIM of the kept region",
+          "keep_lpips": "LPIPS of the kept region (lower is better)"}
 
 
-def line_plot(xs: Sequence[float], ys: Sequence[float], title: str, x_label: str, y_label: str,
-              size: tuple[int, int] = (640, 400)) -> Image.Image:
-    """Points (xs[i], ys[i]) joined by a line, with labelled min/max ticks on both axes."""
+def _figure(rows: int = 1, cols: int = 1, size: Optional[tuple[float, float]] = None):
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no GUI backend
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    figure = Figure(figsize=size or (6.4, 4.0), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, cols, squeeze=False)
+    return figure, [ax for row in axes for ax in row]
+
+
+def _draw(ax, xs: Sequence[float], ys: Sequence[float], title: str, x_label: str, y_label: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    points = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color="tab:blue")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
+    ax.grid(True, alpha=0.3)
+
+
+def _png(figure) -> bytes:
+    buf = io.BytesIO()
+    figure.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def line_plot(xs: Sequence[float], ys: Sequence[float], title: str, x_label: str, y_label: str) -> bytes:
+    """PNG bytes: the points (xs[i], ys[i]) joined by a line (non-finite ys left out), with labelled axes."""
     if len(xs) != len(ys) or not xs:
         raise ValueError("line_plot needs as many ys as xs, and at least one point")
-    width, height = size
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    left, right, top, bottom = MARGIN_LEFT, width - MARGIN_RIGHT, MARGIN_TOP, height - MARGIN_BOTTOM
-    x_lo, x_hi = min(xs), max(xs)
-    y_lo, y_hi = min(ys), max(ys)
-    pad = (y_hi - y_lo) * 0.05 or abs(y_hi) * 0.05 or 1.0
-    y_lo, y_hi = y_lo - pad, y_hi + pad
-
-    def to_px(x: float, y: float) -> tuple[float, float]:
-        fx = 0.5 if x_hi == x_lo else (x - x_lo) / (x_hi - x_lo)
-        return left + fx * (right - left), bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top)
-
-    draw.rectangle([left, top, right, bottom], outline="black")
-    for tick in _ticks(y_lo, y_hi):
-        _, py = to_px(x_lo, tick)
-        draw.line([left - 4, py, left, py], fill="black")
-        draw.text((4, py - 6), f"{tick:.4g}", fill="black")
-    for tick in sorted(set(xs)) if len(set(xs)) <= 8 else _ticks(x_lo, x_hi):
-        px, _ = to_px(tick, y_lo)
-        draw.line([px, bottom, px, bottom + 4], fill="black")
-        draw.text((px - 10, bottom + 6), f"{tick:g}", fill="black")
-    points = [to_px(x, y) for x, y in zip(xs, ys)]
-    if len(points) > 1:
-        draw.line(points, fill=(31, 119, 180), width=2)
-    for px, py in points:
-        draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=(31, 119, 180))
-    draw.text((left, 8), title, fill="black")
-    draw.text(((left + right) // 2 - 10, height - 16), x_label, fill="black")
-    draw.text((4, top - 22), y_label, fill="black")
-    return img
+    figure, (ax,) = _figure()
+    _draw(ax, xs, ys, title, x_label, y_label)
+    return _png(figure)
 
 
-__all__ = ["line_plot"]
+def metric_plots(steps: Sequence[int], table: Mapping[int, Mapping[str, float]], metrics: Sequence[str]
+                 ) -> tuple[dict[str, bytes], bytes]:
+    """({metric: PNG of its curve}, PNG of every curve in one figure) for the rows {step: {metric: value}}."""
+    if not steps or not metrics:
+        raise ValueError("metric_plots needs at least one step and one metric")
+    singles = {m: line_plot(steps, [table[s].get(m, math.nan) for s in steps], LABELS.get(m, m), "step", m)
+               for m in metrics}
+    cols = min(3, len(metrics))
+    rows = math.ceil(len(metrics) / cols)
+    figure, axes = _figure(rows, cols, size=(4.2 * cols, 3.2 * rows))
+    for ax, m in zip(axes, metrics):
+        _draw(ax, steps, [table[s].get(m, math.nan) for s in steps], LABELS.get(m, m), "step", m)
+    for ax in axes[len(metrics):]:
+        ax.set_visible(False)
+    return singles, _png(figure)
+
+
+__all__ = ["LABELS", "line_plot", "metric_plots"]
