@@ -135,6 +135,16 @@ def test_sample_items_become_prompts_with_our_flags(tmp_path: Path) -> None:
         "p --ctrl_img /c.png"]
 
 
+def test_model_kwargs_match_target_res_is_our_model_key(tmp_path: Path) -> None:
+    model = load(tmp_path, with_process(model={"model_kwargs": {"match_target_res": True}})).config.process[0].model
+    assert model.match_target_res is True
+    (problem,) = problems_of(tmp_path, with_process(model={"model_kwargs": {"match_target_res": True, "other": 1}}))
+    assert problem.startswith("config.process[0].model.model_kwargs: {'other': 1} is not supported here (")
+    (conflict,) = problems_of(tmp_path, with_process(model={"match_target_res": False,
+                                                            "model_kwargs": {"match_target_res": True}}))
+    assert conflict.startswith("config.process[0].model.model_kwargs.match_target_res: is ai-toolkit's spelling")
+
+
 def test_alpha_has_no_effect_when_linear_alpha_is_set(tmp_path: Path) -> None:
     network = load(tmp_path, with_process(network={"alpha": 1, "linear_alpha": 8})).config.process[0].network
     assert network.linear_alpha == 8.0

@@ -100,34 +100,28 @@ def test_example_trains_with_match_target_res_and_resumes_bit_identically(tmp_pa
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 
 
-def test_latent_caching_is_refused_by_name(tmp_path, tiny_qwen_dir, multi_data_dir, capsys):
-    """The prompt embedding depends on the control images and the VL tower needs their pixels: no caption- or
-    latent-only cache fits, so asking for one is an error rather than a silently wrong cache."""
-    text = example(tmp_path, tiny_qwen_dir, multi_data_dir, **{"train.steps": 1, "sample.prompts": []}).read_text()
-    raw = yaml.safe_load(text)
-    raw["config"]["process"][0]["datasets"][0]["cache_latents"] = True
-    config = write_config(tmp_path / "cached.yaml", raw)
-    assert run.main([str(config)]) == 2
-    assert "qwen_image_edit_plus: this architecture cannot cache" in capsys.readouterr().err
-
-
 @pytest.mark.distributed
 def test_two_processes_train_and_sample(tmp_path, tiny_qwen_dir, multi_data_dir):
-    from tests.launch import accelerate_launch, explain
+    """The tiny twin through ./run_distributed_training.sh CONFIG 2, with latents and prompts cached to disk: each
+    rank encodes its share of the entries, both train on all of them and each renders one sample."""
+    from tests.launch import explain, run_launcher
 
     config = example(tmp_path, tiny_qwen_dir, multi_data_dir, **{
         "train.steps": 2, "train.distributed_training": True, "save.save_every": 1000, "sample.sample_every": 2,
-        "train.skip_first_sample": True})
+        "train.skip_first_sample": True, "train.cache_text_embeddings": True})
     raw = yaml.safe_load(config.read_text(encoding="utf-8"))
     prompt = raw["config"]["process"][0]["sample"]["prompts"][0]
     raw["config"]["process"][0]["sample"]["prompts"] = [prompt, prompt + " --seed 9"]  # one prompt per rank
+    raw["config"]["process"][0]["datasets"][0].update(cache_latents_to_disk=True, cache_dir=str(tmp_path / "cache"))
     write_config(config, raw)
-    proc = accelerate_launch(REPO / "run.py", config)
+    proc = run_launcher(config, 2, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, explain(proc)
     run_dir = tmp_path / "output" / NAME
     assert load_file(str(run_dir / f"{NAME}.safetensors"))
     assert sorted(p.name for p in (run_dir / "samples").glob("000000002_0*.png")) == ["000000002_00.png",
                                                                                    "000000002_01.png"]
+    kinds = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").glob("*.safetensors"))
+    assert kinds.count("latents") == 4 and kinds.count("text") == 8  # 4 items x (caption, "" of the dropout)
 
 
 def test_match_target_res_on_an_architecture_without_it_is_an_error(tmp_path, tiny_model_dir, demo_data_dir,
@@ -243,14 +237,54 @@ def test_validation_loss_with_two_control_folders(tmp_path, tiny_qwen_dir, multi
     assert list(psnr) == [0, 2] and 0 < psnr[2] < 60
 
 
+def test_compare_a_run_with_two_control_folders(tmp_path, tiny_qwen_dir, multi_data_dir, capsys):
+    """Validation loss during training, then `run.py compare` of the run: a grid of the sample prompt (two
+    --ctrl_img) for base and both checkpoints, and the same validation loss for each."""
+    import csv
+
+    from tests.example_configs import scalars
+
+    config = example(tmp_path, tiny_qwen_dir, multi_data_dir, **{
+        "train.steps": 2, "save.save_every": 1, "sample.sample_every": 2, "train.disable_sampling": True,
+        "sample.metric_steps": 1})
+    import shutil
+
+    val = tmp_path / "val"  # held-out pairs may not be training files: copies of two of them stand in
+    for sub in ("target", "control", "control_2"):
+        (val / sub).mkdir(parents=True)
+        for path in (multi_data_dir / sub).iterdir():
+            if path.stem == "pair_000":  # one held-out pair: compare validates every checkpoint
+                shutil.copy(path, val / sub / path.name)
+    raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+    raw["config"]["process"][0]["datasets"][0].update(
+        val_folder_path=str(val / "target"), val_control_path=[str(val / "control"), str(val / "control_2")])
+    write_config(config, raw)
+    assert run.main([str(config)]) == 0
+    values = scalars(tmp_path / "output" / NAME / "logs", "val/loss")
+    assert 2 in values and np.isfinite(values[2])
+
+    out = tmp_path / "cmp"
+    capsys.readouterr()
+    assert run.main(["compare", str(tmp_path / "output" / NAME), "--out", str(out), "--device", "cpu"]) == 0
+    assert "comparing 3 columns" in capsys.readouterr().err  # base + steps 1 and 2
+    assert len(list((out / "samples").glob("step_*.png"))) == 3 and (out / "grid.png").is_file()
+    with open(out / "metrics.csv", newline="") as f:
+        losses = {int(r["step"]): float(r["val_loss"]) for r in csv.DictReader(f)}
+    assert sorted(losses) == [0, 1, 2] and losses[2] == pytest.approx(values[2], rel=1e-4)
+
+
 def test_comfy_format_without_a_known_layout_fails_before_the_model_loads(tmp_path, tiny_qwen_dir, multi_data_dir,
                                                                          monkeypatch, capsys):
+    """An architecture that registers no ComfyUI layout (both Qwen archs now do: stand one in) is refused before
+    loading."""
     from extensions.qwen_image_edit import QwenImageEditPlus
+    from jobs.process import BaseSDTrainProcess as process_module
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded although the run should have stopped before that")
 
     monkeypatch.setattr(QwenImageEditPlus, "load", classmethod(refuse))
+    monkeypatch.setattr(process_module, "find_conventions", lambda arch: None)
     config = example(tmp_path, tiny_qwen_dir, multi_data_dir, **{"save.format": "comfy"})
     assert run.main([str(config)]) == 2
     assert "save.format: comfy: no ComfyUI key layout is known for model.arch qwen_image_edit_plus" in \

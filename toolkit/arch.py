@@ -28,6 +28,10 @@ class Architecture(ABC):
     #: Whether model.match_target_res changes anything: the architecture gives control images a size of their own.
     supports_match_target_res: ClassVar[bool] = False
 
+    #: Whether the text encoder also sees the control images (a vision-language prompt encoder): its cached
+    #: embeddings are keyed by each item's control images too, and items keep their pixels for it (toolkit.data.cache).
+    text_sees_images: ClassVar[bool] = False
+
     #: Whether a batch without control images trains (plain generation: zero control tokens); datasets without
     #: control_path and datasets[].control_dropout_rate need it.
     trains_without_controls: ClassVar[bool] = False

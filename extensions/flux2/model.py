@@ -23,9 +23,9 @@ from PIL import Image
 
 from extensions.flux2.conditioning import encode_pixels, mask_weights, pack, position_ids, text_ids
 from extensions.flux2.text import PromptEncoder
-from extensions.flux_kontext.quantize import (keep_base_frozen, load_transformer_blockwise, quantize_frozen,
-                                              safe_exclude)
 from toolkit.arch import Architecture, eval_mode, register_architecture
+from toolkit.quant.blockwise import load_transformer_blockwise
+from toolkit.quant.frozen import keep_base_frozen, quantize_frozen, safe_exclude
 from toolkit.data.cache import Encoder, make_key, module_fingerprint
 from toolkit.data.dataset import control_names
 from toolkit.render.sampling import SampleRequest
@@ -116,8 +116,8 @@ class Flux2Klein(Architecture):
         if model_cfg.low_vram:
             # Block by block, quantized on the CPU: the device never holds the full-precision transformer.
             components["transformer"] = load_transformer_blockwise(
-                source, dtype, device, qtype if model_cfg.quantize else None, folder=model_cfg.transformer_path,
-                model_class=Flux2Transformer2DModel, always_exclude=QUANTIZE_EXCLUDE)
+                Flux2Transformer2DModel, source, dtype, device, qtype if model_cfg.quantize else None,
+                QUANTIZE_EXCLUDE, folder=model_cfg.transformer_path)
         elif model_cfg.transformer_path:
             components["transformer"] = Flux2Transformer2DModel.from_pretrained(model_cfg.transformer_path,
                                                                                 dtype=dtype)

@@ -21,7 +21,7 @@ from PIL import Image
 from extensions.qwen_image_edit.packing import normalize_latents, pack_latents
 
 __all__ = ["CONDITION_IMAGE_SIZE", "VAE_IMAGE_SIZE", "Conditioning", "encode_conditioning", "encode_pixels",
-           "reference_size", "to_pil"]
+           "encode_references", "pipeline_inputs", "reference_size", "to_pil"]
 
 
 @dataclass
@@ -53,7 +53,7 @@ def encode_pixels(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
     return normalize_latents(latents, vae.config.latents_mean, vae.config.latents_std)[:, :, 0]
 
 
-def _pipeline_inputs(pipe: Any, controls: Sequence[Image.Image], reference_area: int,
+def pipeline_inputs(pipe: Any, controls: Sequence[Image.Image], reference_area: int,
                      condition_area: Optional[int]) -> tuple[list[Image.Image], list[torch.Tensor]]:
     """(images for the VL prompt, VAE input pixels) as the pipeline makes them. With condition_area None (the first
     Qwen-Image-Edit) one resized image serves both, and the VAE input is made from it."""
@@ -75,14 +75,17 @@ def encode_conditioning(pipe: Any, prompt: str, controls: Sequence[Image.Image],
                         device: torch.device, dtype: torch.dtype,
                         condition_area: Optional[int] = CONDITION_IMAGE_SIZE) -> Conditioning:
     """Prompt embedding with the control images inside it, and their reference tokens."""
-    condition_images, pixels = _pipeline_inputs(pipe, controls, reference_area, condition_area)
+    condition_images, pixels = pipeline_inputs(pipe, controls, reference_area, condition_area)
     # No control image (control dropout): the prompt without any "Picture N", and no reference tokens.
     embeds, mask = pipe.encode_prompt(prompt, image=condition_images or None, device=device)
-    references, hws = [], []
-    for image_pixels in pixels:
-        latents = encode_pixels(pipe.vae, image_pixels.to(device, embeds.dtype))
-        references.append(pack_latents(latents))
-        hws.append(tuple(latents.shape[-2:]))
-    if not references:
-        references.append(torch.zeros(1, 0, 4 * pipe.vae.config.z_dim, device=device, dtype=dtype))
-    return Conditioning(embeds.to(dtype), mask, torch.cat(references, dim=1).to(dtype), hws)
+    latents = encode_references(pipe.vae, pixels, device, embeds.dtype)
+    references = [pack_latents(x) for x in latents] or [torch.zeros(1, 0, 4 * pipe.vae.config.z_dim, device=device)]
+    return Conditioning(embeds.to(dtype), mask, torch.cat(references, dim=1).to(dtype),
+                        [tuple(x.shape[-2:]) for x in latents])
+
+
+@torch.no_grad()
+def encode_references(vae: Any, pixels: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype
+                      ) -> list[torch.Tensor]:
+    """Each control image's VAE input pixels (pipeline_inputs) -> its normalised latents (1, z_dim, h, w)."""
+    return [encode_pixels(vae, image_pixels.to(device, dtype)) for image_pixels in pixels]

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from extensions.qwen_image_edit.model import QwenImageEdit, QwenImageEditPlus
-from toolkit.adapters.lora_convert import detect_format, peft_metadata, read_lora
+from toolkit.adapters.lora_convert import detect_format, get_conventions, peft_metadata, read_lora, to_diffusers
 from toolkit.arch import get_architecture
 from toolkit.errors import UserError
 from toolkit.render.inference import LoraRenderer, register_renderer
@@ -36,9 +36,12 @@ class QwenEditRenderer(LoraRenderer):
 
     def add_lora(self, path: Path, name: str) -> None:
         state, header = read_lora(Path(path))
-        if detect_format(state) != "diffusers":
-            raise UserError(f"{path}: only diffusers-layout LoRA files (transformer.<module>.lora_A/B) load for "
-                            f"{self.model.name} so far")
+        layout = detect_format(state)
+        if layout == "comfy":  # save.format comfy, ComfyUI / kohya files: back to diffusers names, exactly
+            state, header = to_diffusers(state, header, get_conventions(self.model.name))
+        elif layout != "diffusers":
+            raise UserError(f"{path}: not a diffusers (transformer.<module>.lora_A/B) nor a ComfyUI/kohya "
+                            f"(lora_unet_*) LoRA file; {self.model.name} loads those two")
         with warnings.catch_warnings():
             # peft warns for every adapter after the first; several named adapters are the point here.
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")

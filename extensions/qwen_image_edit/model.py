@@ -19,11 +19,13 @@ import torch
 from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
 from PIL import Image
 
+from extensions.qwen_image_edit.caching import QwenCaching, batch_items, stack_padded
 from extensions.qwen_image_edit.conditioning import (CONDITION_IMAGE_SIZE, VAE_IMAGE_SIZE, Conditioning,
-                                                     encode_conditioning, encode_pixels, to_pil)
+                                                     encode_conditioning, encode_pixels)
 from extensions.qwen_image_edit.packing import img_shapes, pack_latents
 from extensions.qwen_image_edit.processor import load_processor
-from extensions.qwen_image_edit.quantize import TRANSFORMER_EXCLUDE, quantize_frozen
+from extensions.qwen_image_edit.quantize import (TRANSFORMER_EXCLUDE, keep_base_frozen, load_transformer_blockwise,
+                                                 quantize_frozen, safe_exclude)
 from extensions.qwen_image_edit.sampling import render
 from toolkit.arch import Architecture, eval_mode, register_architecture
 from toolkit.data.dataset import control_names
@@ -78,21 +80,8 @@ class QwenEditDenoiser(torch.nn.Module):
         return out[:, :n_target]
 
 
-def _pad_prompts(conds: Sequence[Conditioning]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample prompt embeddings (lengths differ with the caption) -> zero-padded batch and its mask."""
-    length = max(c.prompt_embeds.shape[1] for c in conds)
-    embeds = torch.zeros(len(conds), length, conds[0].prompt_embeds.shape[-1],
-                         dtype=conds[0].prompt_embeds.dtype, device=conds[0].prompt_embeds.device)
-    mask = torch.zeros(len(conds), length, dtype=torch.long, device=embeds.device)
-    for i, cond in enumerate(conds):
-        n = cond.prompt_embeds.shape[1]
-        embeds[i, :n] = cond.prompt_embeds[0]
-        mask[i, :n] = 1 if cond.prompt_mask is None else cond.prompt_mask[0]
-    return embeds, mask
-
-
 @register_architecture
-class QwenImageEditPlus(Architecture):
+class QwenImageEditPlus(QwenCaching, Architecture):
     name = "qwen_image_edit_plus"
     default_lora_targets = LORA_TARGETS
     supports_match_target_res = True
@@ -128,24 +117,34 @@ class QwenImageEditPlus(Architecture):
 
     @classmethod
     def load(cls, model_cfg: Any, device: torch.device, dtype: torch.dtype) -> "QwenImageEditPlus":
-        if model_cfg.low_vram:
-            raise ArchitectureError(f"model.low_vram is not implemented for {cls.name} yet; use model.quantize")
         log.info("loading %s (%s) on %s", model_cfg.name_or_path, dtype, device)
         local = Path(model_cfg.name_or_path).expanduser()
         source = str(local) if local.exists() else model_cfg.name_or_path
+        qtype = model_cfg.qtype
         components: dict[str, Any] = {"processor": load_processor(source)}
-        if model_cfg.transformer_path:
+        if model_cfg.low_vram:
+            # Block by block, quantized on the CPU: the device never holds the full-precision transformer.
+            components["transformer"] = load_transformer_blockwise(source, dtype, device,
+                                                                   qtype if model_cfg.quantize else None,
+                                                                   folder=model_cfg.transformer_path)
+        elif model_cfg.transformer_path:
             components["transformer"] = QwenImageTransformer2DModel.from_pretrained(model_cfg.transformer_path,
                                                                                     dtype=dtype)
         pipe = cls.pipeline_class.from_pretrained(source, dtype=dtype, **components)
         for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
             module.requires_grad_(False)
             module.eval()
+        # Without low_vram, quantize where the weights will live (fast on a GPU, needs the full precision there).
+        quantize_on = torch.device("cpu") if model_cfg.low_vram else device
         if model_cfg.quantize_te:
-            quantize_frozen(pipe.text_encoder.to(device), model_cfg.qtype)
-        if model_cfg.quantize:
-            quantize_frozen(pipe.transformer.to(device), model_cfg.qtype, TRANSFORMER_EXCLUDE)
+            text_encoder = pipe.text_encoder.to(quantize_on)
+            quantize_frozen(text_encoder, qtype, safe_exclude(text_encoder, qtype, dtype))
+            keep_base_frozen(text_encoder)
+        if model_cfg.quantize and not model_cfg.low_vram:
+            transformer = pipe.transformer.to(quantize_on)
+            quantize_frozen(transformer, qtype, safe_exclude(transformer, qtype, dtype, TRANSFORMER_EXCLUDE))
         pipe.to(device)
+        keep_base_frozen(pipe.transformer)
         return cls(pipe, model_cfg, device, dtype)
 
     # -- training ---------------------------------------------------------------------------------------------
@@ -164,20 +163,37 @@ class QwenImageEditPlus(Architecture):
                                    self.dtype, self.condition_area)
 
     @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> normalised VAE latents (B, z_dim, H/8, W/8), the posterior mode."""
+        return encode_pixels(self.vae, pixels.to(self.device, self.vae.dtype, non_blocking=True))
+
+    @torch.no_grad()
     def encode_batch(self, batch: dict) -> EncodedBatch:
-        """Target latents, and per sample its prompt with its control images and their reference tokens."""
-        target = batch["target"].to(self.device, self.vae.dtype, non_blocking=True)
-        x0 = encode_pixels(self.vae, target)
-        width, height = target.shape[-1], target.shape[-2]
-        names = control_names(batch)
-        conds = [self.condition(caption, [to_pil(batch[name][i]) for name in names], width, height)
-                 for i, caption in enumerate(batch["caption"])]
-        if any(c.reference_hws != conds[0].reference_hws for c in conds):
-            raise ValueError("control images of one batch must share their size (one bucket per batch)")
-        embeds, mask = _pad_prompts(conds)
-        return EncodedBatch(x0=pack_latents(x0).to(self.dtype),
-                            references=torch.cat([c.references for c in conds]).to(self.dtype),
-                            target_hw=tuple(x0.shape[-2:]), reference_hws=conds[0].reference_hws,
+        """Target latents, and per sample its prompt with its control images and their reference tokens, made as
+        the pipeline makes them (conditioning.py); latents and prompt embeddings the dataset took from a cache
+        (caching.py) are used as they are."""
+        names = control_names(batch) or control_names(batch, "_latents")
+        if len(names) > self.max_controls:
+            raise ArchitectureError(f"{self.name} takes at most {self.max_controls} control image(s), got "
+                                    f"{len(names)}")
+        items = batch_items(batch, ("target", *names))
+        if "target_latents" in batch:
+            target = batch["target_latents"].to(self.device, non_blocking=True)
+            references = [batch[f"{n}_latents"].to(self.device, non_blocking=True) for n in names]
+        else:
+            target = self.encode_images(batch["target"])
+            rows = self.reference_latents(items)
+            references = [torch.stack([r[f"{n}_latents"] for r in rows]) for n in names]
+        if "prompt_embeds" in batch:
+            embeds, mask = batch["prompt_embeds"].to(self.device), batch["prompt_mask"].to(self.device)
+        else:
+            embeds, mask = stack_padded(self.encode_captions(batch["caption"], items))
+        x0 = pack_latents(target)
+        return EncodedBatch(x0=x0.to(self.dtype),
+                            # no control image (control dropout): zero reference tokens
+                            references=torch.cat([x0[:, :0], *(pack_latents(r) for r in references)],
+                                                 dim=1).to(self.dtype),
+                            target_hw=tuple(target.shape[-2:]), reference_hws=[tuple(r.shape[-2:]) for r in references],
                             prompt_embeds=embeds.to(self.dtype), prompt_mask=mask)
 
     def clean_latents(self, encoded: EncodedBatch) -> torch.Tensor:

@@ -103,7 +103,7 @@ class BaseSDTrainProcess:
         if any(d.control_dropout_rate for d in self.cfg.datasets) and not self.arch_cls.trains_without_controls:
             problems.add([f"datasets[].control_dropout_rate: model.arch {self.cfg.model.arch} cannot train a batch "
                           "without its control images; set it to 0"])
-        problems.add(arch_dataset_problems(self.arch_cls, self.cfg.datasets))
+        problems.add(arch_dataset_problems(self.arch_cls, self.cfg.datasets, self.train.cache_text_embeddings))
         pairs = problems.run(discover_pairs, self.cfg.datasets, default=[])
         problems.add(cache_folder_problems(self.cfg.datasets))
         problems.add(missing_packages(self.cfg.trackers))

@@ -38,12 +38,18 @@ class Problems:
 
 
 
-def arch_dataset_problems(arch_cls: Any, datasets: Iterable[Any]) -> list[str]:
+def arch_dataset_problems(arch_cls: Any, datasets: Iterable[Any], cache_text_embeddings: bool = False) -> list[str]:
     """Dataset options the architecture cannot honour, refused by name instead of ignored."""
+    datasets = list(datasets)
+    problems = []
     if any(d.control_resolution for d in datasets) and not arch_cls.supports_control_resolution:
-        return [f"datasets[].control_resolution: model.arch {arch_cls.name} sizes control images itself; remove "
-                "the option"]
-    return []
+        problems.append(f"datasets[].control_resolution: model.arch {arch_cls.name} sizes control images itself; "
+                        "remove the option")
+    if cache_text_embeddings and arch_cls.text_sees_images and any(d.control_dropout_rate for d in datasets):
+        # a dropped batch trains on the prompt without its pictures, but a cached prompt entry holds them
+        problems.append(f"datasets[].control_dropout_rate: cached prompts hold their control images (model.arch "
+                        f"{arch_cls.name}); turn train.cache_text_embeddings or the dropout off")
+    return problems
 
 
 __all__ = ["Problems", "arch_dataset_problems"]

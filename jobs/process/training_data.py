@@ -143,7 +143,7 @@ def fill_caches(cfg, rt: Runtime, model, datasets: Sequence[PairedDataset], keep
     reports = []
     for dataset in datasets:  # the training items, then the regularisation items
         cache = cache_dataset(dataset, cfg.datasets, rt=rt, batch_size=cfg.train.batch_size, latents=latent_encoder,
-                              text=text_encoder, progress=progress)
+                              text=text_encoder, text_sees_images=model.text_sees_images, progress=progress)
         dataset.attach_cache(cache)
         reports.append(cache.report)
     if text and keep and hasattr(model, "pin_text_embeddings"):

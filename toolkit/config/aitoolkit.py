@@ -142,7 +142,8 @@ TABLE: dict[str, dict[str, Rule]] = {
         "auto_memory": Unsupported((False,), "layer offloading is not implemented"),
         "split_model_over_gpus": Unsupported((False,), "splitting the model over GPUs is not implemented"),
         "attn_masking": Unsupported((False,), "attention masking of padded prompt tokens is not implemented"),
-        "model_kwargs": Unsupported(EMPTY, "extra model options are not implemented"),
+        "model_kwargs": Unsupported(EMPTY, "extra model options other than match_target_res (model.match_target_res) "
+                                           "are not implemented"),
         "model_paths": Unsupported(EMPTY, "per-component model paths are not implemented"),
         "in_context": Unsupported((False,), "in-context training is not implemented"),
         "vae_path": Unsupported(EMPTY, "a separate VAE is not implemented"),

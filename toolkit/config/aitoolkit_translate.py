@@ -73,6 +73,8 @@ def translate_process(raw: dict, path: str) -> Translation:
     if logging_section is not None:
         _foreign_section(logging_section, "logging", path, out)
     _section(proc, "process", "", path, out)
+    if isinstance(proc.get("model"), dict):
+        _model_kwargs(proc["model"], f"{path}.model", out)
     for name in ("network", "save", "model", "train", "sample"):
         if isinstance(proc.get(name), dict):
             _section(proc[name], name, name, path, out)
@@ -91,6 +93,17 @@ def translate_process(raw: dict, path: str) -> Translation:
         _samples(proc["sample"], f"{path}.sample", out)
     _prodigy_lr(proc, path, out)
     return out
+
+
+def _model_kwargs(model: dict, where: str, out: Translation) -> None:
+    """ai-toolkit's model.model_kwargs.match_target_res is our model.match_target_res; the remaining model_kwargs
+    (none: the key goes) are left for the table, which refuses any that is set."""
+    kwargs = model.get("model_kwargs")
+    if not isinstance(kwargs, dict) or "match_target_res" not in kwargs:
+        return
+    _set(model, "match_target_res", kwargs.pop("match_target_res"), f"{where}.model_kwargs.match_target_res", out)
+    if not kwargs:
+        del model["model_kwargs"]
 
 
 def translate_caption_process(raw: dict, path: str) -> Translation:

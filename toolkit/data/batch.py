@@ -29,6 +29,22 @@ def without_controls(item: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in item.items() if key not in names}
 
 
+# Cached token sequences whose length varies per item (a prompt embedding with the item's images inside it), in items
+# that carry a prompt_mask: padded with zeros to the batch's longest; the mask's zeros mark the padding. Equal lengths
+# (and items without a mask) stay as they are.
+PADDED_SEQUENCES = ("prompt_embeds", "prompt_mask")
+
+
+def _padded_sequences(items: Sequence[dict[str, Any]]) -> Sequence[dict[str, Any]]:
+    names = [n for n in PADDED_SEQUENCES if "prompt_mask" in items[0] and isinstance(items[0].get(n), torch.Tensor)]
+    lengths = {n: max(item[n].shape[0] for item in items) for n in names}
+    if all(item[n].shape[0] == lengths[n] for n in names for item in items):
+        return items
+    return [{**item, **{n: torch.nn.functional.pad(item[n], (0, 0) * (item[n].dim() - 1)
+                                                       + (0, lengths[n] - item[n].shape[0])) for n in names}}
+            for item in items]
+
+
 def collate_batch(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack items of ONE bucket: {"target", "control": [B, 3, H, W], "loss_multiplier", "network_weight": [B],
     "caption": list[str], "index": LongTensor[B], "path": list[str]}; cached tensors are stacked the same way. Items
@@ -46,6 +62,7 @@ def collate_batch(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if dropped:
         items = [without_controls(item) for item in items]
     tensors = [name for name, value in items[0].items() if isinstance(value, torch.Tensor)]
+    items = _padded_sequences(items)
     for item in items:
         for name in tensors:
             if item[name].shape != items[0][name].shape:
