@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from extensions.flux_kontext.quantize import _units, _weight_files
+from toolkit.quant.blockwise import block_units, weight_files
 from toolkit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def detect(folder: Path) -> Optional[Prequantized]:
                             "pre-quantized transformers load when they hold float8 weights or a bitsandbytes 4-bit "
                             "export")
     try:
-        files = sorted(set(_weight_files(folder).values()))
+        files = sorted(set(weight_files(folder).values()))
     except FileNotFoundError:
         return None
     dtypes, scaled = set(), False
@@ -183,8 +183,8 @@ def load_fp8_transformer(folder: Path, dtype: torch.dtype, device: torch.device)
     config = FluxTransformer2DModel.load_config(str(folder))
     with init_empty_weights():
         model = FluxTransformer2DModel.from_config(config)
-    files = {k: v for k, v in _weight_files(folder).items() if k not in MARKER_KEYS}
-    for unit in _units(model):
+    files = {k: v for k, v in weight_files(folder).items() if k not in MARKER_KEYS}
+    for unit in block_units(model):
         _fill_unit(model, unit, _read_raw(files, unit), dtype)
         model.get_submodule(unit).requires_grad_(False).to(device)
     leftover = [n for n, t in model.state_dict().items() if t.device.type == "meta"]

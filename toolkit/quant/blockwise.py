@@ -30,7 +30,7 @@ def transformer_folder(name_or_path: str) -> Path:
     return Path(snapshot_download(name_or_path, allow_patterns=["transformer/*"])) / "transformer"
 
 
-def _weight_files(folder: Path) -> dict[str, Path]:
+def weight_files(folder: Path) -> dict[str, Path]:
     """Checkpoint key -> the safetensors file holding it (single file or sharded with an index)."""
     index = folder / f"{_WEIGHTS_NAME}.index.json"
     if index.is_file():
@@ -45,7 +45,7 @@ def _weight_files(folder: Path) -> dict[str, Path]:
         return {key: single for key in f.keys()}
 
 
-def _units(model: torch.nn.Module) -> Iterator[str]:
+def block_units(model: torch.nn.Module) -> Iterator[str]:
     """Names of the load units: top-level children, with block lists split into their blocks."""
     for name, child in model.named_children():
         if isinstance(child, torch.nn.ModuleList):
@@ -84,8 +84,8 @@ def load_transformer_blockwise(model_class: type, name_or_path: str, dtype: torc
     if qtype not in (None, *QTYPES):
         raise ValueError(f"qtype must be one of {QTYPES}, got {qtype!r}")
     exclude = safe_exclude(model, qtype, dtype, always=exclude) if qtype else []
-    files = _weight_files(folder)
-    for unit in _units(model):
+    files = weight_files(folder)
+    for unit in block_units(model):
         state = _read_unit(files, unit, dtype)
         model.get_submodule(unit).load_state_dict(state, strict=True, assign=True)
         if qtype:
@@ -103,4 +103,4 @@ def load_transformer_blockwise(model_class: type, name_or_path: str, dtype: torc
     return model
 
 
-__all__ = ["load_transformer_blockwise", "transformer_folder"]
+__all__ = ["block_units", "load_transformer_blockwise", "transformer_folder", "weight_files"]
