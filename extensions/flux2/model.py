@@ -12,9 +12,7 @@ none and samples with true CFG against an empty prompt.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 
 import torch
@@ -23,8 +21,8 @@ from PIL import Image
 
 from extensions.flux2.conditioning import encode_pixels, mask_weights, pack, position_ids, text_ids
 from extensions.flux2.text import PromptEncoder
+from toolkit import model_folder
 from toolkit.arch import Architecture, eval_mode, register_architecture
-from toolkit.quant.blockwise import load_transformer_blockwise
 from toolkit.quant.frozen import keep_base_frozen, quantize_frozen, safe_exclude
 from toolkit.data.cache import Encoder, make_key, module_fingerprint
 from toolkit.data.dataset import control_names
@@ -41,7 +39,6 @@ LORA_TARGETS = (r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|ad
 QUANTIZE_EXCLUDE = ("x_embedder", "context_embedder", "proj_out", "norm_out.linear", "time_guidance_embed.*",
                     "double_stream_modulation_img.linear", "double_stream_modulation_txt.linear",
                     "single_stream_modulation.linear")
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # The pipelines refuse reference images with a side under 64 px; a small sample's control (resized to the sample's
 # area, e.g. 74x55 for a 4:3 control at 64x64) is scaled up to it instead of failing the sampling round.
 MIN_CONTROL_SIDE = 64
@@ -97,30 +94,15 @@ class Flux2Klein(Architecture):
 
     @classmethod
     def check_source(cls, name_or_path: str) -> list[str]:
-        path = Path(name_or_path).expanduser()
-        if path.exists():
-            if not (path / "model_index.json").is_file():
-                return [f"model.name_or_path: {path} is not a diffusers FLUX.2 folder (no model_index.json)"]
-            return []
-        if not _HUB_ID.match(name_or_path):
-            return [f"model.name_or_path: {name_or_path} is neither an existing folder nor a Hub id (org/name)"]
-        return []
+        return model_folder.folder_problems(name_or_path, "FLUX.2")
 
     @classmethod
     def load(cls, model_cfg: Any, device: torch.device, dtype: torch.dtype) -> "Flux2Klein":
         log.info("loading %s (%s) on %s", model_cfg.name_or_path, dtype, device)
-        local = Path(model_cfg.name_or_path).expanduser()
-        source = str(local) if local.exists() else model_cfg.name_or_path
-        components = {}
+        source = model_folder.source(model_cfg)
         qtype = model_cfg.qtype
-        if model_cfg.low_vram:
-            # Block by block, quantized on the CPU: the device never holds the full-precision transformer.
-            components["transformer"] = load_transformer_blockwise(
-                Flux2Transformer2DModel, source, dtype, device, qtype if model_cfg.quantize else None,
-                QUANTIZE_EXCLUDE, folder=model_cfg.transformer_path)
-        elif model_cfg.transformer_path:
-            components["transformer"] = Flux2Transformer2DModel.from_pretrained(model_cfg.transformer_path,
-                                                                                dtype=dtype)
+        components = model_folder.transformer_override(Flux2Transformer2DModel, model_cfg, source, dtype, device,
+                                                       QUANTIZE_EXCLUDE)
         pipe = cls.pipeline_class.from_pretrained(source, dtype=dtype, **components)
         for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
             module.requires_grad_(False)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -21,6 +19,7 @@ from extensions.flux_kontext.quantize import (TRANSFORMER_EXCLUDE, keep_base_fro
 from extensions.flux_kontext.packing import pack_latents
 from extensions.flux_kontext import transformer_source
 from extensions.flux_kontext.encoders import LazyEncoders
+from toolkit import model_folder
 from toolkit.arch import Architecture, eval_mode, register_architecture
 from toolkit.data.cache import Encoder, make_key
 from toolkit.data.dataset import control_names
@@ -36,7 +35,6 @@ QUANTIZE_EXCLUDE = list(TRANSFORMER_EXCLUDE)
 TEXT_CACHE_ENTRIES = 128  # in-memory caption embeddings; T5 at 512 tokens x 4096 x bf16 is 4 MiB each
 TEXT_ENCODE_BATCH = 16
 TEXT_TOKEN_MULTIPLE = 64  # model.trim_text_tokens rounds a batch's text length up to this
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass
@@ -101,14 +99,7 @@ class FluxKontext(Architecture):
     # -- loading ----------------------------------------------------------------------------------------------
     @classmethod
     def check_source(cls, name_or_path: str) -> list[str]:
-        path = Path(name_or_path).expanduser()
-        if path.exists():
-            if not (path / "model_index.json").is_file():
-                return [f"model.name_or_path: {path} is not a diffusers FLUX Kontext folder (no model_index.json)"]
-            return []
-        if not _HUB_ID.match(name_or_path):
-            return [f"model.name_or_path: {name_or_path} is neither an existing folder nor a Hub id (org/name)"]
-        return []
+        return model_folder.folder_problems(name_or_path, "FLUX Kontext")
 
     @classmethod
     def check_model_options(cls, model_cfg: Any) -> list[str]:
@@ -133,7 +124,7 @@ class FluxKontext(Architecture):
     @classmethod
     def load_encoders(cls, model_cfg: Any, device: torch.device, dtype: torch.dtype) -> "FluxKontext":
         """Tokenizers and scheduler only, the encoders loading when used: for `run.py cache` (no transformer)."""
-        source = transformer_source.source(model_cfg)
+        source = model_folder.source(model_cfg)
         pipe = FluxKontextPipeline.from_pretrained(source, dtype=dtype, transformer=None, **_LAZY)
         return cls(pipe, model_cfg, device, dtype, source)
 
@@ -149,7 +140,7 @@ class FluxKontext(Architecture):
     def load(cls, model_cfg: Any, device: torch.device, dtype: torch.dtype) -> "FluxKontext":
         log.info("loading %s (%s) on %s", model_cfg.name_or_path, dtype, device)
         # HF_TOKEN is read from the environment by huggingface_hub; it is never passed through our logs or config.
-        source = transformer_source.source(model_cfg)
+        source = model_folder.source(model_cfg)
         qtype = model_cfg.qtype
         components = {**_LAZY, **cls.transformer_components(model_cfg, source, device, dtype)}  # encoders: lazy
         pipe = FluxKontextPipeline.from_pretrained(source, dtype=dtype, **components)

@@ -12,15 +12,10 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from extensions.flux_kontext import prequantized
-from extensions.flux_kontext.quantize import load_transformer_blockwise
+from extensions.flux_kontext.quantize import TRANSFORMER_EXCLUDE
+from toolkit import model_folder
 
 log = logging.getLogger(__name__)
-
-
-def source(model_cfg: Any) -> str:
-    """model.name_or_path as a local folder when it exists, else the Hub id."""
-    local = Path(model_cfg.name_or_path).expanduser()
-    return str(local) if local.exists() else model_cfg.name_or_path
 
 
 def prequantized_files(model_cfg: Any) -> Optional[tuple[Path, "prequantized.Prequantized"]]:
@@ -38,12 +33,5 @@ def components(model_cfg: Any, source: str, device: torch.device, dtype: torch.d
         prequantized.require_device(kind, folder, device)
         return {"transformer": prequantized.load_fp8_transformer(folder, dtype, device) if kind.kind == "fp8"
                 else prequantized.load_bnb_transformer(folder, dtype)}
-    if model_cfg.low_vram:
-        # Block by block, quantized on the CPU: the device never holds the full-precision transformer.
-        return {"transformer": load_transformer_blockwise(source, dtype, device,
-                                                          model_cfg.qtype if model_cfg.quantize else None,
-                                                          folder=model_cfg.transformer_path)}
-    if model_cfg.transformer_path:  # e.g. an earlier stage's full fine-tune (toolkit.train.stages)
-        log.info("transformer from %s", model_cfg.transformer_path)
-        return {"transformer": FluxTransformer2DModel.from_pretrained(model_cfg.transformer_path, dtype=dtype)}
-    return {}
+    return model_folder.transformer_override(FluxTransformer2DModel, model_cfg, source, device=device, dtype=dtype,
+                                             exclude=TRANSFORMER_EXCLUDE)

@@ -10,9 +10,7 @@ trainer's flow-matching objective uses: x_t = (1 - t) x0 + t noise, target noise
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 
 import torch
@@ -24,9 +22,10 @@ from extensions.qwen_image_edit.conditioning import (CONDITION_IMAGE_SIZE, VAE_I
                                                      encode_conditioning, encode_pixels)
 from extensions.qwen_image_edit.packing import img_shapes, pack_latents
 from extensions.qwen_image_edit.processor import load_processor
-from extensions.qwen_image_edit.quantize import (TRANSFORMER_EXCLUDE, keep_base_frozen, load_transformer_blockwise,
+from extensions.qwen_image_edit.quantize import (TRANSFORMER_EXCLUDE, keep_base_frozen,
                                                  quantize_frozen, safe_exclude)
 from extensions.qwen_image_edit.sampling import render
+from toolkit import model_folder
 from toolkit.arch import Architecture, eval_mode, register_architecture
 from toolkit.data.dataset import control_names
 from toolkit.errors import ArchitectureError
@@ -49,7 +48,6 @@ def lora_targets_for(num_layers: int) -> str:
             rf"|.*transformer_blocks\.(?!{last}\.)\d+\.(attn\.to_add_out|txt_mlp\.net\.(0\.proj|2))")
 
 
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass
@@ -106,30 +104,16 @@ class QwenImageEditPlus(QwenCaching, Architecture):
     # -- loading ----------------------------------------------------------------------------------------------
     @classmethod
     def check_source(cls, name_or_path: str) -> list[str]:
-        path = Path(name_or_path).expanduser()
-        if path.exists():
-            problems = [f"model.name_or_path: {path} has no {part}" for part in ("model_index.json", "processor")
-                        if not (path / part).exists()]
-            return problems
-        if not _HUB_ID.match(name_or_path):
-            return [f"model.name_or_path: {name_or_path} is neither an existing folder nor a Hub id (org/name)"]
-        return []
+        return model_folder.folder_problems(name_or_path, "Qwen-Image-Edit", ("model_index.json", "processor"))
 
     @classmethod
     def load(cls, model_cfg: Any, device: torch.device, dtype: torch.dtype) -> "QwenImageEditPlus":
         log.info("loading %s (%s) on %s", model_cfg.name_or_path, dtype, device)
-        local = Path(model_cfg.name_or_path).expanduser()
-        source = str(local) if local.exists() else model_cfg.name_or_path
+        source = model_folder.source(model_cfg)
         qtype = model_cfg.qtype
-        components: dict[str, Any] = {"processor": load_processor(source)}
-        if model_cfg.low_vram:
-            # Block by block, quantized on the CPU: the device never holds the full-precision transformer.
-            components["transformer"] = load_transformer_blockwise(source, dtype, device,
-                                                                   qtype if model_cfg.quantize else None,
-                                                                   folder=model_cfg.transformer_path)
-        elif model_cfg.transformer_path:
-            components["transformer"] = QwenImageTransformer2DModel.from_pretrained(model_cfg.transformer_path,
-                                                                                    dtype=dtype)
+        components: dict[str, Any] = {"processor": load_processor(source),
+                                      **model_folder.transformer_override(QwenImageTransformer2DModel, model_cfg,
+                                                                          source, dtype, device, TRANSFORMER_EXCLUDE)}
         pipe = cls.pipeline_class.from_pretrained(source, dtype=dtype, **components)
         for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
             module.requires_grad_(False)
