@@ -1,62 +1,15 @@
-"""FLUX.2 inference with named LoRA adapters, for `generate` and `compare` (toolkit.render.inference.LoraRenderer)."""
+"""FLUX.2 inference with named LoRA adapters, for `generate` and `compare`: the shared SamplerRenderer (our sampler,
+several --ctrl_img, diffusers or BFL/ComfyUI LoRA files through extensions/flux2/lora_keys.py)."""
 
 from __future__ import annotations
 
-import logging
-import warnings
-from pathlib import Path
-from typing import Any, Sequence
-
-import torch
-from PIL import Image
-
-from extensions.flux2.lora_keys import FLUX2_CONVENTIONS
 from extensions.flux2.model import Flux2Dev, Flux2Klein, Flux2Klein9B
-from toolkit.adapters.lora_convert import detect_format, peft_metadata, read_lora, to_diffusers
-from toolkit.arch import get_architecture
-from toolkit.errors import UserError
-from toolkit.render.inference import LoraRenderer, register_renderer
-from toolkit.render.sampling import SampleRequest, load_controls
-
-log = logging.getLogger(__name__)
+from toolkit.render.inference import register_renderer
+from toolkit.render.sampler_renderer import SamplerRenderer
 
 
-class Flux2Renderer(LoraRenderer):
-    """Base model plus named adapters; images come from the architecture's sampler (several --ctrl_img)."""
-
-    def __init__(self, model: Flux2Klein) -> None:
-        self.model = model
-        self.adapters: list[str] = []
-
-    @classmethod
-    def load(cls, model_cfg: Any, device: torch.device, dtype: torch.dtype) -> "Flux2Renderer":
-        model = get_architecture(model_cfg.arch).load(model_cfg, device, dtype)
-        model.transformer.eval()
-        return cls(model)
-
-    def add_lora(self, path: Path, name: str) -> None:
-        state, header = read_lora(Path(path))
-        layout = detect_format(state)
-        if layout == "comfy":  # BFL / ComfyUI names (extensions/flux2/lora_keys.py)
-            state, header = to_diffusers(state, header, FLUX2_CONVENTIONS[self.model.name])
-        elif layout != "diffusers":
-            raise UserError(f"{path}: LoRA layout not recognised; diffusers (transformer.<module>.lora_A/B) and "
-                            f"ComfyUI/kohya files load for {self.model.name}")
-        with warnings.catch_warnings():
-            # peft warns for every adapter after the first; several named adapters are the point here.
-            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            # The model-level loader works on a quantized transformer too (FACTS.md) and reads alpha != rank.
-            self.model.transformer.load_lora_adapter(state, prefix="transformer", adapter_name=name,
-                                                     metadata=peft_metadata(header))
-        self.adapters.append(name)
-        log.info("LoRA %s loaded as %r", path, name)
-
-    @torch.no_grad()
-    def render(self, requests: Sequence[SampleRequest], controls: Sequence[Image.Image]) -> list[Image.Image]:
-        # `controls` holds each request's first control image (None: text-to-image); further --ctrl_img files are
-        # loaded here.
-        return self.model.sample(requests, [[] if c is None else [c, *load_controls(r)[1:]]
-                                            for r, c in zip(requests, controls)])
+class Flux2Renderer(SamplerRenderer):
+    """FLUX.2 [klein] / [dev] with named adapters; text-to-image when a request has no control image."""
 
 
 for _arch in (Flux2Klein, Flux2Klein9B, Flux2Dev):
