@@ -42,6 +42,7 @@ from toolkit.publish.model_source import hub_model_problem
 from toolkit.render.sampling import build_requests
 from toolkit.state import train_state, transformer_folder
 from toolkit.state.checkpoint import resolve_run_folder
+from toolkit.state.config_change import field_defaults
 from toolkit.train import flow_matching, preservation, stages
 from toolkit.train.compile import check_compile, compile_blocks
 from toolkit.train.ema import EMA
@@ -131,7 +132,8 @@ class BaseSDTrainProcess:
         is kept."""
         try:
             self.resume_state = train_state.plan_resume(outputs.folder, self.train.resume_from,
-                                                        train_state.training_config(self.cfg), outputs.lora_files())
+                                                        train_state.training_config(self.cfg), outputs.lora_files(),
+                                                        field_defaults(self.cfg))
         except train_state.ConfigChangedError as exc:
             if exc.step >= self.cfg.save.save_every or outputs.final_path.exists():
                 raise

@@ -40,7 +40,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from toolkit.state import atomic
-from toolkit.state.config_change import config_diff, only_more_steps
+from toolkit.state.config_change import config_diff, only_more_steps, with_new_defaults
 from toolkit.errors import UserError
 from toolkit.redact import redact_mapping
 
@@ -288,7 +288,7 @@ def is_finished(path: Path) -> bool:
 
 # -- deciding where to resume from ------------------------------------------------------------------------------
 def plan_resume(run_folder: Path, resume_from: Optional[str], training_cfg: Mapping,
-                existing_outputs: Sequence[Path] = ()) -> Optional[Path]:
+                existing_outputs: Sequence[Path] = (), default_of: Any = None) -> Optional[Path]:
     """The state to resume from, or None to start at step 0. Reads files only (no model), so it runs before loading.
 
     `resume_from` None: the newest complete state of the run folder, whose config hash must match; "latest": the
@@ -302,13 +302,13 @@ def plan_resume(run_folder: Path, resume_from: Optional[str], training_cfg: Mapp
         if own is not None:  # e.g. a run started from elsewhere that has saved since: continue it, never restart it
             log.warning("train.resume_from %s is not used: this run has training states of its own, continuing from "
                         "%s (to start from %s instead, run with --fresh)", path, own, path)
-            _check_config(own, training_cfg, forced=True)
+            _check_config(own, training_cfg, True, default_of)
             return own
         problem = check_state(path)
         if problem is not None:
             raise StateError(f"train.resume_from: {path} is not a usable training state ({problem}); give a state "
                              f"folder such as <run folder>/{STATE_DIR}/000001000, or 'latest'")
-        _check_config(path, training_cfg, forced=True)
+        _check_config(path, training_cfg, True, default_of)
         return path
     latest = find_latest_state(run_folder)
     if latest is None:
@@ -320,19 +320,25 @@ def plan_resume(run_folder: Path, resume_from: Optional[str], training_cfg: Mapp
                              "usable training state to resume from; run with --fresh to train into a new folder "
                              "(the old one is kept), or move the old files away")
         return None
-    _check_config(latest, training_cfg, forced=resume_from == "latest")
+    _check_config(latest, training_cfg, resume_from == "latest", default_of)
     return latest
 
 
-def _check_config(path: Path, training_cfg: Mapping, forced: bool) -> None:
+def _check_config(path: Path, training_cfg: Mapping, forced: bool, default_of: Any = None) -> None:
+    """default_of (config_change.field_defaults): options a saved config lacks are unchanged at their defaults."""
     info = read_info(path)
     if int(info.get("format_version", 0)) > FORMAT_VERSION:
         raise StateError(f"training state {path} was written by a newer version of this trainer (format "
                          f"{info.get('format_version')}); update the trainer or start over with --fresh")
     if info.get("config_hash") == config_hash(training_cfg):
         return
-    changes = config_diff(info.get("config", {}), dict(training_cfg)) or ["(the saved config differs)"]
-    if only_more_steps(info.get("config", {}), dict(training_cfg)):  # extending a run needs no permission
+    saved = with_new_defaults(info.get("config", {}), dict(training_cfg), default_of or (lambda _: dataclasses.MISSING))
+    changes = config_diff(saved, dict(training_cfg))
+    if default_of and not changes:
+        log.info("%s: the options added since it was saved are at their defaults; resuming", path)
+        return
+    changes = changes or ["(the saved config differs)"]
+    if only_more_steps(saved, dict(training_cfg)):  # extending a run needs no permission
         log.info("continuing %s for longer (%s)", path, changes[0])
         return
     listed = "\n  ".join(changes[:20]) + ("\n  ..." if len(changes) > 20 else "")
