@@ -1,6 +1,7 @@
 """Where an architecture's model comes from, checked and resolved the same way for every architecture: a local
 diffusers folder or a Hub id (`model.name_or_path`), and the transformer when it is not the folder's own one
-(`model.low_vram`: read and quantized block by block; `model.transformer_path`: another folder)."""
+(`model.low_vram`: read and quantized block by block; `model.transformer_path`: another folder), and the frozen,
+quantized pipeline of the architectures with one text encoder."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from typing import Any, Sequence
 import torch
 
 from toolkit.quant.blockwise import load_transformer_blockwise
+from toolkit.quant.frozen import keep_base_frozen, quantize_frozen, safe_exclude
 
-__all__ = ["folder_problems", "source", "transformer_override"]
+__all__ = ["folder_problems", "freeze_and_quantize", "source", "transformer_override"]
 
 log = logging.getLogger(__name__)
 
@@ -51,3 +53,24 @@ def transformer_override(model_class: type, model_cfg: Any, source: str, dtype: 
         log.info("transformer from %s", model_cfg.transformer_path)
         return {"transformer": model_class.from_pretrained(model_cfg.transformer_path, dtype=dtype)}
     return {}
+
+
+def freeze_and_quantize(pipe: Any, model_cfg: Any, device: torch.device, dtype: torch.dtype,
+                        exclude: Sequence[str]) -> None:
+    """A pipeline with one transformer, one VAE and one text encoder, frozen and on `device`: model.quantize_te
+    quantizes the text encoder, model.quantize the transformer (`exclude` kept full precision) where the weights
+    will live (without low_vram on the device, fast on a GPU; with low_vram the transformer is already quantized
+    block by block and the text encoder is quantized on the CPU). Base weights stay frozen after state loads."""
+    for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    qtype = model_cfg.qtype
+    if model_cfg.quantize_te:
+        encoder = pipe.text_encoder.to(torch.device("cpu") if model_cfg.low_vram else device)
+        quantize_frozen(encoder, qtype, safe_exclude(encoder, qtype, dtype))
+        keep_base_frozen(encoder)
+    if model_cfg.quantize and not model_cfg.low_vram:
+        transformer = pipe.transformer.to(device)
+        quantize_frozen(transformer, qtype, safe_exclude(transformer, qtype, dtype, exclude))
+    pipe.to(device)
+    keep_base_frozen(pipe.transformer)

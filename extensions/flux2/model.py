@@ -23,7 +23,6 @@ from extensions.flux2.conditioning import encode_pixels, mask_weights, pack, pos
 from extensions.flux2.text import PromptEncoder
 from toolkit import model_folder
 from toolkit.arch import Architecture, eval_mode, register_architecture
-from toolkit.quant.frozen import keep_base_frozen, quantize_frozen, safe_exclude
 from toolkit.data.cache import Encoder, make_key, module_fingerprint
 from toolkit.data.dataset import control_names
 from toolkit.render.sampling import SampleRequest
@@ -100,23 +99,10 @@ class Flux2Klein(Architecture):
     def load(cls, model_cfg: Any, device: torch.device, dtype: torch.dtype) -> "Flux2Klein":
         log.info("loading %s (%s) on %s", model_cfg.name_or_path, dtype, device)
         source = model_folder.source(model_cfg)
-        qtype = model_cfg.qtype
         components = model_folder.transformer_override(Flux2Transformer2DModel, model_cfg, source, dtype, device,
                                                        QUANTIZE_EXCLUDE)
         pipe = cls.pipeline_class.from_pretrained(source, dtype=dtype, **components)
-        for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
-            module.requires_grad_(False)
-            module.eval()
-        # Without low_vram, quantize where the weights will live (fast on a GPU; needs the full precision there).
-        quantize_on = torch.device("cpu") if model_cfg.low_vram else device
-        if model_cfg.quantize_te:
-            encoder = pipe.text_encoder.to(quantize_on)
-            quantize_frozen(encoder, qtype, safe_exclude(encoder, qtype, dtype, always=()))
-        if model_cfg.quantize and not model_cfg.low_vram:
-            transformer = pipe.transformer.to(device)
-            quantize_frozen(transformer, qtype, safe_exclude(transformer, qtype, dtype, always=QUANTIZE_EXCLUDE))
-        pipe.to(device)
-        keep_base_frozen(pipe.transformer)
+        model_folder.freeze_and_quantize(pipe, model_cfg, device, dtype, QUANTIZE_EXCLUDE)
         return cls(pipe, model_cfg, device, dtype)
 
     # -- training ---------------------------------------------------------------------------------------------

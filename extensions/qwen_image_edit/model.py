@@ -22,8 +22,7 @@ from extensions.qwen_image_edit.conditioning import (CONDITION_IMAGE_SIZE, VAE_I
                                                      encode_conditioning, encode_pixels)
 from extensions.qwen_image_edit.packing import img_shapes, pack_latents
 from extensions.qwen_image_edit.processor import load_processor
-from extensions.qwen_image_edit.quantize import (TRANSFORMER_EXCLUDE, keep_base_frozen,
-                                                 quantize_frozen, safe_exclude)
+from extensions.qwen_image_edit.quantize import TRANSFORMER_EXCLUDE
 from extensions.qwen_image_edit.sampling import render
 from toolkit import model_folder
 from toolkit.arch import Architecture, eval_mode, register_architecture
@@ -110,25 +109,11 @@ class QwenImageEditPlus(QwenCaching, Architecture):
     def load(cls, model_cfg: Any, device: torch.device, dtype: torch.dtype) -> "QwenImageEditPlus":
         log.info("loading %s (%s) on %s", model_cfg.name_or_path, dtype, device)
         source = model_folder.source(model_cfg)
-        qtype = model_cfg.qtype
         components: dict[str, Any] = {"processor": load_processor(source),
                                       **model_folder.transformer_override(QwenImageTransformer2DModel, model_cfg,
                                                                           source, dtype, device, TRANSFORMER_EXCLUDE)}
         pipe = cls.pipeline_class.from_pretrained(source, dtype=dtype, **components)
-        for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
-            module.requires_grad_(False)
-            module.eval()
-        # Without low_vram, quantize where the weights will live (fast on a GPU, needs the full precision there).
-        quantize_on = torch.device("cpu") if model_cfg.low_vram else device
-        if model_cfg.quantize_te:
-            text_encoder = pipe.text_encoder.to(quantize_on)
-            quantize_frozen(text_encoder, qtype, safe_exclude(text_encoder, qtype, dtype))
-            keep_base_frozen(text_encoder)
-        if model_cfg.quantize and not model_cfg.low_vram:
-            transformer = pipe.transformer.to(quantize_on)
-            quantize_frozen(transformer, qtype, safe_exclude(transformer, qtype, dtype, TRANSFORMER_EXCLUDE))
-        pipe.to(device)
-        keep_base_frozen(pipe.transformer)
+        model_folder.freeze_and_quantize(pipe, model_cfg, device, dtype, TRANSFORMER_EXCLUDE)
         return cls(pipe, model_cfg, device, dtype)
 
     # -- training ---------------------------------------------------------------------------------------------
