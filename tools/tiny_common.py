@@ -48,6 +48,27 @@ def corpus_lines() -> list[str]:
     return [line for line in CORPUS.splitlines() if line.strip()]
 
 
+# Qwen2's pre-tokenizer split (transformers.models.qwen2.tokenization_qwen2.PRETOKENIZE_REGEX), used by the tiny
+# Qwen2.5-VL and Qwen3 tokenizers.
+QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+              r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def byte_level_words(lines: list[str], split_regex: str, nfc: bool = True) -> Counter:
+    """`lines` cut by `split_regex` (each match its own word) into byte-level symbol tuples, counted: the input of
+    learn_bpe_merges for a GPT-2-style byte-level BPE. `nfc`: NFC-normalise each line first, as Qwen's
+    tokenizers do."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    split = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split_regex), behavior="isolated"),
+                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    words: Counter = Counter()
+    for line in lines:
+        for word, _ in split.pre_tokenize_str(normalizers.NFC().normalize_str(line) if nfc else line):
+            words[tuple(word)] += 1
+    return words
+
+
 def learn_bpe_merges(words: Counter, max_merges: int) -> list[tuple[str, str]]:
     """Byte-pair merges learned from `words` (symbol tuple -> count): the most frequent pair first, ties broken by
     the pair's text, until `max_merges` or no pair occurs twice. `tokenizers.trainers.BpeTrainer` breaks ties by

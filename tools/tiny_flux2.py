@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from toolkit.errors import UserError
-from tools.tiny_common import corpus_lines, install_atomically, learn_bpe_merges
+from tools.tiny_common import QWEN_SPLIT, byte_level_words, corpus_lines, install_atomically, learn_bpe_merges
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +38,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
 )
-# Qwen2's pre-tokenizer split (transformers.models.qwen2.tokenization_qwen2.PRETOKENIZE_REGEX).
-_QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-               r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 TEXT_HIDDEN = 16
 SHAPES: dict[str, dict[str, Any]] = {
@@ -63,16 +60,9 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 
 def _pretokens() -> Counter[tuple[str, ...]]:
     """Corpus + chat-template words split as Qwen2Tokenizer splits them, as byte-level symbol tuples."""
-    from tokenizers import Regex, normalizers, pre_tokenizers
+    return byte_level_words(corpus_lines() + ["user\n", "user\n", "assistant\n", "assistant\n", "\n\n", "\n\n"],
+                            QWEN_SPLIT)
 
-    split = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_QWEN_SPLIT), behavior="isolated"),
-                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    lines = corpus_lines() + ["user\n", "user\n", "assistant\n", "assistant\n", "\n\n", "\n\n"]
-    words: Counter[tuple[str, ...]] = Counter()
-    for line in lines:
-        for word, _ in split.pre_tokenize_str(normalizers.NFC().normalize_str(line)):
-            words[tuple(word)] += 1
-    return words
 
 
 def build_tokenizer() -> Any:

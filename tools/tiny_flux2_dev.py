@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from toolkit.errors import UserError
-from tools.tiny_common import corpus_lines, install_atomically, learn_bpe_merges
+from tools.tiny_common import byte_level_words, corpus_lines, install_atomically, learn_bpe_merges
 
 logger = logging.getLogger(__name__)
 
@@ -99,16 +99,9 @@ def _system_message() -> str:
 
 def _pretokens() -> Counter[tuple[str, ...]]:
     """Corpus + system message split as tekken splits them, as byte-level symbol tuples."""
-    from tokenizers import Regex, pre_tokenizers
-
-    split = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_TEKKEN_SPLIT), behavior="isolated"),
-                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     # The system message twice: each of its words occurs at least twice, so the merge loop learns it whole.
-    words: Counter[tuple[str, ...]] = Counter()
-    for line in corpus_lines() + [_system_message()] * 2:
-        for word, _ in split.pre_tokenize_str(line):
-            words[tuple(word)] += 1
-    return words
+    return byte_level_words(corpus_lines() + [_system_message()] * 2, _TEKKEN_SPLIT, nfc=False)
+
 
 
 def learn_merges(max_merges: int = 2000) -> list[tuple[str, str]]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from toolkit.errors import UserError
-from tools.tiny_common import corpus_lines, install_atomically, learn_bpe_merges
+from tools.tiny_common import QWEN_SPLIT, byte_level_words, corpus_lines, install_atomically, learn_bpe_merges
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +39,6 @@ SYSTEM_PROMPT = (
 )
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>")
-# Qwen2's pre-tokenizer split (transformers.models.qwen2.tokenization_qwen2.PRETOKENIZE_REGEX).
-_QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-               r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 SHAPES: dict[str, dict[str, Any]] = {
     # head_dim 16 = sum(axes_dims_rope); joint_attention_dim = the text encoder's hidden size.
@@ -64,19 +61,11 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 
 def _pretokens() -> Counter[tuple[str, ...]]:
     """Corpus + template words split as Qwen2Tokenizer splits them, as byte-level symbol tuples."""
-    from tokenizers import Regex, normalizers, pre_tokenizers
-
-    split = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_QWEN_SPLIT), behavior="isolated"),
-                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     # The templates twice: every word of them occurs at least twice, so the merge loop learns each one whole.
-    lines = corpus_lines() + [SYSTEM_PROMPT, SYSTEM_PROMPT,
-                              "system\n", "system\n", "user\n", "user\n", "assistant\n", "assistant\n",
-                              "Picture 1: Picture 2: Picture 3: "]
-    words: Counter[tuple[str, ...]] = Counter()
-    for line in lines:
-        for word, _ in split.pre_tokenize_str(normalizers.NFC().normalize_str(line)):
-            words[tuple(word)] += 1
-    return words
+    return byte_level_words(corpus_lines() + [SYSTEM_PROMPT, SYSTEM_PROMPT,
+                                              "system\n", "system\n", "user\n", "user\n", "assistant\n",
+                                              "assistant\n", "Picture 1: Picture 2: Picture 3: "], QWEN_SPLIT)
+
 
 
 def learn_merges(max_merges: int = 2000) -> list[tuple[str, str]]:
